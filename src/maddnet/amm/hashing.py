@@ -1,0 +1,216 @@
+"""The MADDness hash: one balanced binary regression tree per codebook.
+
+A tree of depth ``L = log2(K)`` has ONE split column per level (``split_dims[c, t]``, a
+global column index of ``A``) and one threshold per node. Thresholds are stored in heap
+order: node ``i`` of level ``t`` sits at ``thresholds[c, 2**t - 1 + i]``. A row ``x``
+descends with ``i = 2*i + (x[split_dims[c, t]] > thresholds[c, 2**t - 1 + i])``; the
+leaf index after ``L`` levels is the row's code for that codebook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def subspace_bounds(ndims: int, ncodebooks: int) -> list[tuple[int, int]]:
+    """Split ``range(ndims)`` into ``ncodebooks`` contiguous blocks ``[start, stop)``.
+
+    Widths differ by at most one; the first ``ndims % ncodebooks`` blocks are the wider.
+    """
+    if ncodebooks < 1:
+        raise ValueError(f"ncodebooks must be >= 1, got {ncodebooks}")
+    if ncodebooks > ndims:
+        raise ValueError(
+            f"ncodebooks (C={ncodebooks}) cannot exceed the number of input columns (D={ndims})"
+        )
+    base, extra = divmod(ndims, ncodebooks)
+    bounds, start = [], 0
+    for c in range(ncodebooks):
+        stop = start + base + (1 if c < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Hash every row with every codebook's tree.
+
+    Args:
+        rows: (N, D) float.
+        split_dims: (C, L) int64 global column indices.
+        thresholds: (C, 2**L - 1) float, heap order.
+
+    Returns:
+        (N, C) uint8 codes in ``[0, 2**L)``.
+    """
+    ncodebooks, depth = split_dims.shape
+    nnodes = thresholds.shape[1]
+    thresholds = thresholds.to(rows.dtype)
+    flat_thresholds = thresholds.reshape(-1)
+    codebook_base = torch.arange(ncodebooks, device=rows.device) * nnodes
+    leaf = torch.zeros(rows.shape[0], ncodebooks, dtype=torch.int64, device=rows.device)
+    for level in range(depth):
+        values = rows.index_select(1, split_dims[:, level])
+        node_thresholds = flat_thresholds[codebook_base + (2**level - 1) + leaf]
+        leaf = 2 * leaf + (values > node_thresholds)
+    return leaf.to(torch.uint8)
+
+
+@dataclass
+class TreeFit:
+    """Result of learning one codebook's tree on its block of columns.
+
+    Attributes:
+        split_dims: (L,) int64 column indices *within the block*.
+        thresholds: (2**L - 1,) float32, heap order.
+        leaf_means: (2**L, width) float32 mean of the training rows in each leaf; an
+            empty leaf holds the mean of its nearest non-empty ancestor.
+        leaves: (N,) int64 leaf of each training row.
+    """
+
+    split_dims: torch.Tensor
+    thresholds: torch.Tensor
+    leaf_means: torch.Tensor
+    leaves: torch.Tensor
+
+
+def _bucket_stats(block: torch.Tensor, buckets: torch.Tensor, nbuckets: int):
+    """Row counts (B,), column sums (B, d) and column sums of squares (B, d) per bucket."""
+    width = block.shape[1]
+    counts = torch.bincount(buckets, minlength=nbuckets).to(block.dtype)
+    sums = block.new_zeros(nbuckets, width).index_add_(0, buckets, block)
+    sumsq = block.new_zeros(nbuckets, width).index_add_(0, buckets, block * block)
+    return counts, sums, sumsq
+
+
+def _best_splits(
+    column: torch.Tensor,
+    block: torch.Tensor,
+    row_sqnorm: torch.Tensor,
+    buckets: torch.Tensor,
+    counts: torch.Tensor,
+    nbuckets: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best threshold on ``column`` for every bucket, all buckets at once.
+
+    Sort rows by (bucket, value); prefix sums then give the summed SSE over all block
+    columns of every (left, right) split in one pass.
+
+    Returns:
+        loss: (B,) summed child SSE of the best split per bucket (float64).
+        lower, upper: (B,) sorted values on either side of the best split; ``upper`` is
+            +inf when the best choice is to send every row left (no valid split).
+    """
+    n = column.shape[0]
+    order = torch.argsort(column, stable=True)
+    order = order[torch.argsort(buckets[order], stable=True)]
+    sorted_values = column[order]
+    sorted_buckets = buckets[order]
+
+    csum = torch.cumsum(block[order], dim=0)  # (N, d)
+    csq = torch.cumsum(row_sqnorm[order], dim=0)  # (N,)
+    icounts = counts.long()
+    ends = torch.cumsum(icounts, 0)  # exclusive end of each bucket in sorted order
+    starts = ends - icounts
+    zero_row = csum.new_zeros(1, csum.shape[1])
+    csum_before = torch.cat([zero_row, csum])[starts]  # (B, d) prefix before each bucket
+    csq_before = torch.cat([csq.new_zeros(1), csq])[starts]
+    bucket_sum = torch.cat([zero_row, csum])[ends] - csum_before
+    bucket_sq = torch.cat([csq.new_zeros(1), csq])[ends] - csq_before
+
+    # Position p puts sorted rows [start, p] left and (p, end) right.
+    left_n = (torch.arange(n, device=column.device) - starts[sorted_buckets] + 1).to(block.dtype)
+    left_sum = csum - csum_before[sorted_buckets]
+    left_sq = csq - csq_before[sorted_buckets]
+    right_n = counts[sorted_buckets] - left_n
+    right_sum = bucket_sum[sorted_buckets] - left_sum
+    right_sq = bucket_sq[sorted_buckets] - left_sq
+    left_sse = left_sq - (left_sum * left_sum).sum(1) / left_n
+    right_sse = right_sq - (right_sum * right_sum).sum(1) / right_n.clamp_min(1)
+    loss = left_sse + right_sse
+
+    # A split is only possible between different values of the same bucket; the last row
+    # of a bucket ("all rows left") is always allowed so every non-empty bucket has one.
+    next_values = torch.cat([sorted_values[1:], sorted_values.new_full((1,), float("inf"))])
+    next_buckets = torch.cat([sorted_buckets[1:], sorted_buckets.new_full((1,), -1)])
+    last_of_bucket = next_buckets != sorted_buckets
+    valid = last_of_bucket | (next_values > sorted_values)
+    loss = torch.where(valid, loss, torch.full_like(loss, float("inf")))
+
+    best_loss = torch.full((nbuckets,), float("inf"), dtype=loss.dtype, device=loss.device)
+    best_loss = best_loss.scatter_reduce(0, sorted_buckets, loss, reduce="amin")
+    is_best = loss == best_loss[sorted_buckets]
+    positions = torch.where(is_best, torch.arange(n, device=column.device), n)
+    best_pos = torch.full((nbuckets,), n, dtype=torch.int64, device=column.device)
+    best_pos = best_pos.scatter_reduce(0, sorted_buckets, positions, reduce="amin")
+
+    empty = icounts == 0
+    best_pos = torch.where(empty, torch.zeros_like(best_pos), best_pos)
+    best_loss = torch.where(empty, torch.zeros_like(best_loss), best_loss)
+    lower = sorted_values[best_pos]
+    upper = torch.where(last_of_bucket[best_pos], torch.full_like(lower, float("inf")),
+                        next_values[best_pos])
+    return best_loss, lower, upper
+
+
+def split_thresholds(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """float32 thresholds ``v`` with ``lower <= v < upper`` (so ``x > v`` separates them).
+
+    The midpoint is rounded to float32; when rounding lands on ``upper`` (neighbouring
+    floats) ``lower`` itself is used, which still separates the two values.
+    """
+    lower32, upper32 = lower.float(), upper.float()
+    mid = (lower32 + (upper32 - lower32) / 2).float()
+    mid = torch.where(torch.isfinite(upper32), mid, lower32)
+    return torch.where(mid >= upper32, lower32, mid)
+
+
+def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4) -> TreeFit:
+    """Learn one codebook's tree greedily, level by level (MADDness, Blalock & Guttag 2021).
+
+    At each level, the ``ncandidates`` columns with the largest within-bucket SSE are
+    tried; for each, every bucket gets the threshold that minimises the SSE of its two
+    children summed over all block columns; the column with the lowest total wins.
+
+    Args:
+        block: (N, d) float32 rows restricted to this codebook's columns.
+        depth: tree depth L (K = 2**L leaves).
+        ncandidates: columns tried per level.
+    """
+    nrows, width = block.shape
+    centred = block.double() - block.double().mean(0)  # less cancellation in the prefix sums
+    row_sqnorm = (centred * centred).sum(1)
+    buckets = torch.zeros(nrows, dtype=torch.int64, device=block.device)
+    split_dims = torch.zeros(depth, dtype=torch.int64, device=block.device)
+    thresholds = torch.zeros(2**depth - 1, dtype=torch.float32, device=block.device)
+    means = block.double().mean(0, keepdim=True)  # (1, d) root mean
+
+    for level in range(depth):
+        nbuckets = 2**level
+        counts, sums, sumsq = _bucket_stats(centred, buckets, nbuckets)
+        column_sse = (sumsq - sums * sums / counts.clamp_min(1)[:, None]).sum(0)
+        candidates = torch.topk(column_sse, min(ncandidates, width)).indices
+        best = None
+        for col in candidates.tolist():
+            loss, lower, upper = _best_splits(
+                block[:, col], centred, row_sqnorm, buckets, counts, nbuckets
+            )
+            total = float(loss.sum())
+            if best is None or total < best[0]:
+                best = (total, col, lower, upper)
+        _, col, lower, upper = best
+        level_thresholds = split_thresholds(lower, upper)
+        split_dims[level] = col
+        thresholds[nbuckets - 1 : 2 * nbuckets - 1] = level_thresholds
+        # Route rows with the float32 comparison that encode() uses, so the training
+        # partition is exactly the one inference will see.
+        buckets = 2 * buckets + (block[:, col] > level_thresholds[buckets]).long()
+
+        child_counts, child_sums, _ = _bucket_stats(block.double(), buckets, 2 * nbuckets)
+        parent_means = means.repeat_interleave(2, dim=0)
+        child_means = child_sums / child_counts.clamp_min(1)[:, None]
+        means = torch.where(child_counts[:, None] > 0, child_means, parent_means)
+
+    return TreeFit(split_dims, thresholds, means.float(), buckets)

@@ -1,0 +1,100 @@
+"""Look-up tables: building, 8-bit quantisation and decoding (the LUT sum).
+
+Decoding ``Y[n, m] = sum_c T[c, codes[n, c], m]`` is an embedding bag: with offsets
+``c * K`` the codes index rows of the stacked (C*K, M) table, summed per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .prototypes import code_indices
+
+GRANULARITIES = ("codebook", "column")
+
+
+def build_lut(prototypes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``T[c, k, m] = prototypes[c, k, :] . weight[:, m]``: (C, K, D) x (D, M) -> (C, K, M)."""
+    ncodebooks, nprototypes, ndims = prototypes.shape
+    flat = prototypes.reshape(-1, ndims).to(weight.dtype) @ weight
+    return flat.reshape(ncodebooks, nprototypes, -1).float()
+
+
+def lut_sum(codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Sum one LUT row per codebook: codes (N, C), lut (C, K, M) -> (N, M)."""
+    ncodebooks, nprototypes, nout = lut.shape
+    index = code_indices(codes, nprototypes)
+    return F.embedding_bag(index, lut.reshape(ncodebooks * nprototypes, nout), mode="sum")
+
+
+@dataclass
+class QuantizedLut:
+    """An integer LUT and what it takes to de-quantise sums of its entries.
+
+    ``lut ~= values / scale + offsets[:, None, :]`` entry by entry, so a decoded output is
+    ``sum_c values[c, code_c, m] / scale[m] + offsets[:, m].sum()``.
+
+    Attributes:
+        values: (C, K, M) uint8 integers in ``[0, 2**bits)``.
+        offsets: (C, M) float32 per-codebook offsets (constant over m when the
+            granularity is "codebook").
+        scale: (M,) float32 powers of two (constant when the granularity is "codebook").
+        bits: bits per entry.
+    """
+
+    values: torch.Tensor
+    offsets: torch.Tensor
+    scale: torch.Tensor
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        """(C, K, M) float32 table that the integer table stands for."""
+        return self.values.float() / self.scale + self.offsets[:, None, :]
+
+    def max_abs_error(self) -> torch.Tensor:
+        """(M,) bound on |quantised output - float output| for any codes: C / (2 scale)."""
+        return self.values.shape[0] / (2 * self.scale)
+
+
+def quantize_lut(lut: torch.Tensor, bits: int = 8, granularity: str = "codebook") -> QuantizedLut:
+    """Quantise a float LUT to ``bits``-bit unsigned integers.
+
+    Offsets are per codebook (the minimum over k, and over m too for "codebook"); the
+    scale is one power of two shared by all codebooks ("codebook", as in MADDness) or one
+    power of two per output column ("column", finer at the same inference cost). Rounding
+    to nearest keeps each entry within ``0.5 / scale`` of the float LUT.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"lut_bits must be between 1 and 8, got {bits}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    lut = lut.float()
+    ncodebooks, _, nout = lut.shape
+    if granularity == "codebook":
+        offsets = lut.amin(dim=(1, 2), keepdim=True).expand(ncodebooks, 1, nout)
+        spread = (lut - offsets).amax().reshape(1).expand(nout)
+    else:
+        offsets = lut.amin(dim=1, keepdim=True)  # (C, 1, M)
+        spread = (lut - offsets).amax(dim=(0, 1))  # (M,)
+    levels = 2**bits - 1
+    # Largest power of two that maps every codebook's spread into [0, levels].
+    safe_spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+    scale = torch.exp2(torch.floor(torch.log2(levels / safe_spread)))
+    values = torch.round((lut - offsets) * scale).clamp_(0, levels).to(torch.uint8)
+    return QuantizedLut(values, offsets[:, 0, :].contiguous(), scale.contiguous(), bits)
+
+
+def quantized_lut_sum(codes: torch.Tensor, qlut: QuantizedLut, table: torch.Tensor | None = None):
+    """Integer LUT sum, de-quantised: codes (N, C) -> (N, M) float32.
+
+    The integer entries are summed by ``embedding_bag`` on a float32 copy of the table
+    (``table``, pass it to avoid re-making it): sums of integers below 2**24 are exact in
+    float32, so the accumulator holds exactly what an integer adder would.
+    """
+    if table is None:
+        table = qlut.values.float()
+    acc = lut_sum(codes, table)
+    return acc / qlut.scale + qlut.offsets.sum(0)

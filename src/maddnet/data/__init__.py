@@ -1,0 +1,1 @@
+"""Data sets (see the registry in this package)."""

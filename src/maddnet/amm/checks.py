@@ -44,8 +44,7 @@ def check_all_finite(x: torch.Tensor, name: str) -> None:
     if not bool(finite.all()):
         bad = (~finite).nonzero()
         raise ValueError(
-            f"{name} contains {bad.shape[0]} NaN/inf value(s), first at index "
-            f"{tuple(bad[0].tolist())}"
+            f"{name} contains {bad.shape[0]} NaN/inf value(s), first at index {tuple(bad[0].tolist())}"
         )
 
 
@@ -61,7 +60,5 @@ def check_nprototypes(nprototypes: int) -> int:
     if not isinstance(nprototypes, int | np.integer) or isinstance(nprototypes, bool):
         raise TypeError(f"nprototypes must be an int, got {type(nprototypes).__name__}")
     if nprototypes < 4 or nprototypes > 256 or nprototypes & (nprototypes - 1):
-        raise ValueError(
-            f"nprototypes (K) must be a power of two from 4 to 256, got {nprototypes}"
-        )
+        raise ValueError(f"nprototypes (K) must be a power of two from 4 to 256, got {nprototypes}")
     return int(nprototypes).bit_length() - 1

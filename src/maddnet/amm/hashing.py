@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from . import _split_kernel
 
 
 def subspace_bounds(ndims: int, ncodebooks: int) -> list[tuple[int, int]]:
@@ -22,9 +25,7 @@ def subspace_bounds(ndims: int, ncodebooks: int) -> list[tuple[int, int]]:
     if ncodebooks < 1:
         raise ValueError(f"ncodebooks must be >= 1, got {ncodebooks}")
     if ncodebooks > ndims:
-        raise ValueError(
-            f"ncodebooks (C={ncodebooks}) cannot exceed the number of input columns (D={ndims})"
-        )
+        raise ValueError(f"ncodebooks (C={ncodebooks}) cannot exceed the number of input columns (D={ndims})")
     base, extra = divmod(ndims, ncodebooks)
     bounds, start = [], 0
     for c in range(ncodebooks):
@@ -78,14 +79,13 @@ class TreeFit:
 
 def _bucket_stats(block: torch.Tensor, buckets: torch.Tensor, nbuckets: int):
     """Row counts (B,), column sums (B, d) and column sums of squares (B, d) per bucket."""
-    width = block.shape[1]
-    counts = torch.bincount(buckets, minlength=nbuckets).to(block.dtype)
-    sums = block.new_zeros(nbuckets, width).index_add_(0, buckets, block)
-    sumsq = block.new_zeros(nbuckets, width).index_add_(0, buckets, block * block)
-    return counts, sums, sumsq
+    # A (B, N) one-hot product runs on BLAS; index_add_ is several times slower on CPU.
+    onehot = torch.nn.functional.one_hot(buckets, nbuckets).to(block.dtype).T
+    counts = onehot.sum(1)
+    return counts, onehot @ block, onehot @ (block * block)
 
 
-def _best_splits(
+def _best_splits_torch(
     column: torch.Tensor,
     block: torch.Tensor,
     row_sqnorm: torch.Tensor,
@@ -150,8 +150,7 @@ def _best_splits(
     best_pos = torch.where(empty, torch.zeros_like(best_pos), best_pos)
     best_loss = torch.where(empty, torch.zeros_like(best_loss), best_loss)
     lower = sorted_values[best_pos]
-    upper = torch.where(last_of_bucket[best_pos], torch.full_like(lower, float("inf")),
-                        next_values[best_pos])
+    upper = torch.where(last_of_bucket[best_pos], torch.full_like(lower, float("inf")), next_values[best_pos])
     return best_loss, lower, upper
 
 
@@ -167,7 +166,10 @@ def split_thresholds(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     return torch.where(mid >= upper32, lower32, mid)
 
 
-def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4) -> TreeFit:
+BACKENDS = ("auto", "numba", "torch")
+
+
+def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4, backend: str = "auto") -> TreeFit:
     """Learn one codebook's tree greedily, level by level (MADDness, Blalock & Guttag 2021).
 
     At each level, the ``ncandidates`` columns with the largest within-bucket SSE are
@@ -178,10 +180,21 @@ def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4) -> TreeFit
         block: (N, d) float32 rows restricted to this codebook's columns.
         depth: tree depth L (K = 2**L leaves).
         ncandidates: columns tried per level.
+        backend: "numba" (CPU kernel), "torch" (vectorised tensor ops on any device), or
+            "auto": numba for CPU tensors, torch elsewhere. Both compute the same splits;
+            they can differ only where two splits' losses tie to rounding.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    use_numba = backend == "numba" or (backend == "auto" and block.device.type == "cpu")
+    if use_numba and block.device.type != "cpu":
+        raise ValueError(f"the numba backend needs CPU tensors, got {block.device}; use 'torch'")
     nrows, width = block.shape
-    centred = block.double() - block.double().mean(0)  # less cancellation in the prefix sums
-    row_sqnorm = (centred * centred).sum(1)
+    block = block.float()
+    centred = block.double() - block.double().mean(0)  # less cancellation in the sums
+    row_sqnorm = None if use_numba else (centred * centred).sum(1)
+    centred_np = centred.numpy() if use_numba else None
+    value_orders: dict[int, np.ndarray] = {}
     buckets = torch.zeros(nrows, dtype=torch.int64, device=block.device)
     split_dims = torch.zeros(depth, dtype=torch.int64, device=block.device)
     thresholds = torch.zeros(2**depth - 1, dtype=torch.float32, device=block.device)
@@ -194,9 +207,20 @@ def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4) -> TreeFit
         candidates = torch.topk(column_sse, min(ncandidates, width)).indices
         best = None
         for col in candidates.tolist():
-            loss, lower, upper = _best_splits(
-                block[:, col], centred, row_sqnorm, buckets, counts, nbuckets
-            )
+            if use_numba:
+                values = np.ascontiguousarray(block[:, col].numpy())
+                if col not in value_orders:
+                    value_orders[col] = np.argsort(values, kind="stable")
+                loss, lower, upper = (
+                    torch.from_numpy(out)
+                    for out in _split_kernel.best_splits(
+                        values, value_orders[col], centred_np, buckets.numpy(), nbuckets
+                    )
+                )
+            else:
+                loss, lower, upper = _best_splits_torch(
+                    block[:, col], centred, row_sqnorm, buckets, counts, nbuckets
+                )
             total = float(loss.sum())
             if best is None or total < best[0]:
                 best = (total, col, lower, upper)

@@ -60,9 +60,7 @@ class MaddnessMatmul:
         if not isinstance(ncandidates, int) or ncandidates < 1:
             raise ValueError(f"ncandidates must be a positive int, got {ncandidates!r}")
         if lut_granularity not in lut.GRANULARITIES:
-            raise ValueError(
-                f"lut_granularity must be one of {lut.GRANULARITIES}, got {lut_granularity!r}"
-            )
+            raise ValueError(f"lut_granularity must be one of {lut.GRANULARITIES}, got {lut_granularity!r}")
         self.ncodebooks = int(ncodebooks)
         self.nprototypes = int(nprototypes)
         self.lut_bits = lut_bits
@@ -112,8 +110,7 @@ class MaddnessMatmul:
                 f"needs at least {self.nprototypes}"
             )
         trees = [
-            hashing.learn_tree(rows[:, start:stop], self.depth, self.ncandidates)
-            for start, stop in bounds
+            hashing.learn_tree(rows[:, start:stop], self.depth, self.ncandidates) for start, stop in bounds
         ]
         starts = torch.tensor([start for start, _ in bounds], device=rows.device)
         self.split_dims_ = torch.stack([t.split_dims for t in trees]) + starts[:, None]
@@ -148,9 +145,7 @@ class MaddnessMatmul:
     def _check_weight(B: ArrayLike, ndims: int) -> torch.Tensor:
         weight = as_matrix(B, "B")
         if weight.shape[0] != ndims:
-            raise ValueError(
-                f"B has {weight.shape[0]} rows but A has {ndims} columns (D); B must be (D, M)"
-            )
+            raise ValueError(f"B has {weight.shape[0]} rows but A has {ndims} columns (D); B must be (D, M)")
         return weight
 
     # ------------------------------------------------------------------ inference
@@ -253,6 +248,9 @@ class MaddnessMatmul:
         if "lut" in state:
             self.lut_ = state["lut"].float()
             if self.lut_bits is not None:
+                missing = {"lut_q_values", "lut_q_offsets", "lut_q_scale"} - state.keys()
+                if missing:
+                    raise ValueError(f"state has a LUT but misses its quantised form: {sorted(missing)}")
                 self.lut_q_ = lut.QuantizedLut(
                     state["lut_q_values"], state["lut_q_offsets"], state["lut_q_scale"], self.lut_bits
                 )

@@ -64,13 +64,16 @@ def ridge_prototypes(
         raise ValueError(f"ridge must be > 0 (the one-hot system is singular without it), got {ridge}")
     ncodebooks, nprototypes, ndims = initial.shape
     size = ncodebooks * nprototypes
-    index = code_indices(codes, nprototypes)
     gram = code_cooccurrence(codes, nprototypes)
     gram.diagonal().add_(ridge)
-    rhs = torch.zeros(size, ndims, dtype=torch.float32, device=rows.device)
     rows32 = rows.float()
-    for c in range(ncodebooks):
-        rhs.index_add_(0, index[:, c], rows32)
+    # G^T A one codebook at a time: (K, N) one-hot @ (N, D) runs on BLAS.
+    rhs = torch.cat(
+        [
+            torch.nn.functional.one_hot(codes[:, c].long(), nprototypes).float().T @ rows32
+            for c in range(ncodebooks)
+        ]
+    )
     rhs = rhs.double() + ridge * initial.reshape(size, ndims).double()
     factor = torch.linalg.cholesky(gram)
     solution = torch.cholesky_solve(rhs, factor)

@@ -1,0 +1,249 @@
+"""MaddnessMatmul: decoding, LUT quantisation, accuracy, state, input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from maddnet import MaddnessMatmul, NotFittedError
+from maddnet.amm import lut, prototypes
+
+
+def low_rank_data(nrows=4000, ndims=64, nout=16, rank=8, noise=0.05, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(nrows, rank, generator=gen) @ torch.randn(rank, ndims, generator=gen)
+    rows += noise * torch.randn(nrows, ndims, generator=gen)
+    weight = torch.randn(ndims, nout, generator=gen)
+    return rows, weight
+
+
+def nmse(approx, exact):
+    return float(((approx - exact) ** 2).sum() / (exact**2).sum())
+
+
+def test_decode_is_the_explicit_sum_of_lut_entries():
+    rows, weight = low_rank_data(nrows=500, ndims=20, nout=6)
+    amm = MaddnessMatmul(ncodebooks=5, nprototypes=8, lut_bits=None).fit(rows, weight)
+    codes = amm.encode(rows)
+    expected = torch.zeros(500, 6)
+    for n in range(500):
+        for c in range(5):
+            expected[n] += amm.lut_[c, codes[n, c].item()]
+    torch.testing.assert_close(amm.decode(codes), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(amm(rows), expected, rtol=0, atol=1e-5)
+
+
+def test_lut_is_prototypes_times_weight():
+    rows, weight = low_rank_data(nrows=300, ndims=12, nout=3)
+    amm = MaddnessMatmul(ncodebooks=3, nprototypes=4, lut_bits=None).fit(rows, weight)
+    expected = torch.einsum("ckd,dm->ckm", amm.prototypes_.double(), weight.double()).float()
+    torch.testing.assert_close(amm.lut_, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["codebook", "column"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantised_lut_error_is_within_the_documented_bound(granularity, bits):
+    rows, weight = low_rank_data(nrows=2000, ndims=48, nout=10)
+    weight[:, 0] *= 20  # one large column: the per-column scale should help there
+    exact_float = MaddnessMatmul(ncodebooks=12, lut_bits=None).fit(rows, weight)
+    quant = MaddnessMatmul(ncodebooks=12, lut_bits=bits, lut_granularity=granularity)
+    encoder_state = {k: v for k, v in exact_float.state_dict().items() if k != "lut"}
+    quant.load_state_dict({**encoder_state, "config": quant.get_config()})
+    quant.set_weight(weight)
+    bound = quant.lut_q_.max_abs_error()
+    err = (quant(rows) - exact_float(rows)).abs()
+    assert torch.all(err <= bound + 1e-4 * exact_float(rows).abs().amax(0))
+    # Every entry within half a quantisation step, and the scale is a power of two.
+    entry_err = (quant.lut_q_.dequantize() - quant.lut_).abs()
+    assert torch.all(entry_err <= 0.5 / quant.lut_q_.scale + 1e-5)
+    assert torch.all(torch.log2(quant.lut_q_.scale) == torch.round(torch.log2(quant.lut_q_.scale)))
+    assert quant.lut_q_.values.dtype == torch.uint8
+
+
+def test_column_granularity_is_finer_than_codebook():
+    rows, weight = low_rank_data(nrows=2000, ndims=48, nout=10)
+    weight[:, 0] *= 50
+    errors = {}
+    for granularity in ("codebook", "column"):
+        amm = MaddnessMatmul(ncodebooks=12, lut_bits=8, lut_granularity=granularity).fit(rows, weight)
+        reference = lut.lut_sum(amm.encode(rows), amm.lut_)
+        errors[granularity] = nmse(amm(rows)[:, 1:], reference[:, 1:])
+    assert errors["column"] < errors["codebook"] / 4
+
+
+def test_integer_accumulation_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 256, (64, 16, 7), generator=gen, dtype=torch.uint8)
+    qlut = lut.QuantizedLut(values, torch.zeros(64, 7), torch.ones(7), 8)
+    codes = torch.randint(0, 16, (300, 64), generator=gen, dtype=torch.uint8)
+    int_sum = torch.zeros(300, 7, dtype=torch.int32)
+    for c in range(64):
+        int_sum += values[c, codes[:, c].long()].int()
+    assert torch.equal(lut.quantized_lut_sum(codes, qlut), int_sum.float())
+
+
+def test_nmse_is_small_and_falls_as_codebooks_grow():
+    rows, weight = low_rank_data(nrows=6000, ndims=64, nout=16)
+    train, test = rows[:5000], rows[5000:]
+    errors = [
+        nmse(MaddnessMatmul(ncodebooks=c).fit(train, weight)(test), test @ weight) for c in (2, 4, 8, 16)
+    ]
+    assert errors[-1] < 0.1
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+
+
+def grid_rows(ndims_pairs: int, reps: int = 5, seed: int = 0) -> torch.Tensor:
+    """Each pair of columns holds a point of a 4x4 grid (16 distinct points per pair)."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1)
+    grid = grid.reshape(16, 2) * torch.tensor([1.0, 10.0])
+    pairs = [grid.repeat(reps, 1)[torch.randperm(16 * reps, generator=gen)] for _ in range(ndims_pairs)]
+    return torch.cat(pairs, dim=1)
+
+
+@pytest.mark.parametrize("ridge", [None, 1.0])
+def test_separable_grid_is_reconstructed_exactly(ridge):
+    rows = grid_rows(2)  # D=4, two codebooks, each seeing one 4x4 grid
+    weight = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    amm = MaddnessMatmul(ncodebooks=2, nprototypes=16, lut_bits=None, ridge=ridge).fit(rows, weight)
+    assert len(torch.unique(amm.encode(rows)[:, 0])) == 16
+    torch.testing.assert_close(amm(rows), rows @ weight, rtol=0, atol=1e-4)
+
+
+def test_uneven_blocks_with_a_constant_column_are_exact():
+    rows = torch.cat([grid_rows(1), torch.full((80, 1), 7.0), grid_rows(1, seed=3)], dim=1)  # D=5
+    weight = torch.randn(5, 2, generator=torch.Generator().manual_seed(2))
+    amm = MaddnessMatmul(ncodebooks=2, lut_bits=None).fit(rows, weight)
+    torch.testing.assert_close(amm(rows), rows @ weight, rtol=0, atol=1e-4)
+
+
+def test_ridge_solution_matches_dense_normal_equations_and_lowers_error():
+    rows, _ = low_rank_data(nrows=400, ndims=12)
+    amm = MaddnessMatmul(ncodebooks=3, nprototypes=4, ridge=None, lut_bits=None).fit_encoder(rows)
+    codes = amm.encode(rows)
+    initial = amm.prototypes_
+    solved = prototypes.ridge_prototypes(rows, codes, initial, ridge=0.5)
+    onehot = torch.cat([torch.nn.functional.one_hot(codes[:, c].long(), 4) for c in range(3)], 1).double()
+    lhs = onehot.T @ onehot + 0.5 * torch.eye(12, dtype=torch.float64)
+    rhs = onehot.T @ rows.double() + 0.5 * initial.reshape(12, -1).double()
+    expected = torch.linalg.solve(lhs, rhs).reshape(3, 4, 12).float()
+    torch.testing.assert_close(solved, expected, rtol=1e-4, atol=1e-4)
+    # The optimum never reconstructs the training rows worse than its starting point.
+    recon = lambda p: ((rows - onehot.float() @ p.reshape(12, -1)) ** 2).sum()  # noqa: E731
+    assert recon(solved) <= recon(initial)
+
+
+def test_one_encoder_many_weights():
+    rows, weight = low_rank_data(nrows=1000, ndims=32, nout=5)
+    amm = MaddnessMatmul(ncodebooks=8, lut_bits=None).fit_encoder(rows)
+    codes = amm.encode(rows)
+    for scale in (1.0, -3.0):
+        amm.set_weight(weight * scale)
+        torch.testing.assert_close(amm.decode(codes), amm(rows))
+        assert nmse(amm(rows), rows @ (weight * scale)) < 0.2
+
+
+def test_numpy_in_numpy_out_and_torch_in_torch_out():
+    rows, weight = low_rank_data(nrows=500, ndims=16, nout=4)
+    amm = MaddnessMatmul(ncodebooks=4).fit(rows.numpy(), weight.numpy())
+    out_np = amm(rows.numpy())
+    assert isinstance(out_np, np.ndarray) and out_np.dtype == np.float32
+    np.testing.assert_array_equal(out_np, amm(rows).numpy())
+    assert isinstance(amm.encode(rows.numpy()), np.ndarray)
+    assert amm.encode(rows.double()).dtype == torch.uint8
+
+
+def test_state_dict_round_trip_gives_identical_outputs(tmp_path):
+    rows, weight = low_rank_data(nrows=800, ndims=24, nout=5)
+    for bits in (None, 8):
+        amm = MaddnessMatmul(ncodebooks=6, lut_bits=bits, lut_granularity="column").fit(rows, weight)
+        twin = MaddnessMatmul(**amm.get_config()).load_state_dict(amm.state_dict())
+        assert torch.equal(twin(rows), amm(rows))
+        amm.save(tmp_path / "amm.pt")
+        loaded = MaddnessMatmul.load(tmp_path / "amm.pt")
+        assert torch.equal(loaded(rows), amm(rows))
+    with pytest.raises(ValueError, match="config"):
+        MaddnessMatmul(ncodebooks=5).load_state_dict(amm.state_dict())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    nrows=st.integers(16, 80),
+    ndims=st.integers(1, 20),
+    nout=st.integers(1, 6),
+    depth=st.integers(2, 4),
+    data=st.data(),
+)
+def test_shapes_and_dtypes_for_any_valid_configuration(nrows, ndims, nout, depth, data):
+    ncodebooks = data.draw(st.integers(1, ndims))
+    nprototypes = 2**depth
+    nrows = max(nrows, nprototypes)
+    dtype = data.draw(st.sampled_from([np.float32, np.float64, np.int64]))
+    bits = data.draw(st.sampled_from([None, 8]))
+    rng = np.random.default_rng(nrows * 31 + ndims)
+    rows = (rng.normal(size=(nrows, ndims)) * 4).astype(dtype)
+    weight = rng.normal(size=(ndims, nout)).astype(np.float32)
+    amm = MaddnessMatmul(ncodebooks=ncodebooks, nprototypes=nprototypes, lut_bits=bits).fit(rows, weight)
+    codes = amm.encode(rows)
+    assert codes.shape == (nrows, ncodebooks) and codes.dtype == np.uint8
+    assert codes.max() < nprototypes
+    out = amm(rows)
+    assert out.shape == (nrows, nout) and out.dtype == np.float32 and np.isfinite(out).all()
+    assert amm.split_dims_.shape == (ncodebooks, depth)
+    assert amm.thresholds_.shape == (ncodebooks, nprototypes - 1)
+    np.testing.assert_array_equal(amm(torch.from_numpy(rows)).numpy(), out)
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_configurations_are_refused():
+    for bad in (3, 12, 512, 2):
+        with pytest.raises(ValueError, match="power of two"):
+            MaddnessMatmul(nprototypes=bad)
+    with pytest.raises(ValueError, match="lut_bits"):
+        MaddnessMatmul(lut_bits=16)
+    with pytest.raises(ValueError, match="ridge"):
+        MaddnessMatmul(ridge=0.0)
+    with pytest.raises(ValueError, match="ncodebooks"):
+        MaddnessMatmul(ncodebooks=0)
+
+
+def test_bad_inputs_get_clear_errors():
+    rows, weight = low_rank_data(nrows=100, ndims=8, nout=2)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        MaddnessMatmul(ncodebooks=9).fit(rows, weight)
+    with pytest.raises(ValueError, match="at least 16"):
+        MaddnessMatmul(ncodebooks=2).fit(rows[:10], weight)
+    bad = rows.clone()
+    bad[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"A_train contains 1 NaN/inf value\(s\), first at index \(3, 4\)"):
+        MaddnessMatmul(ncodebooks=2).fit(bad, weight)
+    bad_weight = weight.clone()
+    bad_weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="B contains"):
+        MaddnessMatmul(ncodebooks=2).fit(rows, bad_weight)
+    with pytest.raises(ValueError, match="B has 7 rows but A has 8 columns"):
+        MaddnessMatmul(ncodebooks=2).fit(rows, weight[:7])
+    with pytest.raises(ValueError, match="2-D"):
+        MaddnessMatmul(ncodebooks=2).fit(rows[0], weight)
+    with pytest.raises(TypeError, match="numpy array or a torch tensor"):
+        MaddnessMatmul(ncodebooks=2).fit(rows.tolist(), weight)
+    amm = MaddnessMatmul(ncodebooks=2).fit(rows, weight)
+    with pytest.raises(ValueError, match="A has 7 columns"):
+        amm(rows[:, :7])
+    with pytest.raises(ValueError, match="A contains"):
+        amm(bad)
+    with pytest.raises(ValueError, match="codes must lie in"):
+        amm.decode(torch.full((2, 2), 16, dtype=torch.uint8))
+
+
+def test_use_before_fit_is_refused():
+    amm = MaddnessMatmul(ncodebooks=2)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        amm(torch.randn(4, 8))
+    amm.fit_encoder(torch.randn(64, 8))
+    with pytest.raises(NotFittedError, match="set_weight"):
+        amm(torch.randn(4, 8))
+    amm.encode(torch.randn(4, 8))  # the encoder alone works

@@ -1,0 +1,160 @@
+"""The MADD product on gathered split values, with a training-friendly backward pass.
+
+A MADD layer reads only the ``L = log2 K`` split columns of each codebook's tree, so the
+layers gather those values first (``values`` (N, C, L): ``values[n, c, t]`` is
+``x_n[split_dims[c, t]]``) and hand them here. The forward pass is the exact hard
+encoding (``maddnet.amm.hashing.encode``) followed by the LUT sum
+(``maddnet.amm.lut.lut_sum``), so training sees what inference does.
+
+Backward (DESIGN §1.7):
+
+* the LUT gets its exact gradient, ``dL/dT[c, k] = sum of dL/dY[n] over rows n with
+  code k in codebook c``;
+* thresholds and the gathered input values get a straight-through surrogate: each tree
+  node decides "right" with soft probability ``p = (1 + tanh((x[j] - v) / tau)) / 2``,
+  a leaf's soft score is the product of the decisions on its path (a soft decision tree;
+  the scores of a codebook sum to one), and the gradient is that of
+  ``sum_c sum_k score[c, k] T[c, k]`` — the hard forward's smooth stand-in.
+
+The surrogate is evaluated in row chunks so no (N, C, K) tensor of a whole conv batch is
+ever held, and never any (N, C, K, M) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..amm import hashing
+from ..amm.lut import lut_sum
+
+# Elements of one (rows, C, K) temporary in the surrogate backward; bounds its memory.
+_SURROGATE_CHUNK_ELEMENTS = 1 << 22
+
+
+def compact_split_dims(ncodebooks: int, depth: int, device: torch.device) -> torch.Tensor:
+    """Split dims of the gathered (N, C*L) value matrix: (C, L) ``c*L + t``."""
+    return torch.arange(ncodebooks * depth, device=device).reshape(ncodebooks, depth)
+
+
+def encode_values(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Codes of gathered split values: values (N, C, L), thresholds (C, K-1) -> (N, C) uint8."""
+    nrows, ncodebooks, depth = values.shape
+    dims = compact_split_dims(ncodebooks, depth, values.device)
+    return hashing.encode(values.reshape(nrows, ncodebooks * depth), dims, thresholds.detach())
+
+
+def lut_gradient(codes: torch.Tensor, grad_out: torch.Tensor, nprototypes: int) -> torch.Tensor:
+    """Exact LUT gradient: codes (N, C), grad_out (N, M) -> (C, K, M).
+
+    One ``index_add_`` per codebook: no (N, C, M) temporary is formed.
+    """
+    ncodebooks = codes.shape[1]
+    grad = grad_out.new_zeros(ncodebooks, nprototypes, grad_out.shape[1])
+    for c in range(ncodebooks):
+        grad[c].index_add_(0, codes[:, c].long(), grad_out)
+    return grad
+
+
+def tree_surrogate_grads(
+    values: torch.Tensor,
+    thresholds: torch.Tensor,
+    table: torch.Tensor,
+    temperature: torch.Tensor,
+    grad_out: torch.Tensor,
+    need_values: bool = True,
+    need_thresholds: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Surrogate gradients of the soft decision tree (see module docstring).
+
+    Args:
+        values: (N, C, L) gathered split values.
+        thresholds: (C, K-1) heap-ordered thresholds.
+        table: (C, K, M) the LUT the forward pass read.
+        temperature: (C, L) tau per tree level (in the units of that split column).
+        grad_out: (N, M) gradient of the loss w.r.t. the layer output (bias excluded).
+
+    Returns:
+        (grad_values (N, C, L) or None, grad_thresholds (C, K-1) or None).
+    """
+    nrows, ncodebooks, depth = values.shape
+    nprototypes = table.shape[1]
+    flat_table = table.reshape(ncodebooks * nprototypes, -1)
+    thresholds = thresholds.detach().to(values.dtype)
+    inv_tau = 1.0 / temperature.to(values.dtype)
+    grad_values = torch.empty_like(values) if need_values else None
+    grad_thresholds = torch.zeros_like(thresholds) if need_thresholds else None
+    chunk = max(1, _SURROGATE_CHUNK_ELEMENTS // (ncodebooks * nprototypes))
+    for start in range(0, nrows, chunk):
+        stop = min(nrows, start + chunk)
+        x = values[start:stop]
+        # dL/dscore[n, c, k] = grad_out[n] . T[c, k]
+        grad_scores = (grad_out[start:stop] @ flat_table.T).reshape(-1, ncodebooks, nprototypes)
+        # Forward through the soft tree, keeping each level's reach probabilities.
+        reach = [x.new_ones(x.shape[0], ncodebooks, 1)]
+        right_probs, slopes = [], []
+        for level in range(depth):
+            nodes = slice(2**level - 1, 2 ** (level + 1) - 1)
+            margin = (x[:, :, level, None] - thresholds[None, :, nodes]) * inv_tau[None, :, level, None]
+            tanh = torch.tanh(margin)
+            right = 0.5 + 0.5 * tanh
+            right_probs.append(right)
+            # d right / d x = (1 - tanh^2) / (2 tau)
+            slopes.append((1 - tanh * tanh) * (0.5 * inv_tau[None, :, level, None]))
+            prev = reach[-1]
+            reach.append(torch.stack((prev * (1 - right), prev * right), dim=-1).flatten(2))
+        # Backward through the tree, level by level from the leaves.
+        grad_reach = grad_scores
+        for level in reversed(range(depth)):
+            pair = grad_reach.unflatten(2, (2**level, 2))
+            left_grad, right_grad = pair[..., 0], pair[..., 1]
+            diff = right_grad - left_grad
+            grad_node = reach[level] * diff * slopes[level]  # dL/dx through each node
+            right = right_probs[level]
+            grad_reach = left_grad + right * diff
+            if grad_values is not None:
+                grad_values[start:stop, :, level] = grad_node.sum(-1)
+            if grad_thresholds is not None:
+                nodes = slice(2**level - 1, 2 ** (level + 1) - 1)
+                grad_thresholds[:, nodes] -= grad_node.sum(0)
+    return grad_values, grad_thresholds
+
+
+class MaddLutFunction(torch.autograd.Function):
+    """Hard encode + LUT read forward; exact LUT / surrogate tree gradients backward."""
+
+    @staticmethod
+    def forward(ctx, values, thresholds, lut, table, temperature):  # noqa: D401
+        codes = encode_values(values, thresholds)
+        out = lut_sum(codes, table)
+        ctx.save_for_backward(values, thresholds, table, temperature, codes)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, thresholds, table, temperature, codes = ctx.saved_tensors
+        need_values, need_thresholds, need_lut = ctx.needs_input_grad[:3]
+        grad_out = grad_out.contiguous()
+        grad_lut = lut_gradient(codes, grad_out, table.shape[1]) if need_lut else None
+        grad_values = grad_thresholds = None
+        if need_values or need_thresholds:
+            grad_values, grad_thresholds = tree_surrogate_grads(
+                values, thresholds, table, temperature, grad_out, need_values, need_thresholds
+            )
+        return grad_values, grad_thresholds, grad_lut, None, None
+
+
+def madd_lut(
+    values: torch.Tensor,
+    thresholds: torch.Tensor,
+    lut: torch.Tensor,
+    temperature: torch.Tensor,
+    table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable MADD product of gathered split values: (N, C, L) -> (N, M).
+
+    ``table`` is the LUT read in the forward pass (e.g. a fake-quantised copy of ``lut``);
+    its gradient goes straight through to ``lut``. Defaults to ``lut`` itself.
+    """
+    if table is None:
+        table = lut
+    return MaddLutFunction.apply(values, thresholds, lut, table.detach(), temperature)

@@ -1,0 +1,69 @@
+"""ImageNet (or any image-classification set) from class folders: ``root/<split>/<class>/*.jpg``.
+
+The standard ILSVRC-2012 layout after the usual preparation is ``root/train/n01440764/…``
+and ``root/val/n01440764/…``; ``test`` reads ``root/val`` when there is no ``root/test``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from maddnet.data.registry import DatasetInfo, register_dataset
+from maddnet.data.transforms import SeededSampleMixin, sample_seed, seeded_global_rng
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+ENV_VAR = "MADDNET_IMAGENET"
+
+
+def split_folder(root: str | os.PathLike | None, split: str) -> Path:
+    base = root if root is not None else os.environ.get(ENV_VAR)
+    if base is None:
+        raise FileNotFoundError(f"ImageNet needs a root folder (argument root or ${ENV_VAR})")
+    candidates = [Path(base) / split] + ([Path(base) / "val"] if split == "test" else [])
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    raise FileNotFoundError(f"no ImageNet split folder: tried {', '.join(map(str, candidates))}")
+
+
+def build_transform(image_size: int, augment: bool) -> v2.Compose:
+    """Standard ImageNet transforms: random-resized crop + flip for training, resize to
+    image_size/0.875 and centre crop for evaluation."""
+    head = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+            if augment else
+            [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)])
+    return v2.Compose([v2.ToImage(), *head, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(MEAN, STD)])
+
+
+class ImageFolderDataset(SeededSampleMixin, Dataset):
+    """torchvision ``ImageFolder`` with transforms seeded per (seed, epoch, index)."""
+
+    def __init__(self, folder: Path, image_size: int, augment: bool, seed: int = 0):
+        self.folder = datasets.ImageFolder(str(folder))
+        self.transform = build_transform(image_size, augment)
+        self.seed = seed
+        self.info = DatasetInfo(name="imagenet", classes=tuple(self.folder.classes),
+                                input_shape=(3, image_size, image_size), mean=MEAN, std=STD)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.folder[index]
+        with seeded_global_rng(sample_seed(self.seed, self.epoch, index)):
+            return self.transform(image), label
+
+
+@register_dataset("imagenet")
+def imagenet_dataset(split: str = "train", root: str | os.PathLike | None = None,
+                     augment: bool = False, image_size: int = 224, seed: int = 0
+                     ) -> ImageFolderDataset:
+    return ImageFolderDataset(split_folder(root, split), image_size, augment, seed=seed)

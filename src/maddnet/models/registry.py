@@ -1,0 +1,64 @@
+"""One registry for every model: ``create_model(name, num_classes, in_chans, **kwargs)``.
+
+Modelled on timm: builders register themselves with :func:`register_model`; the
+registry maps a name to a function ``builder(num_classes, in_chans, **kwargs) -> nn.Module``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from torch import nn
+
+from maddnet.models.weights import load_weights
+
+ModelBuilder = Callable[..., nn.Module]
+_MODELS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Decorator that files ``builder`` under ``name`` (names must be unique)."""
+
+    def decorate(builder: ModelBuilder) -> ModelBuilder:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = builder
+        return builder
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    _import_builders()
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    checkpoint: str | os.PathLike | None = None,
+    strict: bool = True,
+    **kwargs,
+) -> nn.Module:
+    """Build model ``name``; optionally load weights from a local ``checkpoint`` file.
+
+    ``checkpoint`` may hold a plain state dict (torchvision/timm files load as they are)
+    or a maddnet training checkpoint (``{"model": state_dict, ...}``).
+    With ``strict=False`` tensors whose shape does not fit (e.g. a 1000-class head into a
+    10-class model) are skipped and reported instead of raising.
+    """
+    _import_builders()
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}")
+    model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if checkpoint is not None:
+        load_weights(model, checkpoint, strict=strict)
+    return model
+
+
+def _import_builders() -> None:
+    # importing the modules runs their @register_model decorators
+    from maddnet.models import ds_cnn, levit, resnet, resnet9  # noqa: F401

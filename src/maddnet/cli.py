@@ -13,6 +13,7 @@ import sys
 # module path of each sub-command, in the order ``--help`` lists them
 COMMANDS = [
     "maddnet.amm.cli",
+    "maddnet.train.cli",
 ]
 
 

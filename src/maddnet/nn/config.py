@@ -80,9 +80,9 @@ class MaddConfig:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
             return False
         if self.layers is None:
-            return isinstance(module, nn.Linear) or (
-                isinstance(module, nn.Conv2d) and module.groups == 1
-            )
+            # Exact types: subclasses such as MultiheadAttention's out_proj are used by
+            # their owner through .weight, not called, so swapping them would break it.
+            return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
         if callable(self.layers):
             return bool(self.layers(name, module))
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.layers)

@@ -43,6 +43,10 @@ from .patches import ConvGeometry, gather_patch_columns
 DEFAULT_TEMPERATURE = 0.5
 
 
+def _keep_out_of_fused_paths(module: nn.Module, args: tuple) -> None:
+    return None
+
+
 class _MaddLayer(nn.Module):
     """Shared state and forward logic; subclasses gather the split values of their input."""
 
@@ -90,6 +94,11 @@ class _MaddLayer(nn.Module):
             self.register_buffer("lut_q_scale", torch.ones(out_dim, **kw))
         self._quantized_from: tuple | None = None
         self.fitted = False
+        # Fused fast paths (nn.TransformerEncoderLayer, nn.MultiheadAttention in eval mode)
+        # read their Linear children's .weight instead of calling them; they fall back to
+        # calling each child when any submodule has a hook, so this no-op hook keeps the
+        # MADD layer in the computation.
+        self.register_forward_pre_hook(_keep_out_of_fused_paths)
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:

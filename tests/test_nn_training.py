@@ -1,0 +1,165 @@
+"""Training through MADD layers: exact LUT gradients, surrogate threshold gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maddnet.nn import MaddConv2d, MaddLinear, functional
+from maddnet.nn.functional import encode_values, madd_lut
+
+
+def random_tree_inputs(nrows=300, ncodebooks=3, depth=4, nout=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randn(nrows, ncodebooks, depth, generator=gen, dtype=torch.float64)
+    thresholds = 0.5 * torch.randn(ncodebooks, 2**depth - 1, generator=gen, dtype=torch.float64)
+    lut = torch.randn(ncodebooks, 2**depth, nout, generator=gen, dtype=torch.float64)
+    temperature = 0.3 + torch.rand(ncodebooks, depth, generator=gen, dtype=torch.float64)
+    return values, thresholds, lut, temperature
+
+
+def soft_tree_output(values, thresholds, lut, temperature):
+    """Reference: soft decision tree written out leaf by leaf (no shared code)."""
+    nrows, ncodebooks, depth = values.shape
+    nleaves = 2**depth
+    scores = []
+    for leaf in range(nleaves):
+        prob = torch.ones(nrows, ncodebooks, dtype=values.dtype)
+        node = 0
+        for level in range(depth):
+            bit = (leaf >> (depth - 1 - level)) & 1
+            heap = 2**level - 1 + node
+            margin = (values[:, :, level] - thresholds[:, heap]) / temperature[:, level]
+            right = 0.5 + 0.5 * torch.tanh(margin)
+            prob = prob * (right if bit else 1 - right)
+            node = 2 * node + bit
+        scores.append(prob)
+    scores = torch.stack(scores, dim=-1)  # (N, C, K)
+    return torch.einsum("nck,ckm->nm", scores, lut)
+
+
+def test_forward_is_hard_encoding_and_lut_sum():
+    values, thresholds, lut, temperature = random_tree_inputs()
+    out = madd_lut(values, thresholds, lut, temperature)
+    codes = encode_values(values, thresholds)
+    expected = sum(lut[c, codes[:, c].long()] for c in range(values.shape[1]))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_lut_gradient_equals_one_hot_autograd():
+    values, thresholds, lut, temperature = random_tree_inputs(seed=1)
+    weight = torch.randn(values.shape[0], lut.shape[2], dtype=torch.float64)
+    lut_a = lut.clone().requires_grad_()
+    (madd_lut(values, thresholds, lut_a, temperature) * weight).sum().backward()
+    # explicit one-hot formulation: Y = G @ T with G (N, C*K)
+    codes = encode_values(values, thresholds)
+    one_hot = F.one_hot(codes.long(), lut.shape[1]).reshape(values.shape[0], -1).to(lut.dtype)
+    lut_b = lut.clone().requires_grad_()
+    ((one_hot @ lut_b.reshape(-1, lut.shape[2])) * weight).sum().backward()
+    torch.testing.assert_close(lut_a.grad, lut_b.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 100])
+def test_surrogate_gradients_equal_soft_tree_autograd(monkeypatch, chunk_elements):
+    monkeypatch.setattr(functional, "_SURROGATE_CHUNK_ELEMENTS", chunk_elements)
+    values, thresholds, lut, temperature = random_tree_inputs(seed=2)
+    weight = torch.randn(values.shape[0], lut.shape[2], dtype=torch.float64)
+    va, ta = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
+    (madd_lut(va, ta, lut, temperature) * weight).sum().backward()
+    vb, tb = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
+    (soft_tree_output(vb, tb, lut, temperature) * weight).sum().backward()
+    torch.testing.assert_close(va.grad, vb.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ta.grad, tb.grad, rtol=1e-9, atol=1e-12)
+    assert float(ta.grad.abs().sum()) > 0
+
+
+def test_qat_forward_reads_fake_quantized_lut_and_gradient_goes_straight_through():
+    torch.manual_seed(3)
+    linear = nn.Linear(16, 6)
+    rows = torch.randn(400, 16)
+    layer = MaddLinear.from_dense(linear, rows, ncodebooks=4, lut_bits=4).train()
+    out = layer(rows)
+    deq = layer.quantized_lut().dequantize()
+    codes = layer.codes(rows)
+    expected = sum(deq[c, codes[:, c].long()] for c in range(4)) + linear.bias
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    one_hot = F.one_hot(codes.long(), 16).reshape(400, -1).float()
+    torch.testing.assert_close(layer.lut.grad.reshape(-1, 6), one_hot.T @ grad_out, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(layer.bias.grad, grad_out.sum(0), rtol=1e-5, atol=1e-5)
+
+
+def make_toy_layer(root_threshold: float) -> MaddLinear:
+    """C=1, K=4 tree on x[0] then x[1]; outputs the leaf index (a step function)."""
+    layer = MaddLinear(2, 1, ncodebooks=1, nprototypes=4, bias=False, lut_bits=None)
+    with torch.no_grad():
+        layer.split_dims.copy_(torch.tensor([[0, 1]]))
+        layer.thresholds.copy_(torch.tensor([[root_threshold, 0.0, 0.0]]))
+        layer.lut.copy_(torch.tensor([[[0.0], [0.0], [4.0], [4.0]]]))
+        layer.temperature.fill_(0.3)
+    return layer
+
+
+def test_threshold_gradient_points_the_right_way_and_training_lowers_loss():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2000, 2, generator=gen) * 2 - 1
+    target = make_toy_layer(0.2)(x).detach()
+    for start in (-0.4, 0.6):  # left and right of the true root threshold 0.2
+        layer = make_toy_layer(start)
+        layer.lut.requires_grad_(False)
+        loss = F.mse_loss(layer(x), target)
+        loss.backward()
+        grad = float(layer.thresholds.grad[0, 0])
+        assert grad != 0 and (start - 0.2) * grad > 0  # descent moves the threshold to 0.2
+        optimizer = torch.optim.Adam([layer.thresholds], lr=0.02)
+        first = loss.item()
+        for _ in range(60):
+            optimizer.zero_grad()
+            loss = F.mse_loss(layer(x), target)
+            loss.backward()
+            optimizer.step()
+        assert float(loss) < 0.2 * first
+        assert abs(float(layer.thresholds[0, 0]) - 0.2) < 0.05
+        assert torch.equal(layer.split_dims, torch.tensor([[0, 1]]))  # never trained
+
+
+def test_training_madd_conv_on_regression_lowers_loss_and_trains_layer_before():
+    torch.manual_seed(5)
+    pre = nn.Conv2d(3, 4, 1)
+    target_conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(16, 3, 8, 8)
+    with torch.no_grad():
+        hidden = pre(x)
+        target = target_conv(hidden) + 0.3 * torch.tanh(hidden).sum(1, keepdim=True)
+        rows = F.unfold(hidden, 3, padding=1).transpose(1, 2).reshape(-1, 36)
+    layer = MaddConv2d.from_dense(target_conv, rows, ncodebooks=4, lut_bits=None)
+    model = nn.Sequential(pre, layer)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(x), target)
+        loss.backward()
+        if not losses:
+            assert float(pre.weight.grad.abs().sum()) > 0  # gradient reaches the layer before
+            assert float(layer.thresholds.grad.abs().sum()) > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_frozen_thresholds_and_lut():
+    torch.manual_seed(6)
+    linear = nn.Linear(8, 3)
+    rows = torch.randn(100, 8)
+    layer = MaddLinear.from_dense(linear, rows, ncodebooks=2)
+    layer.thresholds.requires_grad_(False)
+    layer(rows).sum().backward()
+    assert layer.thresholds.grad is None and layer.lut.grad is not None
+    layer.lut.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    out = layer(rows)
+    assert out.grad_fn is None  # nothing to train: fast path

@@ -28,17 +28,22 @@ def random_trees(rng, ndims, ncodebooks, depth):
     return split_dims, thresholds
 
 
+ENCODERS = [hashing.encode, hashing.encode_torch]  # numba kernel on CPU, tensor ops
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("depth", [2, 4, 8])
-def test_encode_matches_naive_loop_on_random_rows(depth):
+def test_encode_matches_naive_loop_on_random_rows(depth, encoder):
     rng = np.random.default_rng(depth)
     rows = rng.normal(size=(200, 12)).astype(np.float32)
     split_dims, thresholds = random_trees(rng, 12, 5, depth)
-    codes = hashing.encode(torch.from_numpy(rows), torch.from_numpy(split_dims), torch.from_numpy(thresholds))
+    codes = encoder(torch.from_numpy(rows), torch.from_numpy(split_dims), torch.from_numpy(thresholds))
     assert codes.dtype == torch.uint8
     np.testing.assert_array_equal(codes.numpy(), naive_encode(rows, split_dims, thresholds))
 
 
-def test_encode_matches_naive_loop_on_adversarial_rows():
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_encode_matches_naive_loop_on_adversarial_rows(encoder):
     rng = np.random.default_rng(1)
     split_dims, thresholds = random_trees(rng, 6, 3, 4)
     # Values exactly at thresholds, just above/below them, constant columns, duplicates.
@@ -49,7 +54,7 @@ def test_encode_matches_naive_loop_on_adversarial_rows():
     rows = rng.choice(pool, size=(300, 6)).astype(np.float32)
     rows[:, 2] = pool[0]  # a constant column
     rows[100:150] = rows[0]  # duplicate rows
-    codes = hashing.encode(torch.from_numpy(rows), torch.from_numpy(split_dims), torch.from_numpy(thresholds))
+    codes = encoder(torch.from_numpy(rows), torch.from_numpy(split_dims), torch.from_numpy(thresholds))
     np.testing.assert_array_equal(codes.numpy(), naive_encode(rows, split_dims, thresholds))
 
 

@@ -74,15 +74,24 @@ def test_column_granularity_is_finer_than_codebook():
     assert errors["column"] < errors["codebook"] / 4
 
 
-def test_integer_accumulation_is_exact():
+@pytest.mark.parametrize("ncodebooks", [64, 300])  # uint16 and int32 accumulators
+def test_integer_accumulation_is_exact(ncodebooks):
     gen = torch.Generator().manual_seed(0)
-    values = torch.randint(0, 256, (64, 16, 7), generator=gen, dtype=torch.uint8)
-    qlut = lut.QuantizedLut(values, torch.zeros(64, 7), torch.ones(7), 8)
-    codes = torch.randint(0, 16, (300, 64), generator=gen, dtype=torch.uint8)
-    int_sum = torch.zeros(300, 7, dtype=torch.int32)
-    for c in range(64):
-        int_sum += values[c, codes[:, c].long()].int()
-    assert torch.equal(lut.quantized_lut_sum(codes, qlut), int_sum.float())
+    low = 0 if ncodebooks < 257 else 240  # large entries: a uint16 adder would overflow at C=300
+    values = torch.randint(low, 256, (ncodebooks, 16, 7), generator=gen, dtype=torch.uint8)
+    scale = torch.tensor([1.0, 2.0, 0.5, 4.0, 1.0, 1.0, 8.0])
+    offsets = torch.randn(ncodebooks, 7, generator=gen)
+    qlut = lut.QuantizedLut(values, offsets, scale, 8)
+    codes = torch.randint(0, 16, (300, ncodebooks), generator=gen, dtype=torch.uint8)
+    int_sum = torch.zeros(300, 7, dtype=torch.int64)
+    for c in range(ncodebooks):
+        int_sum += values[c, codes[:, c].long()].long()
+    assert (int_sum.max() >= 2**16) == (ncodebooks >= 257)
+    expected = int_sum.float() / scale + offsets.sum(0)
+    assert torch.equal(lut.quantized_lut_sum(codes, qlut), expected)  # numba kernel (CPU)
+    # the embedding_bag path that other devices take gives the same numbers
+    embedding_path = lut.lut_sum(codes, values.float()) / scale + offsets.sum(0)
+    assert torch.equal(embedding_path, expected)
 
 
 def test_nmse_is_small_and_falls_as_codebooks_grow():

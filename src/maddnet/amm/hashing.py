@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _split_kernel
+from . import _lut_kernel, _split_kernel
 
 
 def subspace_bounds(ndims: int, ncodebooks: int) -> list[tuple[int, int]]:
@@ -41,15 +41,28 @@ def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tenso
     Args:
         rows: (N, D) float.
         split_dims: (C, L) int64 global column indices.
-        thresholds: (C, 2**L - 1) float, heap order.
+        thresholds: (C, 2**L - 1) float32, heap order.
 
     Returns:
-        (N, C) uint8 codes in ``[0, 2**L)``.
+        (N, C) uint8 codes in ``[0, 2**L)``. CPU tensors go through a numba kernel,
+        others through :func:`encode_torch`; both give identical codes.
     """
+    if rows.device.type == "cpu" and thresholds.device.type == "cpu":
+        codes = _lut_kernel.encode(
+            np.ascontiguousarray(rows.detach().float().numpy()),
+            np.ascontiguousarray(split_dims.numpy(), dtype=np.int64),
+            np.ascontiguousarray(thresholds.detach().float().numpy()),
+        )
+        return torch.from_numpy(codes)
+    return encode_torch(rows, split_dims, thresholds)
+
+
+def encode_torch(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """:func:`encode` with tensor ops only (any device): 2*L gathers on (N, C) tensors."""
     ncodebooks, depth = split_dims.shape
     nnodes = thresholds.shape[1]
-    thresholds = thresholds.to(rows.dtype)
-    flat_thresholds = thresholds.reshape(-1)
+    rows = rows.float()
+    flat_thresholds = thresholds.float().reshape(-1)
     codebook_base = torch.arange(ncodebooks, device=rows.device) * nnodes
     leaf = torch.zeros(rows.shape[0], ncodebooks, dtype=torch.int64, device=rows.device)
     for level in range(depth):

@@ -1,0 +1,1 @@
+"""Studies built on the core: AMM sweeps, single-layer analysis, reports."""

@@ -242,8 +242,19 @@ def test_bad_inputs_get_clear_errors():
     amm = MaddnessMatmul(ncodebooks=2).fit(rows, weight)
     with pytest.raises(ValueError, match="A has 7 columns"):
         amm(rows[:, :7])
-    with pytest.raises(ValueError, match="A contains"):
-        amm(bad)
+    read = sorted(set(amm.split_dims_.reshape(-1).tolist()))
+    for value in (float("nan"), float("inf")):
+        bad = rows.clone()
+        bad[3, read[-1]] = value
+        with pytest.raises(ValueError, match=rf"A contains NaN/inf in row 3, column\(s\) \[{read[-1]}\]"):
+            amm(bad)
+        with pytest.raises(ValueError, match="A contains NaN/inf"):
+            amm.encode(bad)
+    unread = sorted(set(range(8)) - set(read))
+    if unread:  # values the encoder never reads cannot change the output
+        bad = rows.clone()
+        bad[3, unread[0]] = float("nan")
+        assert torch.equal(amm(bad), amm(rows))
     with pytest.raises(ValueError, match="codes must lie in"):
         amm.decode(torch.full((2, 2), 16, dtype=torch.uint8))
 

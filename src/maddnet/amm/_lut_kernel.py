@@ -12,8 +12,12 @@ import numpy as np
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def encode(rows, split_dims, thresholds):  # pragma: no cover - jit
-    """rows (N, D) float32, split_dims (C, L) int64, thresholds (C, 2**L-1) float32 -> (N, C) uint8."""
+def encode(rows, split_dims, thresholds, bad_row):  # pragma: no cover - jit
+    """rows (N, D) float32, split_dims (C, L) int64, thresholds (C, 2**L-1) float32 -> (N, C) uint8.
+
+    Only the values the trees read are looked at, and only those are checked: a NaN or
+    inf among them sets ``bad_row[0]`` to its row (the codes are then meaningless).
+    """
     nrows = rows.shape[0]
     ncodebooks, depth = split_dims.shape
     codes = np.empty((nrows, ncodebooks), np.uint8)
@@ -21,8 +25,11 @@ def encode(rows, split_dims, thresholds):  # pragma: no cover - jit
         for c in range(ncodebooks):
             leaf = 0
             for t in range(depth):
+                value = rows[n, split_dims[c, t]]
+                if not np.isfinite(value):
+                    bad_row[0] = n
                 node = (1 << t) - 1 + leaf
-                leaf = 2 * leaf + (rows[n, split_dims[c, t]] > thresholds[c, node])
+                leaf = 2 * leaf + (value > thresholds[c, node])
             codes[n, c] = leaf
     return codes
 

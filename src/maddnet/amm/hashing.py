@@ -46,13 +46,24 @@ def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tenso
     Returns:
         (N, C) uint8 codes in ``[0, 2**L)``. CPU tensors go through a numba kernel,
         others through :func:`encode_torch`; both give identical codes.
+
+    Raises:
+        ValueError: a value the trees read is NaN or inf (the CPU kernel checks these
+            for free; other values of ``rows`` cannot change the codes).
     """
     if rows.device.type == "cpu" and thresholds.device.type == "cpu":
+        bad_row = np.full(1, -1, dtype=np.int64)
+        values = np.ascontiguousarray(rows.detach().float().numpy())
         codes = _lut_kernel.encode(
-            np.ascontiguousarray(rows.detach().float().numpy()),
+            values,
             np.ascontiguousarray(split_dims.numpy(), dtype=np.int64),
             np.ascontiguousarray(thresholds.detach().float().numpy()),
+            bad_row,
         )
+        if bad_row[0] >= 0:
+            row = int(bad_row[0])
+            cols = sorted({int(j) for j in split_dims.reshape(-1) if not np.isfinite(values[row, j])})
+            raise ValueError(f"A contains NaN/inf in row {row}, column(s) {cols} read by the encoder")
         return torch.from_numpy(codes)
     return encode_torch(rows, split_dims, thresholds)
 

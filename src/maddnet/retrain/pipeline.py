@@ -1,0 +1,441 @@
+"""Layer-by-layer retraining: replace a layer, fine-tune what follows, freeze, go on.
+
+Step 0 is the dense model (loaded, or trained for ``baseline_steps``). Step i (1..n)
+replaces the i-th layer in forward order with a MADD layer learned on the activations
+the current, partly converted network produces, then fine-tunes
+``steps_per_layer`` steps. Step n+1 fine-tunes everything still trainable.
+Every step ends with a checkpoint (conversion plan + state) and a metrics row, so a
+killed run started again with the same command continues at the step it was in.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data.registry import create_dataset
+from ..models.registry import create_model
+from ..nn import conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
+from ..nn.layers import _MaddLayer
+from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
+from ..train.optim import warmup_cosine_schedule
+from .config import RetrainConfig, config_differences
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+# ---------------------------------------------------------------------------- setup
+def build_data(config: RetrainConfig) -> tuple[DataLoader, DataLoader, DataLoader, Any]:
+    """(train loader, calibration loader, eval loader, DatasetInfo)."""
+    train_set = create_dataset(
+        config.dataset, "train", config.data_root, augment=config.augment, **config.dataset_kwargs
+    )
+    calib_set = create_dataset(
+        config.dataset, "train", config.data_root, augment=False, **config.dataset_kwargs
+    )
+    eval_set = create_dataset(
+        config.dataset, config.eval_split, config.data_root, augment=False, **config.dataset_kwargs
+    )
+    gen = torch.Generator().manual_seed(config.seed)
+    train = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=gen)
+    calib_gen = torch.Generator().manual_seed(config.seed + 1)
+    calib = DataLoader(calib_set, batch_size=config.batch_size, shuffle=True, generator=calib_gen)
+    evaluation = DataLoader(eval_set, batch_size=config.eval_batch_size)
+    return train, calib, evaluation, train_set.info
+
+
+def build_dense_model(config: RetrainConfig, info) -> nn.Module:
+    return create_model(
+        config.model,
+        num_classes=info.num_classes,
+        in_chans=info.in_chans,
+        checkpoint=config.checkpoint,
+        **config.model_kwargs,
+    )
+
+
+def forward_order(model: nn.Module, names: list[str], batch: torch.Tensor) -> list[str]:
+    """``names`` sorted by when the layers first run in a forward pass of ``batch``."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, _a, name=name: order.append(name) if name not in order else None
+        )
+        for name in names
+    ]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(batch)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise ValueError(f"layers {missing} never run in a forward pass; exclude them")
+    return order
+
+
+def first_n_batches(loader: DataLoader, count: int) -> list:
+    return list(itertools.islice(iter(loader), count))
+
+
+# ---------------------------------------------------------------------------- training
+def parameter_groups(
+    model: nn.Module, order: list[str], current: int, config: RetrainConfig, final: bool = False
+) -> list[dict]:
+    """Optimiser groups for step ``current`` (index into ``order``) and set requires_grad.
+
+    Trainable: the dense layers after ``current`` (lr_dense), norms and other parameters
+    outside the selected layers (lr_norm), the MADD layer being replaced (lr_lut,
+    lr_threshold) and, with ``train_replaced`` (or in the final step), the earlier ones.
+    Everything else is frozen. A group with lr 0 is frozen too.
+    """
+    groups: dict[str, list[nn.Parameter]] = {
+        "dense": [],
+        "dense_no_decay": [],
+        "norm": [],
+        "lut": [],
+        "threshold": [],
+    }
+    owned: set[int] = set()
+    for index, name in enumerate(order):
+        module = model.get_submodule(name)
+        params = list(module.parameters())
+        owned.update(id(p) for p in params)
+        for p in params:
+            p.requires_grad_(False)
+        if isinstance(module, _MaddLayer):
+            if index == current or final or (config.train_replaced and index < current):
+                groups["lut"].append(module.lut)
+                groups["threshold"].append(module.thresholds)
+                if module.bias is not None:
+                    groups["dense_no_decay"].append(module.bias)
+        elif index > current or final:
+            for pname, p in module.named_parameters():
+                groups["dense" if pname == "weight" else "dense_no_decay"].append(p)
+    for p in model.parameters():
+        if id(p) not in owned:
+            groups["norm"].append(p)
+    lrs = {
+        "dense": config.lr_dense,
+        "dense_no_decay": config.lr_dense,
+        "norm": config.lr_norm,
+        "lut": config.lr_lut,
+        "threshold": config.lr_threshold,
+    }
+    result = []
+    for key, params in groups.items():
+        if not params or lrs[key] <= 0:
+            continue
+        for p in params:
+            p.requires_grad_(True)
+        result.append(
+            {
+                "params": params,
+                "lr": lrs[key],
+                "name": key,
+                "weight_decay": config.weight_decay if key == "dense" else 0.0,
+            }
+        )
+    return result
+
+
+def make_optimizer(groups: list[dict], config: RetrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=config.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"])
+
+
+class RetrainLoss:
+    """Cross-entropy, optional distillation from the dense teacher, optional recon term."""
+
+    def __init__(self, config: RetrainConfig, teacher: nn.Module | None):
+        self.config = config
+        self.teacher = teacher
+        self.inputs: torch.Tensor | None = None
+        self.recon_terms: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+        if cfg.distill > 0 and self.teacher is not None and self.inputs is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(self.inputs)
+            tau = cfg.distill_temperature
+            kd = (
+                F.kl_div(
+                    F.log_softmax(logits / tau, 1),
+                    F.log_softmax(teacher_logits / tau, 1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * tau
+                * tau
+            )
+            loss = (1 - cfg.distill) * loss + cfg.distill * kd
+        if self.recon_terms:
+            loss = loss + cfg.recon * torch.stack(self.recon_terms).sum()
+            self.recon_terms = []
+        return loss
+
+
+def _capture_inputs(loss: RetrainLoss, model: nn.Module):
+    """Forward pre-hook on the model that hands each batch's inputs to the loss (for KD)."""
+
+    def hook(_module, args):
+        loss.inputs = args[0]
+
+    return model.register_forward_pre_hook(hook)
+
+
+def _recon_hook(loss: RetrainLoss, dense_layer: nn.Module):
+    """Forward hook on a MADD layer adding ||madd(x) - dense(x)||^2 / ||dense(x)||^2."""
+
+    def hook(module, args, output):
+        if module.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                target = dense_layer(args[0])
+            loss.recon_terms.append(((output - target) ** 2).sum() / (target**2).sum().clamp_min(1e-12))
+
+    return hook
+
+
+# ---------------------------------------------------------------------------- the run
+class Retrainer:
+    """Runs (or resumes) the pipeline described by a :class:`RetrainConfig`."""
+
+    def __init__(self, config: RetrainConfig):
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.device = torch.device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.train_loader, self.calib_loader, self.eval_loader, self.info = build_data(config)
+        self.metrics = JsonlWriter(self.out / METRICS)
+
+    # -- state
+    def _check_config(self) -> None:
+        saved_path = self.out / "config.json"
+        if saved_path.exists():
+            saved = RetrainConfig.from_dict(json.loads(saved_path.read_text()))
+            diff = config_differences(saved, self.config)
+            if diff:
+                raise ValueError(
+                    f"{self.out} holds a run with another config (differences: {diff}); "
+                    "use another out_dir or delete the old run"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config.save(saved_path)
+
+    def _save(self, model: nn.Module, next_step: int, order: list[str], dense_state: dict) -> None:
+        save_checkpoint(
+            self.out / CHECKPOINT,
+            {
+                "next_step": next_step,
+                "order": order,
+                "plan": conversion_plan(model),
+                "state_dict": model.state_dict(),
+                "dense_state": dense_state,
+            },
+        )
+
+    def _fresh_model(self) -> nn.Module:
+        model = create_model(
+            self.config.model,
+            num_classes=self.info.num_classes,
+            in_chans=self.info.in_chans,
+            **self.config.model_kwargs,
+        )
+        return model.to(self.device)
+
+    def _evaluate(self, model: nn.Module) -> dict[str, float]:
+        return evaluate(model, self.eval_loader, device=self.device)
+
+    def _train(self, model: nn.Module, groups: list[dict], steps: int, loss: RetrainLoss, desc: str) -> dict:
+        if steps == 0 or not groups:
+            return {}
+        optimizer = make_optimizer(groups, self.config)
+        scheduler = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
+        handle = _capture_inputs(loss, model)
+        try:
+            return train_steps(
+                model,
+                self.train_loader,
+                optimizer,
+                scheduler,
+                steps=steps,
+                loss_fn=loss,
+                device=self.device,
+                progress=self.config.progress,
+                desc=desc,
+            )
+        finally:
+            handle.remove()
+
+    # -- steps
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        self._check_config()
+        start = time.time()
+        checkpoint_path = self.out / CHECKPOINT
+        if checkpoint_path.exists():
+            saved = load_checkpoint(checkpoint_path, map_location=self.device)
+            next_step, order = saved["next_step"], saved["order"]
+            model = rebuild(self._fresh_model(), saved["plan"])
+            model.load_state_dict(saved["state_dict"])
+            dense_state = saved["dense_state"]
+            self.metrics.truncate_after(next_step - 1)
+        else:
+            model, next_step, dense_state, order = None, 0, None, []
+            self.metrics.truncate_after(-1)  # rows of a run killed before its first checkpoint
+
+        if next_step == 0:
+            seed_everything(cfg.seed)
+            model = self._dense_step()
+            dense_state = copy.deepcopy(model.state_dict())
+            order = self._layer_order(model)
+            self._save(model, 1, order, dense_state)
+            next_step = 1
+        teacher = self._fresh_model()
+        teacher.load_state_dict(dense_state)
+        teacher.eval().requires_grad_(False)
+        loss = RetrainLoss(cfg, teacher)
+
+        for index in range(next_step - 1, len(order)):
+            seed_everything(cfg.seed + 1 + index)
+            self._replace_step(model, order, index, loss, teacher)
+            self._save(model, index + 2, order, dense_state)
+
+        final_step = len(order) + 1
+        if next_step <= final_step:
+            seed_everything(cfg.seed + final_step)
+            t0 = time.time()
+            groups = parameter_groups(model, order, len(order), cfg, final=True)
+            train_stats = self._train(model, groups, cfg.final_steps, loss, "final fine-tune")
+            metrics = self._evaluate(model)
+            self.metrics.write(
+                {
+                    "step": final_step,
+                    "phase": "final",
+                    "layer": None,
+                    **_prefixed(metrics),
+                    "train_loss": train_stats.get("loss"),
+                    "seconds": time.time() - t0,
+                    "replaced": len(madd_layers(model)),
+                }
+            )
+            self._save(model, final_step + 1, order, dense_state)
+        rows = self.metrics.read()
+        summary = {
+            "rows": rows,
+            "order": order,
+            "seconds_this_invocation": time.time() - start,
+            "model": model,
+        }
+        return summary
+
+    def _dense_step(self) -> nn.Module:
+        cfg = self.config
+        t0 = time.time()
+        if cfg.checkpoint is not None:
+            model = build_dense_model(cfg, self.info).to(self.device)
+            train_stats = {}
+        else:
+            model = self._fresh_model()
+            groups = [
+                {
+                    "params": [p for p in model.parameters()],
+                    "lr": cfg.lr_dense,
+                    "name": "all",
+                    "weight_decay": cfg.weight_decay,
+                }
+            ]
+            loss = RetrainLoss(dataclasses.replace(cfg, distill=0.0), None)
+            train_stats = self._train(model, groups, cfg.baseline_steps, loss, "dense baseline")
+        metrics = self._evaluate(model)
+        self.metrics.write(
+            {
+                "step": 0,
+                "phase": "dense",
+                "layer": None,
+                **_prefixed(metrics),
+                "train_loss": train_stats.get("loss"),
+                "seconds": time.time() - t0,
+                "replaced": 0,
+            }
+        )
+        return model
+
+    def _layer_order(self, model: nn.Module) -> list[str]:
+        selected = list(self.config.madd_config().select(model))
+        batch = next(iter(self.calib_loader))[0][:2].to(self.device)
+        return forward_order(model, selected, batch)
+
+    def _replace_step(
+        self, model: nn.Module, order: list[str], index: int, loss: RetrainLoss, teacher: nn.Module
+    ) -> None:
+        cfg = self.config
+        name = order[index]
+        t0 = time.time()
+        batches = first_n_batches(self.calib_loader, cfg.calib_batches)
+        rows = record_inputs(
+            model,
+            [name],
+            [(b[0].to(self.device), b[1]) for b in batches],
+            max_rows=cfg.max_rows,
+            config=cfg.madd_config(),
+        )[name]
+        dense_layer = copy.deepcopy(model.get_submodule(name)).requires_grad_(False)
+        layer = convert_layer(model, name, rows.to(self.device), cfg.madd_config())
+        after_replace = self._evaluate(model)
+        handle = layer.register_forward_hook(_recon_hook(loss, dense_layer)) if cfg.recon > 0 else None
+        try:
+            groups = parameter_groups(model, order, index, cfg)
+            train_stats = self._train(
+                model, groups, cfg.steps_per_layer, loss, f"step {index + 1}/{len(order)} {name}"
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        metrics = self._evaluate(model)
+        self.metrics.write(
+            {
+                "step": index + 1,
+                "phase": "replace",
+                "layer": name,
+                "kind": layer.kind,
+                "D": layer.in_dim,
+                "M": layer.out_dim,
+                "C": layer.ncodebooks,
+                "K": layer.nprototypes,
+                "calib_rows": int(rows.shape[0]),
+                **_prefixed(after_replace, "replaced_"),
+                **_prefixed(metrics),
+                "train_loss": train_stats.get("loss"),
+                "seconds": time.time() - t0,
+                "replaced": len(madd_layers(model)),
+            }
+        )
+
+
+def _prefixed(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in metrics.items() if k in ("top1", "top5", "loss")}
+
+
+def run_retrain(config: RetrainConfig) -> dict[str, Any]:
+    """Run or resume the pipeline; returns the metrics rows, layer order and model."""
+    return Retrainer(config).run()

@@ -53,7 +53,8 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
             }
         )
     lines = [
-        f"# Layer-by-layer retraining: {summary['model']} on {summary['dataset']} ({summary['eval_split']} split)",
+        f"# Layer-by-layer retraining: {summary['model']} on {summary['dataset']} "
+        f"({summary['eval_split']} split)",
         "",
         f"- dense baseline top-1: {_pct(summary['dense_top1'])} %",
         f"- after replacing {summary['replaced_layers']} layers"
@@ -61,9 +62,19 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
         + f": top-1 {_pct(summary['final_top1'])} %, top-5 {_pct(summary['final_top5'])} %",
         "- drop against the dense baseline: "
         + ("–" if summary["drop_points"] is None else f"{summary['drop_points']:.2f} points"),
-        f"- settings: steps_per_layer={config.get('steps_per_layer')}, final_steps={config.get('final_steps')}, "
-        f"distill={config.get('distill')}, recon={config.get('recon')}, train_replaced={config.get('train_replaced')}, "
-        f"K={config.get('nprototypes')}, lut_bits={config.get('lut_bits')}",
+        "- settings: "
+        + ", ".join(
+            f"{key}={config.get(key)}"
+            for key in (
+                "steps_per_layer",
+                "final_steps",
+                "distill",
+                "recon",
+                "train_replaced",
+                "nprototypes",
+                "lut_bits",
+            )
+        ),
         "",
         markdown_table(table_rows, list(table_rows[0]) if table_rows else []),
     ]

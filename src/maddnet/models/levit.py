@@ -16,6 +16,10 @@ from torch import nn
 from maddnet.models.registry import register_model
 
 LEVIT_VARIANTS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
+# smaller than any timm variant, for small images on CPUs: timm's levit_128s definition
+# with these settings (no pretrained weights exist for it)
+LEVIT_TINY = {"embed_dim": (64, 128, 192), "key_dim": 16, "num_heads": (2, 4, 6),
+              "depth": (1, 2, 2)}
 
 
 class Stem4(nn.Sequential):
@@ -32,7 +36,7 @@ class Stem4(nn.Sequential):
 def _build(variant: str, num_classes: int, in_chans: int, img_size: int = 224,
            small_input: bool = False, **kwargs) -> nn.Module:
     if small_input:
-        embed_dim = timm.models.levit.model_cfgs[variant]["embed_dim"]
+        embed_dim = kwargs.get("embed_dim", timm.models.levit.model_cfgs[variant]["embed_dim"])
         kwargs.update(stem_backbone=Stem4(in_chans, embed_dim[0]), stem_stride=4)
     return timm.create_model(variant, pretrained=False, num_classes=num_classes,
                              in_chans=in_chans, img_size=img_size, **kwargs)
@@ -49,3 +53,11 @@ def _register(variant: str) -> None:
 
 for _variant in LEVIT_VARIANTS:
     _register(_variant)
+
+
+@register_model("levit_tiny")
+def levit_tiny(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
+               small_input: bool = False, **kwargs) -> nn.Module:
+    """A 3-stage LeViT of width 64/128/192 (see LEVIT_TINY); same code as timm's LeViTs."""
+    return _build("levit_128s", num_classes, in_chans, img_size, small_input,
+                  **{**LEVIT_TINY, **kwargs})

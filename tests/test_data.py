@@ -1,0 +1,220 @@
+"""Data registry: real Fashion-MNIST/digits, and fake CIFAR-10/ImageNet/Speech Commands
+folders built here in the official layouts."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from maddnet.data import create_dataset, list_datasets
+from maddnet.data import fashion_mnist as fmnist
+from maddnet.data.audio_features import FeatureConfig, clip_features
+
+# ---------------------------------------------------------------- registry and errors
+
+
+def test_registry_and_errors():
+    assert {"fashion_mnist", "digits", "cifar10", "imagenet", "speech_commands",
+            "synthetic"} <= set(list_datasets())
+    with pytest.raises(KeyError, match="fashion_mnist"):
+        create_dataset("mnist-ish")
+    with pytest.raises(ValueError, match="split"):
+        create_dataset("digits", "training")
+
+
+def test_missing_folders_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CIFAR-10"):
+        create_dataset("cifar10", "train", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="validation_list.txt"):
+        create_dataset("speech_commands", "train", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="train"):
+        create_dataset("imagenet", "train", root=tmp_path)
+
+# ---------------------------------------------------------------- real data sets
+
+
+def test_fashion_mnist(require_data):
+    require_data(fmnist.is_available(), "Fashion-MNIST not installed "
+                 "(apt-get install dataset-fashion-mnist)")
+    train = create_dataset("fashion_mnist", "train")
+    test = create_dataset("fashion_mnist", "test")
+    assert (len(train), len(test)) == (60_000, 10_000)
+    assert train.info.num_classes == 10 and train.info.input_shape == (1, 28, 28)
+    x, y = test[0]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+    assert y == 9  # the first test image is an ankle boot
+    # normalised with the training-set statistics: mean ≈ 0, std ≈ 1
+    batch = torch.stack([train[i][0] for i in range(0, 60_000, 60)])
+    assert abs(batch.mean().item()) < 0.05 and abs(batch.std().item() - 1) < 0.05
+    # the old array interface still works (benchmarks use it)
+    images, labels = fmnist.load_arrays("test")
+    assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, test = create_dataset("digits", "train"), create_dataset("digits", "test")
+    assert len(train) + len(test) == 1797 and len(test) == 359
+    assert train.info.input_shape == (1, 8, 8)
+    train_rows = {tuple(train.images[i].flatten().tolist()) for i in range(len(train))}
+    overlap = sum(tuple(test.images[i].flatten().tolist()) in train_rows for i in range(len(test)))
+    assert overlap < 5  # the set has a few exact duplicate images, no more
+    assert torch.equal(create_dataset("digits", "test").images, test.images)
+
+
+def test_augmentation_is_seeded_per_epoch_and_index():
+    data = create_dataset("digits", "train", augment=True, seed=3)
+    data.set_epoch(0)
+    a0 = [data[i][0] for i in range(20)]
+    assert all(torch.equal(a, data[i][0]) for i, a in enumerate(a0))  # repeatable
+    data.set_epoch(1)
+    a1 = [data[i][0] for i in range(20)]
+    assert sum(not torch.equal(a, b) for a, b in zip(a0, a1, strict=True)) >= 10
+    plain = create_dataset("digits", "train")
+    assert all(torch.equal(plain[i][0], plain[i][0]) for i in range(5))
+
+
+def test_synthetic_is_learnable_shape():
+    data = create_dataset("synthetic", "train", num_samples=64, num_classes=4,
+                          input_shape=(2, 8, 8))
+    x, y = data[0]
+    assert x.shape == (2, 8, 8) and 0 <= y < 4 and data.info.num_classes == 4
+
+# ---------------------------------------------------------------- CIFAR-10 (fake folder)
+
+
+def make_fake_cifar(root, per_batch=6):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()},
+                        handle)
+    return folder
+
+
+def test_cifar10_pickle_layout(tmp_path):
+    folder = make_fake_cifar(tmp_path)
+    train = create_dataset("cifar10", "train", root=tmp_path)
+    test = create_dataset("cifar10", "test", root=folder)
+    assert (len(train), len(test)) == (30, 6)
+    with open(folder / "test_batch", "rb") as handle:
+        raw = pickle.load(handle, encoding="bytes")
+    # CHW order of the pickle rows: first 1024 bytes are the red plane
+    expected_red = raw[b"data"][2, :1024].reshape(32, 32) / 255.0
+    x, y = test[2]
+    mean, std = test.info.mean[0], test.info.std[0]
+    assert np.allclose(x[0].numpy() * std + mean, expected_red, atol=1e-5)
+    assert y == raw[b"labels"][2]
+    assert create_dataset("cifar10", "train", root=tmp_path, augment=True)[0][0].shape == (3, 32, 32)
+
+# ---------------------------------------------------------------- ImageNet folders (fake)
+
+
+def test_imagenet_class_folders(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n01443537", "n01484850"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / wnid / f"img{i}.JPEG")
+    train = create_dataset("imagenet", "train", root=tmp_path, augment=True, image_size=32)
+    test = create_dataset("imagenet", "test", root=tmp_path, image_size=32)  # reads val/
+    assert len(train) == 6 and len(test) == 6
+    assert train.info.classes == ("n01440764", "n01443537", "n01484850")
+    x, y = test[5]
+    assert x.shape == (3, 32, 32) and y == 2
+    train.set_epoch(4)
+    assert torch.equal(train[1][0], train[1][0])  # seeded random crop
+
+# ---------------------------------------------------------------- Speech Commands (fake)
+
+WORDS = {"yes": 440.0, "no": 880.0, "up": 1760.0, "cat": 3000.0}
+
+
+def make_fake_speech_commands(root):
+    """Each word is a pure tone; speakers a..e; a → validation, b → testing."""
+    import soundfile
+
+    t = np.arange(16000) / 16000
+    val, test = [], []
+    for word, freq in WORDS.items():
+        (root / word).mkdir(parents=True)
+        for speaker in "abcde":
+            for n in range(2):
+                rel = f"{word}/{speaker}{speaker}_nohash_{n}.wav"
+                audio = 0.5 * np.sin(2 * np.pi * freq * t)
+                soundfile.write(root / rel, audio[: 16000 - 800 * n], 16000)  # some short
+                (val if speaker == "a" else test if speaker == "b" else []).append(rel)
+    (root / "validation_list.txt").write_text("\n".join(val) + "\n")
+    (root / "testing_list.txt").write_text("\n".join(test) + "\n")
+    (root / "_background_noise_").mkdir()
+    rng = np.random.default_rng(0)
+    soundfile.write(root / "_background_noise_" / "white_noise.wav",
+                    0.3 * rng.standard_normal(48000), 16000)
+
+
+def test_speech_commands_layout(tmp_path):
+    make_fake_speech_commands(tmp_path)
+    train = create_dataset("speech_commands", "train", root=tmp_path,
+                           keywords="yes,no,up", silence_fraction=0.5, unknown_fraction=0.5)
+    val = create_dataset("speech_commands", "val", root=tmp_path, keywords=["yes", "no", "up"])
+    assert train.info.classes == ("yes", "no", "up", "_unknown_", "_silence_")
+    assert train.info.input_shape == (1, 49, 10)
+    labels = [label for _, label in train.items]
+    # 3 speakers × 2 clips × 3 keywords; unknown and silence about half of that each
+    assert labels.count(0) == 6 and labels.count(3) == 6 and labels.count(4) == 9
+    assert len(val) == 6 + 1 + 1  # speaker a only; 10 % unknown/silence, at least one
+    x, y = val[0]
+    assert x.shape == (1, 49, 10) and y == 0
+    everything = create_dataset("speech_commands", "test", root=tmp_path, keywords="all",
+                                silence_fraction=0)
+    assert everything.info.classes == ("cat", "no", "up", "yes") and len(everything) == 8
+
+
+def test_speech_augmentation_changes_clips_deterministically(tmp_path):
+    make_fake_speech_commands(tmp_path)
+    data = create_dataset("speech_commands", "train", root=tmp_path, augment=True,
+                          keywords="yes,no")
+    data.set_epoch(2)
+    a = data[0][0]
+    assert torch.equal(a, data[0][0])
+    data.set_epoch(3)
+    assert not torch.equal(a, data[0][0])
+
+
+def test_logmel_peaks_at_the_tone_frequency():
+    import librosa
+
+    config = FeatureConfig(kind="logmel", f_max=8000.0)
+    t = np.arange(16000) / 16000
+    mel_centres = librosa.mel_frequencies(config.n_mels + 2, fmin=config.f_min,
+                                          fmax=config.f_max)[1:-1]
+    for freq in (300.0, 1000.0, 3000.0):
+        features = clip_features(np.sin(2 * np.pi * freq * t), config)
+        assert features.shape == (49, 40)
+        band = int(features.mean(axis=0).argmax())
+        assert abs(band - int(np.abs(mel_centres - freq).argmin())) <= 1
+    # a louder tone is louder in dB by 20·log10(ratio): the reference is fixed
+    quiet = clip_features(0.1 * np.sin(2 * np.pi * 1000 * t), config).max()
+    loud = clip_features(np.sin(2 * np.pi * 1000 * t), config).max()
+    assert loud - quiet == pytest.approx(20.0, abs=0.1)
+
+
+def test_mfcc_are_dct_of_logmel():
+    from scipy.fft import dct
+
+    rng = np.random.default_rng(1)
+    audio = rng.standard_normal(16000).astype(np.float32) * 0.1
+    logmel = clip_features(audio, FeatureConfig(kind="logmel"))
+    mfcc = clip_features(audio, FeatureConfig(kind="mfcc", n_mfcc=10))
+    expected = dct(logmel, type=2, norm="ortho", axis=1)[:, :10]
+    assert np.allclose(mfcc, expected, rtol=1e-4, atol=1e-3)

@@ -1,0 +1,268 @@
+"""Train/eval loops, checkpoints, schedules, resume after a crash, the CLI, and an
+integration run on a Fashion-MNIST subset."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from maddnet.data import fashion_mnist
+from maddnet.train import (
+    JsonlWriter,
+    ResumableSampler,
+    build_optimizer,
+    evaluate,
+    load_checkpoint,
+    make_config,
+    parameter_groups,
+    run_training,
+    save_checkpoint,
+    topk_correct,
+    train_steps,
+    warmup_cosine_factor,
+)
+from maddnet.train import runner as runner_module
+from maddnet.train.cli import config_from_args, parse_key_values
+
+# ---------------------------------------------------------------- metrics and schedule
+
+
+def test_topk_correct_known_values():
+    logits = torch.tensor([[0.1, 0.9, 0.0, 0.2, 0.3, 0.4],   # top1 = 1
+                           [0.9, 0.1, 0.8, 0.7, 0.6, 0.5],   # label 5 is 6th → miss top5
+                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])  # label 1 is 5th → top5 hit
+    labels = torch.tensor([1, 1, 1])
+    assert topk_correct(logits, labels, (1, 5)) == [1, 2]
+    # fewer classes than k: top-5 of 3 classes is always right
+    assert topk_correct(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), (5,)) == [4]
+
+
+def test_evaluate_exact_numbers():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dummy = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.log(x)  # inputs are probabilities
+
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    labels = torch.tensor([0, 2, 1, 2])
+    loader = DataLoader(TensorDataset(probs, labels), batch_size=3)
+    result = evaluate(Fixed(), loader)
+    assert result["top1"] == 0.5 and result["top5"] == 1.0 and result["samples"] == 4
+    expected = -(math.log(0.7) + math.log(0.3) + math.log(0.3) + math.log(0.8)) / 4
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_warmup_cosine_factor():
+    assert warmup_cosine_factor(0, 100, 10) == pytest.approx(1 / 11)
+    assert warmup_cosine_factor(9, 100, 10) == pytest.approx(10 / 11)
+    assert warmup_cosine_factor(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine_factor(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_cosine_factor(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_parameter_groups_exclude_norms_and_biases():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    decay, no_decay = parameter_groups(model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert {p.shape for p in decay["params"]} == {(4, 1, 3, 3), (2, 4)}
+    assert len(no_decay["params"]) == 4  # conv bias, BN weight and bias, linear bias
+    with pytest.raises(ValueError, match="adamw"):
+        build_optimizer(model, "lion", 0.1, 0.0)
+
+# ---------------------------------------------------------------- sampler and checkpoints
+
+
+def test_resumable_sampler_shards_and_skips():
+    shards = [ResumableSampler(10, seed=1, rank=r, world_size=3) for r in range(3)]
+    for s in shards:
+        s.set_epoch(2)
+    parts = [list(s) for s in shards]
+    assert all(len(p) == 4 == len(s) for p, s in zip(parts, shards, strict=True))
+    assert set(sum(parts, [])) == set(range(10))  # padded with 2 repeats
+    again = ResumableSampler(10, seed=1, rank=1, world_size=3)
+    again.set_epoch(2)
+    again.set_start(3)
+    assert list(again) == parts[1][3:]
+    assert list(again) == parts[1]  # start applies once
+    again.set_epoch(3)
+    assert list(again) != parts[1]
+    unpadded = [list(ResumableSampler(10, shuffle=False, rank=r, world_size=3, pad=False))
+                for r in range(3)]
+    assert sorted(sum(unpadded, [])) == list(range(10))
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.arange(3)})
+
+    def broken_save(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_jsonl_truncate_after(tmp_path):
+    writer = JsonlWriter(tmp_path / "m.jsonl")
+    for step in (10, 20, 30):
+        writer.write({"step": step})
+    with open(writer.path, "a") as handle:
+        handle.write('{"step": 40, "cut sh')  # a line cut short by a kill
+    writer.truncate_after(20)
+    assert [r["step"] for r in writer.read()] == [10, 20]
+
+# ---------------------------------------------------------------- loops
+
+
+def test_train_steps_learns_and_counts_steps():
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = build_optimizer(model, "sgd", 0.1, 0.0)
+    seen = []
+    before = evaluate(model, loader)
+    stats = train_steps(model, loader, opt, steps=40, progress=False,
+                        callback=lambda info: seen.append((info.step, info.epoch)))
+    after = evaluate(model, loader)
+    assert stats["steps"] == 40 and seen[0] == (1, 0) and seen[-1] == (40, 4)
+    assert after["loss"] < before["loss"] and after["top1"] > 0.9
+    # continue a run: steps count from the start, so 40 → 48 runs 8 more
+    more = train_steps(model, loader, opt, steps=48, start_step=40, progress=False)
+    assert more["steps"] == 8
+    with pytest.raises(ValueError, match="exactly one"):
+        train_steps(model, loader, opt, progress=False)
+
+
+def tiny_config(out_dir: Path, **overrides):
+    settings = dict(out_dir=str(out_dir), model_kwargs={"width": 4}, epochs=3, batch_size=64,
+                    lr=0.1, checkpoint_every=4, log_every=2, progress=False, seed=7)
+    settings.update(overrides)
+    return make_config("resnet9", "digits", **settings)
+
+
+def test_run_files_and_resume_after_crash_match_uninterrupted(tmp_path, monkeypatch):
+    reference = run_training(tiny_config(tmp_path / "a"))
+    assert reference["finished"] and reference["total_steps"] == 3 * (1438 // 64)
+    assert reference["top1"] > 0.5  # 10 classes: chance is 0.1
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"config.json", "metrics.jsonl", "checkpoint.pt", "model.pt", "results.json"} <= files
+    records = JsonlWriter(tmp_path / "a" / "metrics.jsonl").read()
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2, 3]
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["model_kwargs"] == {"width": 4}
+
+    # crash in the middle of epoch 2, three steps after the last checkpoint (step 28)
+    real_train_steps = runner_module.train_steps
+
+    def crashing(*args, callback, **kwargs):
+        def wrapped(info):
+            callback(info)
+            if info.step == 31:
+                raise KeyboardInterrupt("simulated kill")
+        return real_train_steps(*args, callback=wrapped, **kwargs)
+
+    monkeypatch.setattr(runner_module, "train_steps", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(tmp_path / "b"))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["state"]["step"] == 28
+    resumed = run_training(tiny_config(tmp_path / "b"))
+    assert resumed["top1"] == reference["top1"] and resumed["loss"] == reference["loss"]
+    a = torch.load(tmp_path / "a" / "model.pt")
+    b = torch.load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the metrics file holds each step once, like the uninterrupted run's
+    steps_a = [r["step"] for r in records if r["kind"] == "train"]
+    steps_b = [r["step"] for r in JsonlWriter(tmp_path / "b" / "metrics.jsonl").read()
+               if r["kind"] == "train"]
+    assert steps_a == steps_b
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run_training(tiny_config(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="lr"):
+        run_training(tiny_config(tmp_path, lr=0.5, max_steps=3))
+
+
+def test_cli_precedence_defaults_recipe_flags(tmp_path):
+    from maddnet.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--model", "resnet9", "--data", "fashion_mnist",
+                              "--lr", "0.05", "--model-arg", "width=8",
+                              "--data-arg", "subset=100", "--out", str(tmp_path)])
+    config = config_from_args(args)
+    assert args.func.__name__ == "run_train"
+    assert config.lr == 0.05                      # flag
+    assert config.batch_size == 256               # recipe for resnet9/fashion_mnist
+    assert config.model_kwargs == {"width": 8}    # flag overrides the recipe's width
+    assert config.dataset_kwargs == {"subset": 100}
+    assert parse_key_values(["a=1", "b=x", "c=[1,2]"]) == {"a": 1, "b": "x", "c": [1, 2]}
+
+# ---------------------------------------------------------------- real process kill (CLI)
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "maddnet.train.cli", "train", "--model", "resnet9",
+            "--data", "digits", "--model-arg", "width=4", "--epochs", "2", "--batch-size", "32",
+            "--checkpoint-every", "5", "--log-every", "1", "--seed", "3", "--threads", "1",
+            "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.slow
+def test_cli_kill_and_rerun_same_command(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_cli(tmp_path / "ref"), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_cli(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill -9 once step ≥ 12 is logged (mid epoch 1)
+        if metrics.exists() and any(r.get("step", 0) >= 12 for r in JsonlWriter(metrics).read()):
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "run" / "results.json").exists()
+    subprocess.run(_cli(tmp_path / "run"), check=True, env=env, capture_output=True)
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    run = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert run["top1"] == ref["top1"] and run["loss"] == ref["loss"]
+    a, b = torch.load(tmp_path / "ref" / "model.pt"), torch.load(tmp_path / "run" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+# ---------------------------------------------------------------- integration: Fashion-MNIST
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_fashion_mnist_subset_learns(tmp_path, require_data):
+    require_data(fashion_mnist.is_available(), "Fashion-MNIST not installed "
+                 "(apt-get install dataset-fashion-mnist)")
+    config = make_config("resnet9", "fashion_mnist", out_dir=str(tmp_path),
+                         model_kwargs={"width": 4}, dataset_kwargs={"subset": 4000},
+                         epochs=5, batch_size=64, lr=0.2, progress=False, log_every=50)
+    result = run_training(config)
+    assert result["total_steps"] == 5 * (4000 // 64) == 310
+    assert result["samples"] == 4000  # the first 4000 test images
+    assert result["top1"] > 0.65, result  # chance is 0.10

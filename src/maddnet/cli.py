@@ -13,6 +13,7 @@ import sys
 # module path of each sub-command, in the order ``--help`` lists them
 COMMANDS = [
     "maddnet.retrain.cli",
+    "maddnet.analysis.single_layer_cli",
     "maddnet.analysis.amm_cli",
     "maddnet.train.cli",
 ]

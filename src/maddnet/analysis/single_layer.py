@@ -1,0 +1,213 @@
+"""Single-layer analysis: replace ONE layer at a time and measure what it costs.
+
+For every conv/linear layer of a trained model and each C, only that layer is replaced
+(learned from the activations the dense network produces on calibration batches); the
+model's top-1/top-5 and the layer's output NMSE (on the same inputs, so against the
+dense layer exactly) are measured. Layers MADDness cannot serve are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn import MaddConfig, convert_layer, record_inputs
+from ..nn.config import input_dim, named_leaf_layers
+from ..train import evaluate
+from .amm_sweep import markdown_table
+
+MIN_INPUT_DIM = 4  # below this a 16-leaf tree per codebook has nothing to choose from
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot become a MADD layer (None when it can)."""
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        per_group = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        return (
+            f"grouped/depthwise conv (groups={module.groups}): each output reads only D={per_group} "
+            "inputs; MADD layers need groups=1"
+        )
+    if input_dim(module) < MIN_INPUT_DIM:
+        return f"input dimension D={input_dim(module)} < {MIN_INPUT_DIM}: nothing to hash"
+    return None
+
+
+def candidate_layers(model: nn.Module) -> tuple[list[str], list[dict[str, Any]]]:
+    """Names of replaceable conv/linear layers, and rows for the ones that are not."""
+    names, skipped = [], []
+    for name, module in named_leaf_layers(model):
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            continue
+        reason = unsupported_reason(module)
+        if reason:
+            skipped.append({"layer": name, "kind": type(module).__name__, "reason": reason})
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def codebooks_for_width(ndims: int, width: float) -> int:
+    """C giving D/C closest to ``width`` (at least 1, at most D)."""
+    return int(min(ndims, max(1, round(ndims / width))))
+
+
+def _layer_outputs(
+    model: nn.Module, names: Sequence[str], batches: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _a, out, name=name: outputs[name].append(out.detach())
+        )
+        for name in names
+    ]
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                model(batch)
+        model.train(was_training)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(out) for name, out in outputs.items()}
+
+
+def analyze_layers(
+    model: nn.Module,
+    calib_loader,
+    eval_loader,
+    *,
+    widths: Sequence[float] = (4, 9, 16),
+    config: MaddConfig | None = None,
+    layers: Sequence[str] | None = None,
+    calib_batches: int = 8,
+    nmse_batches: int = 2,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Replace each layer alone for each D/C in ``widths``; returns rows and skipped layers.
+
+    Each row: layer, kind, D, M, C, D/C, top1, top5 (fractions), drop (points against
+    the dense model), nmse (layer output against the dense layer on the same inputs),
+    fit_s (seconds to learn the layer).
+    """
+    config = config or MaddConfig()
+    device = torch.device(device)
+    model = model.to(device).eval()
+    names, skipped = candidate_layers(model)
+    if layers is not None:
+        unknown = sorted(set(layers) - set(names) - {s["layer"] for s in skipped})
+        if unknown:
+            raise ValueError(f"unknown or non-conv/linear layers {unknown}; candidates: {names}")
+        names = [n for n in names if n in layers]
+    calib = [(b[0].to(device), b[1]) for _, b in zip(range(calib_batches), calib_loader, strict=False)]
+    rows_by_layer = record_inputs(model, names, calib, config=config)
+    nmse_inputs = [b[0].to(device) for _, b in zip(range(nmse_batches), eval_loader, strict=False)]
+    dense_outputs = _layer_outputs(model, names, nmse_inputs)
+    baseline = evaluate(model, eval_loader, device=device)
+    results = []
+    jobs = {}  # (name, C) -> None: widths that round to the same C are run once
+    for name in names:
+        for width in widths:
+            jobs[(name, codebooks_for_width(input_dim(model.get_submodule(name)), width))] = None
+    for name, ncodebooks in tqdm(list(jobs), desc="single-layer analysis", disable=not progress):
+        trial = copy.deepcopy(model)
+        start = time.perf_counter()
+        layer_config = dataclasses.replace(config, layers=None, exclude=(), ncodebooks=ncodebooks)
+        layer = convert_layer(trial, name, rows_by_layer[name].to(device), layer_config)
+        fit_s = time.perf_counter() - start
+        approx = _layer_outputs(trial, [name], nmse_inputs)[name]
+        exact = dense_outputs[name]
+        metrics = evaluate(trial, eval_loader, device=device)
+        results.append(
+            {
+                "layer": name,
+                "kind": layer.kind,
+                "D": layer.in_dim,
+                "M": layer.out_dim,
+                "C": ncodebooks,
+                "D_per_C": round(layer.in_dim / ncodebooks, 2),
+                "top1": metrics["top1"],
+                "top5": metrics["top5"],
+                "drop": 100 * (baseline["top1"] - metrics["top1"]),
+                "nmse": float(((approx - exact) ** 2).sum() / (exact**2).sum().clamp_min(1e-30)),
+                "fit_s": fit_s,
+                "calib_rows": int(rows_by_layer[name].shape[0]),
+            }
+        )
+    return {"baseline": baseline, "rows": results, "skipped": skipped}
+
+
+def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> dict[str, Path]:
+    """single_layer.json/.csv/.md and single_layer.png (accuracy drop per layer and C)."""
+    import csv
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "single_layer.json",
+        "csv": out / "single_layer.csv",
+        "md": out / "single_layer.md",
+    }
+    paths["json"].write_text(json.dumps(result, indent=2))
+    rows = result["rows"]
+    if rows:
+        with paths["csv"].open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    base = result["baseline"]
+    text = [
+        f"# Single-layer analysis: {title}",
+        "",
+        f"Dense model: top-1 {100 * base['top1']:.2f} %, top-5 {100 * base['top5']:.2f} % "
+        f"({base['samples']} samples). Each row replaces only that layer; drop is in points of top-1.",
+        "",
+        markdown_table(rows, ["layer", "kind", "D", "M", "C", "D_per_C", "top1", "drop", "nmse", "fit_s"]),
+    ]
+    if result["skipped"]:
+        text += [
+            "",
+            "Layers MADDness cannot serve:",
+            "",
+            markdown_table(result["skipped"], ["layer", "kind", "reason"]),
+        ]
+    paths["md"].write_text("\n".join(text) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return paths
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(layers) + 4), 4))
+    for width in sorted({round(r["D"] / r["C"]) for r in rows}):
+        sub = {r["layer"]: r for r in rows if round(r["D"] / r["C"]) == width}
+        xs = [i for i, name in enumerate(layers) if name in sub]
+        axes[0].plot(xs, [sub[layers[i]]["drop"] for i in xs], "o-", label=f"D/C ≈ {width}")
+        axes[1].plot(xs, [sub[layers[i]]["nmse"] for i in xs], "o-", label=f"D/C ≈ {width}")
+    for ax, label in zip(axes, ["top-1 drop (points)", "layer output NMSE"], strict=True):
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    paths["png"] = out / "single_layer.png"
+    fig.savefig(paths["png"], dpi=120)
+    plt.close(fig)
+    return paths

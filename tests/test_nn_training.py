@@ -48,7 +48,16 @@ def test_forward_is_hard_encoding_and_lut_sum():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-def test_lut_gradient_equals_one_hot_autograd():
+@pytest.fixture(params=["kernel", "torch"])
+def backend(request, monkeypatch):
+    """Run the backward through the numba kernels (CPU default) or the tensor-op twins."""
+    if request.param == "torch":
+        monkeypatch.setattr(functional, "_surrogate_cpu", functional._surrogate_torch)
+        monkeypatch.setattr(functional, "lut_gradient", functional._lut_gradient_torch)
+    return request.param
+
+
+def test_lut_gradient_equals_one_hot_autograd(backend):
     values, thresholds, lut, temperature = random_tree_inputs(seed=1)
     weight = torch.randn(values.shape[0], lut.shape[2], dtype=torch.float64)
     lut_a = lut.clone().requires_grad_()
@@ -62,16 +71,22 @@ def test_lut_gradient_equals_one_hot_autograd():
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 22, 100])
-def test_surrogate_gradients_equal_soft_tree_autograd(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_surrogate_gradients_equal_soft_tree_autograd(monkeypatch, backend, chunk_elements, dtype):
     monkeypatch.setattr(functional, "_SURROGATE_CHUNK_ELEMENTS", chunk_elements)
-    values, thresholds, lut, temperature = random_tree_inputs(seed=2)
-    weight = torch.randn(values.shape[0], lut.shape[2], dtype=torch.float64)
+    values, thresholds, lut, temperature = random_tree_inputs(nrows=1000, seed=2)
+    if dtype == torch.float32:  # the layers' dtype: compare with the float64 reference
+        values, thresholds, lut, temperature = (
+            t.float() for t in (values, thresholds, lut, temperature)
+        )
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    weight = torch.randn(values.shape[0], lut.shape[2], dtype=dtype)
     va, ta = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
     (madd_lut(va, ta, lut, temperature) * weight).sum().backward()
-    vb, tb = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
-    (soft_tree_output(vb, tb, lut, temperature) * weight).sum().backward()
-    torch.testing.assert_close(va.grad, vb.grad, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(ta.grad, tb.grad, rtol=1e-9, atol=1e-12)
+    vb, tb = values.double().requires_grad_(), thresholds.double().requires_grad_()
+    (soft_tree_output(vb, tb, lut.double(), temperature.double()) * weight.double()).sum().backward()
+    torch.testing.assert_close(va.grad, vb.grad.to(dtype), **tol)
+    torch.testing.assert_close(ta.grad, tb.grad.to(dtype), **tol)
     assert float(ta.grad.abs().sum()) > 0
 
 
@@ -121,7 +136,7 @@ def test_threshold_gradient_points_the_right_way_and_training_lowers_loss():
             loss = F.mse_loss(layer(x), target)
             loss.backward()
             optimizer.step()
-        assert float(loss) < 0.2 * first
+        assert loss.item() < 0.2 * first
         assert abs(float(layer.thresholds[0, 0]) - 0.2) < 0.05
         assert torch.equal(layer.split_dims, torch.tensor([[0, 1]]))  # never trained
 

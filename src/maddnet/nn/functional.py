@@ -22,10 +22,12 @@ ever held, and never any (N, C, K, M) tensor.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..amm import hashing
 from ..amm.lut import lut_sum
+from . import _kernels
 
 # Elements of one (rows, C, K) temporary in the surrogate backward; bounds its memory.
 _SURROGATE_CHUNK_ELEMENTS = 1 << 22
@@ -46,8 +48,18 @@ def encode_values(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
 def lut_gradient(codes: torch.Tensor, grad_out: torch.Tensor, nprototypes: int) -> torch.Tensor:
     """Exact LUT gradient: codes (N, C), grad_out (N, M) -> (C, K, M).
 
-    One ``index_add_`` per codebook: no (N, C, M) temporary is formed.
+    A numba kernel on CPU; elsewhere one ``index_add_`` per codebook. No (N, C, M)
+    temporary is formed.
     """
+    if codes.device.type == "cpu":
+        grad = _kernels.lut_gradient(
+            np.ascontiguousarray(codes.numpy()), grad_out.detach().contiguous().numpy(), nprototypes
+        )
+        return torch.from_numpy(grad)
+    return _lut_gradient_torch(codes, grad_out, nprototypes)
+
+
+def _lut_gradient_torch(codes: torch.Tensor, grad_out: torch.Tensor, nprototypes: int) -> torch.Tensor:
     ncodebooks = codes.shape[1]
     grad = grad_out.new_zeros(ncodebooks, nprototypes, grad_out.shape[1])
     for c in range(ncodebooks):
@@ -76,14 +88,24 @@ def tree_surrogate_grads(
     Returns:
         (grad_values (N, C, L) or None, grad_thresholds (C, K-1) or None).
     """
-    nrows, ncodebooks, depth = values.shape
-    nprototypes = table.shape[1]
-    flat_table = table.reshape(ncodebooks * nprototypes, -1)
+    ncodebooks, nprototypes = table.shape[:2]
+    flat_table = table.reshape(ncodebooks * nprototypes, -1).to(values.dtype)
     thresholds = thresholds.detach().to(values.dtype)
     inv_tau = 1.0 / temperature.to(values.dtype)
+    grad_out = grad_out.to(values.dtype)
+    chunk = max(1, _SURROGATE_CHUNK_ELEMENTS // (ncodebooks * nprototypes))
+    surrogate = _surrogate_cpu if values.device.type == "cpu" else _surrogate_torch
+    return surrogate(
+        values.detach(), thresholds, flat_table, inv_tau, grad_out, chunk, need_values, need_thresholds
+    )
+
+
+def _surrogate_torch(values, thresholds, flat_table, inv_tau, grad_out, chunk, need_values, need_thresholds):
+    """:func:`tree_surrogate_grads` with tensor ops (any device), row chunk by row chunk."""
+    nrows, ncodebooks, depth = values.shape
+    nprototypes = flat_table.shape[0] // ncodebooks
     grad_values = torch.empty_like(values) if need_values else None
     grad_thresholds = torch.zeros_like(thresholds) if need_thresholds else None
-    chunk = max(1, _SURROGATE_CHUNK_ELEMENTS // (ncodebooks * nprototypes))
     for start in range(0, nrows, chunk):
         stop = min(nrows, start + chunk)
         x = values[start:stop]
@@ -117,6 +139,25 @@ def tree_surrogate_grads(
                 nodes = slice(2**level - 1, 2 ** (level + 1) - 1)
                 grad_thresholds[:, nodes] -= grad_node.sum(0)
     return grad_values, grad_thresholds
+
+
+def _surrogate_cpu(values, thresholds, flat_table, inv_tau, grad_out, chunk, need_values, need_thresholds):
+    """:func:`tree_surrogate_grads` through one numba kernel (no chunking needed)."""
+    nrows, ncodebooks, depth = values.shape
+    grad_values = torch.empty_like(values) if need_values else None
+    grad_thresholds = np.zeros(tuple(thresholds.shape), np.float64)
+    no_values = values.new_empty(0, ncodebooks, depth).numpy()
+    _kernels.tree_backward(
+        values.contiguous().numpy(),
+        thresholds.contiguous().numpy(),
+        inv_tau.contiguous().numpy(),
+        flat_table.reshape(ncodebooks, -1, grad_out.shape[1]).contiguous().numpy(),
+        grad_out.T.contiguous().numpy(),
+        grad_values.numpy() if grad_values is not None else no_values,
+        grad_thresholds,
+    )
+    grad_thr = torch.from_numpy(grad_thresholds).to(values.dtype) if need_thresholds else None
+    return grad_values, grad_thr
 
 
 class MaddLutFunction(torch.autograd.Function):

@@ -1,0 +1,162 @@
+"""MaddConv2d against nn.Conv2d on ResNet-like shapes: eval forward and training step.
+
+Shapes (batch 32, 3x3, stride 1, padding 1, C = Cin codebooks, i.e. D/C = 9, K = 16):
+  64->64 at 56x56 and 256->256 at 14x14. Inputs are ReLU'd Gaussians (post-activation
+  statistics); each MADD layer is learned from 4096 of its input patches.
+
+Measured in one process, dense and MADD interleaved call by call, repeated; medians.
+  eval forward:  ``torch.no_grad()``, layers in eval mode (MADD reads the int8 LUT; the
+                 float-LUT variant is timed too).
+  training step: forward + backward of ``sum(y * g)``; dense: input + weight (+ bias)
+                 gradients; MADD: input + thresholds + LUT (+ bias) gradients, qat on.
+
+Usage:  python benchmarks/layers.py [--repeats 7] [--batch 32] [--out benchmarks/results]
+Writes ``layers.json`` and ``layers.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maddnet.nn import MaddConv2d
+
+SHAPES = [("64->64 3x3 @56x56", 64, 56), ("256->256 3x3 @14x14", 256, 14)]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, calling them in turn ``repeats`` times."""
+    for fn in fns.values():  # warm-up (numba compilation, allocator)
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def learn_layer(conv: nn.Conv2d, x: torch.Tensor, lut_bits: int | None, nrows: int = 4096) -> MaddConv2d:
+    gen = torch.Generator().manual_seed(0)
+    rows = F.unfold(x[:4], 3, padding=1).transpose(1, 2).reshape(-1, conv.in_channels * 9)
+    rows = rows[torch.randperm(rows.shape[0], generator=gen)[:nrows]]
+    return MaddConv2d.from_dense(conv, rows, ncodebooks=conv.in_channels, lut_bits=lut_bits)
+
+
+def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(batch, channels, size, size).relu()
+    conv = nn.Conv2d(channels, channels, 3, padding=1)
+    start = time.perf_counter()
+    madd = learn_layer(conv, x, lut_bits=8)
+    learn_s = time.perf_counter() - start
+    madd_float = learn_layer(conv, x, lut_bits=None)
+    for layer in (conv, madd, madd_float):
+        layer.eval()
+
+    def forward(layer):
+        def run():
+            with torch.no_grad():
+                layer(x)
+
+        return run
+
+    eval_s = interleaved_medians(
+        {"dense": forward(conv), "madd_int8": forward(madd), "madd_float": forward(madd_float)}, repeats
+    )
+
+    x_train = x.clone().requires_grad_()
+    grad = torch.randn(batch, channels, size, size)
+
+    def step(layer):
+        def run():
+            layer.zero_grad(set_to_none=True)
+            x_train.grad = None
+            (layer(x_train) * grad).sum().backward()
+
+        return run
+
+    madd.train()
+    conv.train()
+    train_s = interleaved_medians({"dense": step(conv), "madd": step(madd)}, repeats)
+    return {
+        "shape": label,
+        "batch": batch,
+        "D": channels * 9,
+        "C": channels,
+        "rows": batch * size * size,
+        "learn_s": learn_s,
+        "eval_dense_s": eval_s["dense"],
+        "eval_madd_int8_s": eval_s["madd_int8"],
+        "eval_madd_float_s": eval_s["madd_float"],
+        "eval_ratio_int8": eval_s["madd_int8"] / eval_s["dense"],
+        "eval_ratio_float": eval_s["madd_float"] / eval_s["dense"],
+        "train_dense_s": train_s["dense"],
+        "train_madd_s": train_s["madd"],
+        "train_ratio": train_s["madd"] / train_s["dense"],
+    }
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [
+        "# MaddConv2d vs nn.Conv2d (CPU)",
+        "",
+        f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; "
+        f"{meta['repeats']} interleaved repeats, medians. Ratio = MADD time / dense time "
+        "(< 1: MADD faster). Targets: eval ratio <= 1 at D/C = 9, training ratio <= 3.",
+        "",
+        "| shape | batch | D | C | eval dense ms | eval MADD int8 ms | ratio | "
+        "eval MADD float ms | ratio | train dense ms | train MADD ms | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['D']} | {r['C']} | {1e3 * r['eval_dense_s']:.1f} | "
+            f"{1e3 * r['eval_madd_int8_s']:.1f} | {r['eval_ratio_int8']:.2f} | "
+            f"{1e3 * r['eval_madd_float_s']:.1f} | {r['eval_ratio_float']:.2f} | "
+            f"{1e3 * r['train_dense_s']:.1f} | {1e3 * r['train_madd_s']:.1f} | {r['train_ratio']:.2f} |"
+        )
+    lines += ["", f"Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    results = []
+    for label, channels, size in SHAPES:
+        result = bench_shape(label, channels, size, args.batch, args.repeats)
+        print(json.dumps(result))
+        results.append(result)
+    meta = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "command": f"python benchmarks/layers.py --repeats {args.repeats} --batch {args.batch}",
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "layers.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=2)
+    text = markdown(results, meta)
+    with open(os.path.join(args.out, "layers.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -286,6 +286,13 @@ class Retrainer:
         finally:
             handle.remove()
 
+    def _reseed(self, step: int) -> None:
+        """Seed every RNG a step uses from the step number alone, so a resumed step repeats exactly."""
+        seed = self.config.seed + 1000 * step
+        seed_everything(seed)
+        self.train_loader.generator.manual_seed(seed + 1)
+        self.calib_loader.generator.manual_seed(seed + 2)
+
     # -- steps
     def run(self) -> dict[str, Any]:
         cfg = self.config
@@ -304,7 +311,7 @@ class Retrainer:
             self.metrics.truncate_after(-1)  # rows of a run killed before its first checkpoint
 
         if next_step == 0:
-            seed_everything(cfg.seed)
+            self._reseed(0)
             model = self._dense_step()
             dense_state = copy.deepcopy(model.state_dict())
             order = self._layer_order(model)
@@ -316,13 +323,13 @@ class Retrainer:
         loss = RetrainLoss(cfg, teacher)
 
         for index in range(next_step - 1, len(order)):
-            seed_everything(cfg.seed + 1 + index)
+            self._reseed(index + 1)
             self._replace_step(model, order, index, loss, teacher)
             self._save(model, index + 2, order, dense_state)
 
         final_step = len(order) + 1
         if next_step <= final_step:
-            seed_everything(cfg.seed + final_step)
+            self._reseed(final_step)
             t0 = time.time()
             groups = parameter_groups(model, order, len(order), cfg, final=True)
             train_stats = self._train(model, groups, cfg.final_steps, loss, "final fine-tune")

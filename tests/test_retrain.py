@@ -1,0 +1,129 @@
+"""Layer-by-layer retraining: the pipeline runs, freezes what it should, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maddnet.nn import madd_layers
+from maddnet.retrain import RetrainConfig, Retrainer, parameter_groups, run_retrain, write_report
+from maddnet.retrain import pipeline as pipeline_module
+
+pytest.importorskip("sklearn")
+
+
+def tiny_config(out_dir, **overrides) -> RetrainConfig:
+    values = dict(
+        model="resnet9",
+        model_kwargs={"width": 4},
+        dataset="digits",
+        out_dir=str(out_dir),
+        baseline_steps=40,
+        steps_per_layer=2,
+        final_steps=3,
+        batch_size=32,
+        eval_batch_size=512,
+        calib_batches=10,
+        lr_dense=1e-2,
+        lr_norm=1e-2,
+        lr_lut=1e-3,
+        lr_threshold=1e-3,
+        progress=False,
+        threads=1,
+    )
+    values.update(overrides)
+    return RetrainConfig(**values)
+
+
+EXPECTED_ORDER = [
+    "prep.0",
+    "layer1.0.0",
+    "layer1.1.res1.0",
+    "layer1.1.res2.0",
+    "layer2.0",
+    "layer3.0.0",
+    "layer3.1.res1.0",
+    "layer3.1.res2.0",
+    "fc",
+]
+
+
+def test_every_layer_is_replaced_in_forward_order_and_reported(tmp_path):
+    result = run_retrain(tiny_config(tmp_path))
+    assert result["order"] == EXPECTED_ORDER
+    assert set(madd_layers(result["model"])) == set(EXPECTED_ORDER)
+    rows = result["rows"]
+    assert [r["step"] for r in rows] == list(range(len(EXPECTED_ORDER) + 2))
+    assert [r["phase"] for r in rows] == ["dense"] + ["replace"] * 9 + ["final"]
+    assert rows[0]["top1"] > 0.5  # the dense baseline learned something (10 classes)
+    for row in rows[1:-1]:
+        assert 0.0 <= row["replaced_top1"] <= 1.0 and row["C"] >= 1
+    assert rows[-1]["replaced"] == 9
+    paths = write_report(tmp_path, rows, json.loads((tmp_path / "config.json").read_text()))
+    report = paths["md"].read_text()
+    assert "after replacing 9 layers and the final fine-tune" in report
+    assert "fc" in report and paths["png"].exists()
+
+
+def test_interrupted_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    three = {"layers": ["prep.0", "layer2.0", "fc"]}
+    reference = run_retrain(tiny_config(tmp_path / "ref", **three))["rows"]
+
+    original = Retrainer._replace_step
+    calls = {"n": 0}
+
+    def crash_on_fourth(self, model, order, index, loss, teacher):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, model, order, index, loss, teacher)
+
+    monkeypatch.setattr(Retrainer, "_replace_step", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_retrain(tiny_config(tmp_path / "run", **three))
+    saved = torch.load(tmp_path / "run" / pipeline_module.CHECKPOINT, weights_only=False)
+    assert saved["next_step"] == 3  # dense step and two replacements done
+    monkeypatch.setattr(Retrainer, "_replace_step", original)
+    resumed = run_retrain(tiny_config(tmp_path / "run", **three))["rows"]
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]
+    for a, b in zip(resumed, reference, strict=True):
+        assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    config = tiny_config(tmp_path, baseline_steps=2, steps_per_layer=0, final_steps=0, layers=["fc"])
+    run_retrain(config)
+    with pytest.raises(ValueError, match="another config"):
+        run_retrain(tiny_config(tmp_path, baseline_steps=2, steps_per_layer=1, final_steps=0, layers=["fc"]))
+
+
+def test_parameter_groups_freeze_earlier_layers_unless_asked(tmp_path):
+    three = {"layers": ["prep.0", "layer2.0", "fc"], "steps_per_layer": 0, "final_steps": 0}
+    config = tiny_config(tmp_path, train_replaced=False, **three)
+    result = Retrainer(config).run()
+    model, order = result["model"], result["order"]
+    groups = parameter_groups(model, order, 1, config)  # the step of layer2.0
+    trainable = {id(p) for g in groups for p in g["params"]}
+    first = model.get_submodule(order[0])
+    current = model.get_submodule(order[1])
+    following = model.get_submodule(order[2])
+    dense_before = model.get_submodule("layer1.0.0")  # not selected: stays dense, trains as "norm"
+    assert id(following.lut) not in trainable  # a MADD layer after the current one is not trained
+    assert id(dense_before.weight) in trainable
+    assert id(first.lut) not in trainable and not first.lut.requires_grad  # frozen after its step
+    assert id(current.lut) in trainable and id(current.thresholds) in trainable
+    assert {g["name"] for g in groups} >= {"lut", "threshold", "norm"}
+    config_all = tiny_config(tmp_path, train_replaced=True, **three)
+    trainable_all = {id(p) for g in parameter_groups(model, order, 1, config_all) for p in g["params"]}
+    assert id(first.lut) in trainable_all
+
+
+def test_bad_configs_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint"):
+        RetrainConfig(model="resnet9", dataset="digits")
+    with pytest.raises(ValueError, match="distill"):
+        tiny_config(tmp_path, distill=2.0)
+    with pytest.raises(FileNotFoundError):
+        run_retrain(tiny_config(tmp_path, checkpoint=str(tmp_path / "missing.pt"), baseline_steps=0))

@@ -7,6 +7,8 @@ import torch
 
 from maddnet.models import create_model, list_models, load_weights
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.mark.parametrize(
     ("name", "kwargs", "input_shape", "num_classes"),

@@ -34,6 +34,8 @@ from maddnet.train import (
 from maddnet.train import runner as runner_module
 from maddnet.train.cli import config_from_args, parse_key_values
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ---------------------------------------------------------------- metrics and schedule
 
 

@@ -100,13 +100,22 @@ def _check_resumable(out_dir: Path, config: TrainConfig) -> None:
 def run_training(config: TrainConfig) -> dict[str, Any]:
     """Train (or continue training) the run described by ``config``; returns results.json's
     content (final top1/top5/loss on ``eval_split``, steps, wall time in seconds).
-    When ``max_steps`` stops the run early the returned dict has ``finished: False``."""
+    When ``max_steps`` stops the run early the returned dict has ``finished: False``.
+    ``config.threads`` applies during the run only (the caller's setting is restored)."""
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run_training(config)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_training(config: TrainConfig) -> dict[str, Any]:
     device = pick_device(config.device)
     dist_info = init_distributed(device)
     if dist_info.enabled and config.device == "auto" and device.type == "cuda":
         device = pick_device("auto", dist_info.local_rank)
-    if config.threads:
-        torch.set_num_threads(config.threads)
     out_dir = Path(config.out_dir)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

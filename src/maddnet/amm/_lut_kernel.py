@@ -18,19 +18,27 @@ def encode(rows, split_dims, thresholds, bad_row):  # pragma: no cover - jit
     Only the values the trees read are looked at, and only those are checked: a NaN or
     inf among them sets ``bad_row[0]`` to its row (the codes are then meaningless).
     """
-    nrows = rows.shape[0]
+    nrows, ndims = rows.shape
     ncodebooks, depth = split_dims.shape
+    nnodes = (1 << depth) - 1
+    flat_rows = rows.reshape(-1)
+    flat_dims = split_dims.reshape(-1)
+    flat_thresholds = thresholds.reshape(-1)
     codes = np.empty((nrows, ncodebooks), np.uint8)
     for n in numba.prange(nrows):
+        row_base = n * ndims
+        finite = True
         for c in range(ncodebooks):
-            leaf = 0
+            # heap walk: the children of node i are 2i+1 and 2i+2; leaves follow the
+            # 2**L - 1 inner nodes
+            node = 0
             for t in range(depth):
-                value = rows[n, split_dims[c, t]]
-                if not np.isfinite(value):
-                    bad_row[0] = n
-                node = (1 << t) - 1 + leaf
-                leaf = 2 * leaf + (value > thresholds[c, node])
-            codes[n, c] = leaf
+                value = flat_rows[row_base + flat_dims[c * depth + t]]
+                finite &= np.isfinite(value)
+                node = 2 * node + 1 + (value > flat_thresholds[c * nnodes + node])
+            codes[n, c] = node - nnodes
+        if not finite:
+            bad_row[0] = n
     return codes
 
 
@@ -56,19 +64,29 @@ def lut_sum_int(codes, values, inv_scale, offset_sum, acc):  # pragma: no cover 
     codes (N, C) uint8, values (C, K, M) uint8, inv_scale (M,) and offset_sum (M,) float32;
     ``acc`` (P, M) scratch accumulators, one per parallel chunk, whose integer dtype
     (uint16 or int32) is the adder width. Returns (N, M) float32 ``acc * inv_scale + offset_sum``.
+    Four codebooks are added per pass over the accumulator (a third of the time of one).
     """
     nrows, ncodebooks = codes.shape
     nout = values.shape[2]
     out = np.empty((nrows, nout), np.float32)
     nchunks = acc.shape[0]
+    grouped = ncodebooks - ncodebooks % 4
     for chunk in numba.prange(nchunks):
         row_acc = acc[chunk]
+        zero = row_acc.dtype.type(0)
         for n in range(chunk * nrows // nchunks, (chunk + 1) * nrows // nchunks):
             row_acc[:] = 0
-            for c in range(ncodebooks):
-                entry = values[c, codes[n, c]]
+            for c in range(0, grouped, 4):
+                e0 = values[c, codes[n, c]]
+                e1 = values[c + 1, codes[n, c + 1]]
+                e2 = values[c + 2, codes[n, c + 2]]
+                e3 = values[c + 3, codes[n, c + 3]]
                 for m in range(nout):
-                    row_acc[m] += entry[m]
+                    row_acc[m] += (zero + e0[m] + e1[m]) + (zero + e2[m] + e3[m])
+            for c in range(grouped, ncodebooks):
+                e0 = values[c, codes[n, c]]
+                for m in range(nout):
+                    row_acc[m] += e0[m]
             for m in range(nout):
                 out[n, m] = np.float32(row_acc[m]) * inv_scale[m] + offset_sum[m]
     return out

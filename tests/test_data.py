@@ -218,3 +218,15 @@ def test_mfcc_are_dct_of_logmel():
     mfcc = clip_features(audio, FeatureConfig(kind="mfcc", n_mfcc=10))
     expected = dct(logmel, type=2, norm="ortho", axis=1)[:, :10]
     assert np.allclose(mfcc, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_mfcc_match_librosa_reference():
+    import librosa
+
+    rng = np.random.default_rng(2)
+    audio = (rng.standard_normal(16000) * 0.1).astype(np.float32)
+    mel = librosa.feature.melspectrogram(y=audio, sr=16000, n_fft=640, hop_length=320,
+                                         center=False, n_mels=40, fmin=20.0, fmax=4000.0)
+    log_mel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+    expected = librosa.feature.mfcc(S=log_mel, n_mfcc=10).T
+    assert np.allclose(clip_features(audio, FeatureConfig()), expected, atol=2e-3)

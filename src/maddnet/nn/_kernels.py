@@ -18,31 +18,48 @@ _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def tree_backward(
-    values, thresholds, inv_tau, table, grad_out_t, grad_values, grad_thresholds
+    values, thresholds, inv_tau, grad_scores, grad_values, grad_thresholds
 ):  # pragma: no cover
-    """Soft-tree surrogate backward.
+    """Soft-tree surrogate backward for a chunk of n rows.
 
-    values (n, C, L), thresholds (C, K-1) heap order, inv_tau (C, L), table (C, K, M) the
-    LUT read forward, grad_out_t (M, n) the output gradient, transposed. Writes grad_values
-    (n, C, L) (skipped when it is empty) and adds into grad_thresholds (C, K-1) float64.
-    The leaf-score gradient ``grad_out[n] . table[c, k]`` is formed block by block here
-    (no (n, C, K) tensor).
+    values (n, C, L), thresholds (C, K-1) heap order, inv_tau (C, L), grad_scores (C*K, n)
+    = dL/d(soft leaf score) = grad_out[n] . T[c, k]. Writes grad_values (n, C, L)
+    (skipped when it is empty) and adds into grad_thresholds (C, K-1) float64.
 
-    Threads take blocks of rows (each block's values are contiguous), the inner loops run
-    over the rows of a block so they vectorise. The right-probability
-    ``p = (1 + tanh(m)) / 2`` is computed as ``1 / (1 + exp(-2 m))`` (the same function;
-    exp is much cheaper than tanh here) and its slope ``(1 - tanh(m)^2) / 2`` as ``2 p (1 - p)``.
+    Threads take blocks of rows; inner loops run over a block's rows so they vectorise.
+    The right-probability ``p = (1 + tanh(m)) / 2 = 1 / (1 + exp(s (v - x)))`` with
+    ``s = 2 / tau`` is computed as ``1 / (1 + E F)``, ``E = exp(s (c - x))`` once per row
+    and level, ``F = exp(s (v - c))`` once per node, with ``c`` the mean threshold of the
+    level: one exp per level instead of one per node. E is clamped to exp(+-50), so a
+    clamped E only ever meets saturated probabilities (error < exp(-20)); nodes with
+    |s (v - c)| > 30 take the direct one-exp-per-row formula. Its slope
+    ``(1 - tanh^2) / 2`` is ``2 p (1 - p)`` (times 1 / tau).
     """
     nrows, ncodebooks, depth = values.shape
     nleaves = 1 << depth
     nnodes = nleaves - 1
-    nout = table.shape[2]
     want_values = grad_values.shape[0] > 0
     dtype = values.dtype
-    zero = dtype.type(0.0)
     one = dtype.type(1.0)
-    two = dtype.type(2.0)
-    limit = dtype.type(80.0)  # exp(80) is finite in float32
+    row_limit = dtype.type(50.0)
+    node_limit = 30.0
+    direct_limit = dtype.type(80.0)  # exp(80) is finite in float32
+    # per-(codebook, level) centre and per-node factor F
+    centre = np.zeros((ncodebooks, depth), dtype)
+    factor = np.empty((ncodebooks, nnodes), dtype)
+    direct = np.zeros((ncodebooks, nnodes), np.bool_)
+    for c in range(ncodebooks):
+        for t in range(depth):
+            first = (1 << t) - 1
+            total = 0.0
+            for node in range(first, 2 * first + 1):
+                total += thresholds[c, node]
+            centre[c, t] = total / (first + 1)
+            scale = 2.0 * inv_tau[c, t]
+            for node in range(first, 2 * first + 1):
+                z = scale * (thresholds[c, node] - centre[c, t])
+                direct[c, node] = abs(z) > node_limit
+                factor[c, node] = np.exp(min(max(z, -node_limit), node_limit))
     nblocks = (nrows + _BLOCK - 1) // _BLOCK
     partial = np.zeros((nblocks, ncodebooks, nnodes))
     for blk in numba.prange(nblocks):
@@ -53,35 +70,37 @@ def tree_backward(
         reach = np.empty((nnodes + nleaves, _BLOCK), dtype)
         grad_reach = np.empty((nnodes + nleaves, _BLOCK), dtype)
         acc = np.empty(_BLOCK, dtype)
-        xs = np.empty(_BLOCK, dtype)
+        expo = np.empty(_BLOCK, dtype)
         for c in range(ncodebooks):
             # forward: probability of going right at every node, reach of every node
             for b in range(block):
                 reach[0, b] = one
             for t in range(depth):
-                scale = two * inv_tau[c, t]
+                scale = dtype.type(2.0) * inv_tau[c, t]
+                mid = centre[c, t]
                 for b in range(block):
-                    xs[b] = values[start + b, c, t]
+                    z = scale * (mid - values[start + b, c, t])
+                    expo[b] = np.exp(min(max(z, -row_limit), row_limit))
                 first = (1 << t) - 1
                 for node in range(first, 2 * first + 1):
-                    v = thresholds[c, node]
+                    if direct[c, node]:
+                        v = thresholds[c, node]
+                        for b in range(block):
+                            z = scale * (v - values[start + b, c, t])
+                            right[node, b] = one / (one + np.exp(min(max(z, -direct_limit), direct_limit)))
+                    else:
+                        f = factor[c, node]
+                        for b in range(block):
+                            right[node, b] = one / (one + expo[b] * f)
                     for b in range(block):
-                        z = min(max((v - xs[b]) * scale, -limit), limit)
-                        p = one / (one + np.exp(z))
-                        right[node, b] = p
+                        p = right[node, b]
                         slope[node, b] = p * (one - p) * scale
                         reach[2 * node + 1, b] = reach[node, b] * (one - p)
                         reach[2 * node + 2, b] = reach[node, b] * p
             # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
             for k in range(nleaves):
-                scores = grad_reach[nnodes + k]
                 for b in range(block):
-                    scores[b] = zero
-                for m in range(nout):
-                    weight = table[c, k, m]
-                    column = grad_out_t[m, start : start + block]
-                    for b in range(block):
-                        scores[b] += weight * column[b]
+                    grad_reach[nnodes + k, b] = grad_scores[c * nleaves + k, start + b]
             for t in range(depth - 1, -1, -1):
                 first = (1 << t) - 1
                 for b in range(block):
@@ -119,27 +138,44 @@ def lut_gradient(codes, grad_out, nprototypes):  # pragma: no cover
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def conv_encode(padded, offsets, positions, thresholds):  # pragma: no cover
-    """Codes of every conv patch read straight from the padded image.
+def conv_encode(
+    images, taps, thresholds, out_h, out_w, stride_y, stride_x, pad_y, pad_x
+):  # pragma: no cover
+    """Codes of every conv patch, read straight from the (unpadded) images.
 
-    padded (B, Cin*Hp*Wp) float32, offsets (C, L) int64 flat offsets of the split columns,
-    positions (P,) int64 flat offsets of the patch origins, thresholds (C, K-1) float32
-    -> (B*P, C) uint8, rows ordered (batch, position).
+    images (B, Cin, H, W) float32; taps (C, L, 3) int64 = (channel, dy, dx) of each split
+    column, dilation included; thresholds (C, K-1) float32 -> (B*Hout*Wout, C) uint8, rows
+    ordered (batch, oy, ox). Zero padding is applied on the fly (no padded copy). Threads
+    take output rows; the inner loop runs along the row, so loads are contiguous for
+    stride 1 and independent across iterations.
     """
-    batch = padded.shape[0]
-    npos = positions.shape[0]
-    ncodebooks, depth = offsets.shape
-    codes = np.empty((batch * npos, ncodebooks), np.uint8)
-    for row in numba.prange(batch * npos):
-        b = row // npos
-        base = positions[row - b * npos]
-        image = padded[b]
+    batch, _, height, width = images.shape
+    ncodebooks, depth = taps.shape[0], taps.shape[1]
+    codes = np.empty((batch * out_h * out_w, ncodebooks), np.uint8)
+    zero = np.float32(0.0)
+    for task in numba.prange(batch * out_h):
+        b = task // out_h
+        oy = task - b * out_h
+        row0 = task * out_w
+        leaf = np.zeros(out_w, np.int64)
         for c in range(ncodebooks):
-            leaf = 0
+            leaf[:] = 0
             for t in range(depth):
-                node = (1 << t) - 1 + leaf
-                leaf = 2 * leaf + (image[base + offsets[c, t]] > thresholds[c, node])
-            codes[row, c] = leaf
+                ch = taps[c, t, 0]
+                iy = oy * stride_y + taps[c, t, 1] - pad_y
+                x0 = taps[c, t, 2] - pad_x
+                first = (1 << t) - 1
+                if 0 <= iy < height:
+                    line = images[b, ch, iy]
+                    for ox in range(out_w):
+                        ix = ox * stride_x + x0
+                        value = line[ix] if 0 <= ix < width else zero
+                        leaf[ox] = 2 * leaf[ox] + (value > thresholds[c, first + leaf[ox]])
+                else:
+                    for ox in range(out_w):
+                        leaf[ox] = 2 * leaf[ox] + (zero > thresholds[c, first + leaf[ox]])
+            for ox in range(out_w):
+                codes[row0 + ox, c] = leaf[ox]
     return codes
 
 
@@ -175,3 +211,56 @@ def conv_scatter(grad_values, offsets, positions, batch, size):  # pragma: no co
                 for t in range(depth):
                     image[base + offsets[c, t]] += grad_values[row, c, t]
     return grad
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def conv_forward(
+    images, taps, thresholds, table, inv_scale, offset_sum, bias, accumulator,
+    out_h, out_w, stride_y, stride_x, pad_y, pad_x,
+):  # pragma: no cover
+    """Eval-mode MADD conv in one pass: encode each patch, sum its LUT rows, write NCHW.
+
+    images (B, Cin, H, W) float32; taps (C, L, 3) int64; thresholds (C, K-1) float32;
+    table (C, K, M) uint8 (integer LUT) or float32; inv_scale, offset_sum, bias (M,)
+    float32 (1 / scale, summed offsets and bias; ones / zeros for a float LUT);
+    accumulator: an empty array whose dtype is the accumulator's (uint16 / int32 for the
+    integer LUT: exact; float32 for a float LUT). Returns (B, M, Hout, Wout) float32
+    ``acc * inv_scale + offset_sum + bias``, the same numbers as encode + LUT sum + bias.
+    """
+    batch, _, height, width = images.shape
+    ncodebooks, depth = taps.shape[0], taps.shape[1]
+    nout = table.shape[2]
+    out = np.empty((batch, nout, out_h, out_w), np.float32)
+    zero = np.float32(0.0)
+    for task in numba.prange(batch * out_h):
+        b = task // out_h
+        oy = task - b * out_h
+        leaves = np.zeros((ncodebooks, out_w), np.int64)
+        for c in range(ncodebooks):
+            leaf = leaves[c]
+            for t in range(depth):
+                ch = taps[c, t, 0]
+                iy = oy * stride_y + taps[c, t, 1] - pad_y
+                x0 = taps[c, t, 2] - pad_x
+                first = (1 << t) - 1
+                if 0 <= iy < height:
+                    line = images[b, ch, iy]
+                    for ox in range(out_w):
+                        ix = ox * stride_x + x0
+                        value = line[ix] if 0 <= ix < width else zero
+                        leaf[ox] = 2 * leaf[ox] + (value > thresholds[c, first + leaf[ox]])
+                else:
+                    for ox in range(out_w):
+                        leaf[ox] = 2 * leaf[ox] + (zero > thresholds[c, first + leaf[ox]])
+        acc = np.zeros((out_w, nout), accumulator.dtype)
+        for ox in range(out_w):
+            row_acc = acc[ox]
+            for c in range(ncodebooks):
+                entry = table[c, leaves[c, ox]]
+                for m in range(nout):
+                    row_acc[m] += entry[m]
+        for m in range(nout):
+            target = out[b, m, oy]
+            for ox in range(out_w):
+                target[ox] = (np.float32(acc[ox, m]) * inv_scale[m] + offset_sum[m]) + bias[m]
+    return out

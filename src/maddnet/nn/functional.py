@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from ..amm import hashing
-from ..amm.lut import lut_sum
+from ..amm.lut import QuantizedLut, lut_sum, quantized_lut_sum
 from . import _kernels
 
 # Elements of one (rows, C, K) temporary in the surrogate backward; bounds its memory.
-_SURROGATE_CHUNK_ELEMENTS = 1 << 22
+_SURROGATE_CHUNK_ELEMENTS = 1 << 25
 
 
 def compact_split_dims(ncodebooks: int, depth: int, device: torch.device) -> torch.Tensor:
@@ -142,20 +142,24 @@ def _surrogate_torch(values, thresholds, flat_table, inv_tau, grad_out, chunk, n
 
 
 def _surrogate_cpu(values, thresholds, flat_table, inv_tau, grad_out, chunk, need_values, need_thresholds):
-    """:func:`tree_surrogate_grads` through one numba kernel (no chunking needed)."""
+    """:func:`tree_surrogate_grads` through the numba kernel, chunk by chunk of rows."""
     nrows, ncodebooks, depth = values.shape
     grad_values = torch.empty_like(values) if need_values else None
     grad_thresholds = np.zeros(tuple(thresholds.shape), np.float64)
     no_values = values.new_empty(0, ncodebooks, depth).numpy()
-    _kernels.tree_backward(
-        values.contiguous().numpy(),
-        thresholds.contiguous().numpy(),
-        inv_tau.contiguous().numpy(),
-        flat_table.reshape(ncodebooks, -1, grad_out.shape[1]).contiguous().numpy(),
-        grad_out.T.contiguous().numpy(),
-        grad_values.numpy() if grad_values is not None else no_values,
-        grad_thresholds,
-    )
+    thresholds_np = thresholds.contiguous().numpy()
+    inv_tau_np = inv_tau.contiguous().numpy()
+    for start in range(0, nrows, chunk):
+        stop = min(nrows, start + chunk)
+        grad_scores = flat_table @ grad_out[start:stop].T  # (C*K, n): grad_out . T[c, k]
+        _kernels.tree_backward(
+            values[start:stop].contiguous().numpy(),
+            thresholds_np,
+            inv_tau_np,
+            grad_scores.contiguous().numpy(),
+            grad_values[start:stop].numpy() if grad_values is not None else no_values,
+            grad_thresholds,
+        )
     grad_thr = torch.from_numpy(grad_thresholds).to(values.dtype) if need_thresholds else None
     return grad_values, grad_thr
 
@@ -164,9 +168,15 @@ class MaddLutFunction(torch.autograd.Function):
     """Hard encode + LUT read forward; exact LUT / surrogate tree gradients backward."""
 
     @staticmethod
-    def forward(ctx, values, thresholds, lut, table, temperature):  # noqa: D401
+    def forward(ctx, values, thresholds, lut, temperature, q_values, q_offsets, q_scale, bits):
         codes = encode_values(values, thresholds)
-        out = lut_sum(codes, table)
+        if q_values is None:
+            table = lut.detach()
+            out = lut_sum(codes, table)
+        else:  # integer LUT: the sum inference computes; backward sees its float twin
+            qlut = QuantizedLut(q_values, q_offsets, q_scale, bits)
+            table = qlut.dequantize()
+            out = quantized_lut_sum(codes, qlut)
         ctx.save_for_backward(values, thresholds, table, temperature, codes)
         return out
 
@@ -181,7 +191,7 @@ class MaddLutFunction(torch.autograd.Function):
             grad_values, grad_thresholds = tree_surrogate_grads(
                 values, thresholds, table, temperature, grad_out, need_values, need_thresholds
             )
-        return grad_values, grad_thresholds, grad_lut, None, None
+        return grad_values, grad_thresholds, grad_lut, None, None, None, None, None
 
 
 def madd_lut(
@@ -189,13 +199,14 @@ def madd_lut(
     thresholds: torch.Tensor,
     lut: torch.Tensor,
     temperature: torch.Tensor,
-    table: torch.Tensor | None = None,
+    quantized: QuantizedLut | None = None,
 ) -> torch.Tensor:
     """Differentiable MADD product of gathered split values: (N, C, L) -> (N, M).
 
-    ``table`` is the LUT read in the forward pass (e.g. a fake-quantised copy of ``lut``);
-    its gradient goes straight through to ``lut``. Defaults to ``lut`` itself.
+    With ``quantized`` (the integer version of ``lut``) the forward pass sums the integer
+    LUT, and the gradient goes straight through to the float ``lut`` (QAT).
     """
-    if table is None:
-        table = lut
-    return MaddLutFunction.apply(values, thresholds, lut, table.detach(), temperature)
+    if quantized is None:
+        return MaddLutFunction.apply(values, thresholds, lut, temperature, None, None, None, 0)
+    q = quantized
+    return MaddLutFunction.apply(values, thresholds, lut, temperature, q.values, q.offsets, q.scale, q.bits)

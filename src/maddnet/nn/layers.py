@@ -38,7 +38,7 @@ from ..amm import MaddnessMatmul, NotFittedError
 from ..amm.checks import check_nprototypes
 from ..amm.lut import GRANULARITIES, QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum
 from .functional import encode_values, madd_lut
-from .patches import ConvGeometry, gather_patch_columns
+from .patches import ConvGeometry, conv_lut_forward, encode_patches, gather_patch_columns
 
 DEFAULT_TEMPERATURE = 0.5
 
@@ -214,24 +214,35 @@ class _MaddLayer(nn.Module):
     def _restore(self, out: torch.Tensor, context: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(codes (N, C) uint8, context) without gradients; subclasses may fuse this."""
+        values, context = self._gather(x.detach())
+        return encode_values(values.to(self.lut.dtype), self.thresholds), context
+
+    def _fused_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        """The whole no-grad forward in one kernel where a subclass has one, else None."""
+        return None
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes of the layer's rows (N = rows of :meth:`_gather`)."""
-        values, _ = self._gather(x)
-        return encode_values(values.detach(), self.thresholds)
+        return self._encode(x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values, context = self._gather(x)
-        if values.dtype != self.lut.dtype:
-            values = values.to(self.lut.dtype)
         quantized = self.reads_quantized_lut
         needs_grad = torch.is_grad_enabled() and (
-            values.requires_grad or self.thresholds.requires_grad or self.lut.requires_grad
+            x.requires_grad or self.thresholds.requires_grad or self.lut.requires_grad
         )
         if needs_grad:
-            table = self.quantized_lut().dequantize() if quantized else None
-            out = madd_lut(values, self.thresholds, self.lut, self.temperature, table)
+            values, context = self._gather(x)
+            if values.dtype != self.lut.dtype:
+                values = values.to(self.lut.dtype)
+            qlut = self.quantized_lut() if quantized else None
+            out = madd_lut(values, self.thresholds, self.lut, self.temperature, qlut)
         else:
-            codes = encode_values(values, self.thresholds)
+            fused = self._fused_forward(x, quantized)
+            if fused is not None:
+                return fused
+            codes, context = self._encode(x)
             if quantized:
                 q = self.quantized_lut()
                 out = quantized_lut_sum(codes, q, q.values.to(self.lut.dtype))
@@ -457,7 +468,7 @@ class MaddConv2d(_MaddLayer):
         )
         return layer.load_fitted(amm.to(conv.weight.device), conv.bias, rows, temperature)
 
-    def _gather(self, x: torch.Tensor):
+    def _check_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -469,8 +480,29 @@ class MaddConv2d(_MaddLayer):
         out_h, out_w = self.geometry.output_size(x.shape[2], x.shape[3])
         if out_h < 1 or out_w < 1:
             raise ValueError(f"input {tuple(x.shape)} is smaller than the kernel {self.kernel_size}")
-        values = gather_patch_columns(x, self.geometry, self.split_dims)
-        return values, (x.shape[0], out_h, out_w, unbatched)
+        return x, (x.shape[0], out_h, out_w, unbatched)
+
+    def _gather(self, x: torch.Tensor):
+        x, context = self._check_input(x)
+        return gather_patch_columns(x, self.geometry, self.split_dims), context
+
+    def _encode(self, x: torch.Tensor):
+        images, context = self._check_input(x.detach())
+        # CPU: one fused pass reads the 4 C taps of each patch and walks the trees.
+        codes = encode_patches(images.to(self.lut.dtype), self.geometry, self.split_dims, self.thresholds)
+        if codes is None:
+            return super()._encode(x)
+        return codes, context
+
+    def _fused_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        images, (_, _, _, unbatched) = self._check_input(x)
+        out = conv_lut_forward(
+            images.to(self.lut.dtype), self.geometry, self.split_dims, self.thresholds, self.lut,
+            self.quantized_lut() if quantized else None, self.bias,
+        )
+        if out is None:
+            return None
+        return out[0] if unbatched else out
 
     def _restore(self, out: torch.Tensor, context) -> torch.Tensor:
         batch, out_h, out_w, unbatched = context

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import _kernels
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,14 @@ class ConvGeometry:
         ky, kx = rest // kw, rest % kw
         return channel * padded_hw + ky * dy * padded_w + kx * dx
 
+    def column_taps(self, columns: torch.Tensor) -> torch.Tensor:
+        """(..., 3) int64 (channel, dy, dx) of patch columns, dilation included."""
+        kh, kw = self.kernel_size
+        channel, rest = columns // (kh * kw), columns % (kh * kw)
+        dy = rest // kw * self.dilation[0]
+        dx = rest % kw * self.dilation[1]
+        return torch.stack((channel, dy, dx), dim=-1).contiguous()
+
     def position_offsets(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """(Hout * Wout,) flat offset of each output position's patch origin, row-major."""
         out_h, out_w = self.output_size(height, width)
@@ -61,18 +72,110 @@ class ConvGeometry:
 def gather_patch_columns(
     images: torch.Tensor, geometry: ConvGeometry, columns: torch.Tensor
 ) -> torch.Tensor:
-    """Columns of every patch: images (B, Cin, H, W), columns (...) -> (B * P, ...).
+    """Columns of every patch: images (B, Cin, H, W), columns (C, L) -> (B * P, C, L).
 
     Rows are ordered (batch, oy, ox) like ``F.unfold(...).transpose(1, 2)``; equals
-    ``unfold(images)[:, columns]`` without forming the unfolded matrix. Differentiable.
+    ``unfold(images)[:, columns]`` without forming the unfolded matrix. Differentiable
+    (the backward scatters into the taps that were read). numba kernels on CPU.
     """
     batch, _, height, width = images.shape
     padded = geometry.pad(images).reshape(batch, -1)
-    offsets = geometry.column_offsets(columns.reshape(-1), height, width)
+    offsets = geometry.column_offsets(columns, height, width)
     positions = geometry.position_offsets(height, width, images.device)
-    index = (positions[:, None] + offsets[None, :]).reshape(-1)
+    if images.device.type == "cpu" and images.dtype == torch.float32:
+        return _GatherColumns.apply(padded, offsets, positions)
+    index = (positions[:, None] + offsets.reshape(1, -1)).reshape(-1)
     gathered = padded.index_select(1, index)
     return gathered.reshape(batch * positions.shape[0], *columns.shape)
+
+
+class _GatherColumns(torch.autograd.Function):
+    """padded (B, S), offsets (C, L), positions (P,) -> (B*P, C, L) via numba (CPU)."""
+
+    @staticmethod
+    def forward(ctx, padded, offsets, positions):
+        ctx.save_for_backward(offsets, positions)
+        ctx.padded_shape = padded.shape
+        values = _kernels.conv_gather(
+            padded.detach().contiguous().numpy(), offsets.contiguous().numpy(), positions.numpy()
+        )
+        return torch.from_numpy(values)
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        offsets, positions = ctx.saved_tensors
+        batch, size = ctx.padded_shape
+        grad = _kernels.conv_scatter(
+            grad_values.contiguous().numpy(), offsets.numpy(), positions.numpy(), batch, size
+        )
+        return torch.from_numpy(grad), None, None
+
+
+def conv_lut_forward(
+    images: torch.Tensor,
+    geometry: ConvGeometry,
+    split_dims: torch.Tensor,
+    thresholds: torch.Tensor,
+    lut: torch.Tensor,
+    quantized=None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Eval-mode conv output (B, M, Hout, Wout) from one fused pass (numba, CPU).
+
+    Same numbers as encoding the patches, summing ``lut`` (or the integer ``quantized``
+    LUT, a :class:`~maddnet.amm.lut.QuantizedLut`) and adding ``bias``. Returns None where
+    the kernel does not apply (other devices / dtypes).
+    """
+    if images.device.type != "cpu" or images.dtype != torch.float32 or lut.dtype != torch.float32:
+        return None
+    ncodebooks, _, nout = lut.shape
+    out_h, out_w = geometry.output_size(images.shape[2], images.shape[3])
+    if quantized is None:
+        table = lut.detach().contiguous().numpy()
+        inv_scale = np.ones(nout, np.float32)
+        offset_sum = np.zeros(nout, np.float32)
+        accumulator = np.zeros(0, np.float32)
+    else:
+        table = quantized.values.contiguous().numpy()
+        inv_scale = (1.0 / quantized.scale).float().contiguous().numpy()
+        offset_sum = quantized.offsets.sum(0).float().contiguous().numpy()
+        # exact integer sums: uint16 holds C * (2**bits - 1) for C <= 257 at 8 bits
+        wide = ncodebooks * (2**quantized.bits - 1) >= 1 << 16
+        accumulator = np.zeros(0, np.int32 if wide else np.uint16)
+    bias_np = np.zeros(nout, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
+    out = _kernels.conv_forward(
+        images.detach().contiguous().numpy(),
+        geometry.column_taps(split_dims).numpy(),
+        thresholds.detach().float().contiguous().numpy(),
+        table, inv_scale, offset_sum, bias_np, accumulator,
+        out_h, out_w, geometry.stride[0], geometry.stride[1], geometry.padding[0], geometry.padding[1],
+    )
+    return torch.from_numpy(out)
+
+
+def encode_patches(
+    images: torch.Tensor, geometry: ConvGeometry, split_dims: torch.Tensor, thresholds: torch.Tensor
+) -> torch.Tensor | None:
+    """(B*P, C) uint8 codes of every patch, read straight from the image (numba, CPU).
+
+    Returns None where the fused kernel does not apply (other devices / dtypes); callers
+    then gather the split values and use the core encoder.
+    """
+    if images.device.type != "cpu" or images.dtype != torch.float32:
+        return None
+    out_h, out_w = geometry.output_size(images.shape[2], images.shape[3])
+    codes = _kernels.conv_encode(
+        images.detach().contiguous().numpy(),
+        geometry.column_taps(split_dims).numpy(),
+        thresholds.detach().float().contiguous().numpy(),
+        out_h,
+        out_w,
+        geometry.stride[0],
+        geometry.stride[1],
+        geometry.padding[0],
+        geometry.padding[1],
+    )
+    return torch.from_numpy(codes)
 
 
 def gather_patches(

@@ -9,8 +9,15 @@ from torch import nn
 
 from maddnet import MaddnessMatmul
 from maddnet.amm.hashing import encode
+from maddnet.amm.lut import lut_sum, quantized_lut_sum
 from maddnet.nn import MaddConv2d, MaddLinear
-from maddnet.nn.patches import ConvGeometry, gather_patch_columns, gather_patches
+from maddnet.nn.patches import (
+    ConvGeometry,
+    conv_lut_forward,
+    encode_patches,
+    gather_patch_columns,
+    gather_patches,
+)
 
 
 def unfold_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -191,3 +198,58 @@ def test_padding_same_resolved():
     layer = MaddConv2d.from_dense(conv, rows, ncodebooks=2)
     assert layer.geometry.padding == (1, 1)
     assert layer.eval()(x).shape == (1, 3, 6, 6)
+
+
+def random_conv_layer(cin, cout, kernel, ncodebooks, seed=0, **kw) -> MaddConv2d:
+    """A MADD conv with random (not learned) encoder and LUT: exercises the kernels only."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = MaddConv2d(cin, cout, kernel, ncodebooks=ncodebooks, **kw)
+    ndims = layer.in_dim
+    with torch.no_grad():
+        layer.split_dims.copy_(torch.randint(0, ndims, layer.split_dims.shape, generator=gen))
+        layer.thresholds.copy_(0.5 * torch.randn(layer.thresholds.shape, generator=gen))
+        layer.lut.copy_(torch.randn(layer.lut.shape, generator=gen))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(cout, generator=gen))
+    return layer
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 2, 2), (3, 0, 1)])
+def test_cpu_kernels_equal_tensor_op_paths(stride, padding, dilation):
+    torch.manual_seed(9)
+    layer = random_conv_layer(5, 6, 3, 5, stride=stride, padding=padding, dilation=dilation)
+    x = torch.randn(2, 5, 10, 9)
+    # gather: numba (float32) vs index_select (float64 runs the tensor-op path)
+    x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    v32 = gather_patch_columns(x32, layer.geometry, layer.split_dims)
+    v64 = gather_patch_columns(x64, layer.geometry, layer.split_dims)
+    assert torch.equal(v32, v64.float())
+    weights = torch.randn(v32.shape)
+    (v32 * weights).sum().backward()
+    (v64 * weights.double()).sum().backward()
+    torch.testing.assert_close(x32.grad, x64.grad.float(), rtol=0, atol=1e-5)
+    # fused encode vs core encode of the gathered values
+    codes = encode_patches(x, layer.geometry, layer.split_dims, layer.thresholds)
+    rows = unfold_rows(x, nn.Conv2d(5, 6, 3, stride, padding, dilation))
+    assert torch.equal(codes, encode(rows, layer.split_dims, layer.thresholds.detach()))
+    # fused eval forward vs the unfused one (float and integer LUT)
+    for bits in (None, 8):
+        layer.lut_bits = bits
+        q = layer.quantized_lut() if bits else None
+        geometry, dims, thresholds = layer.geometry, layer.split_dims, layer.thresholds
+        fused = conv_lut_forward(x, geometry, dims, thresholds, layer.lut, q, layer.bias)
+        summed = quantized_lut_sum(codes, q) if bits else lut_sum(codes, layer.lut.detach())
+        expected = rows_to_image(summed + layer.bias.detach(), 2, *fused.shape[2:])
+        torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
+
+
+def test_fused_forward_wide_integer_accumulator():
+    # C * 255 >= 2**16: the integer sums need int32 accumulators
+    layer = random_conv_layer(300, 4, 1, 300, seed=1).eval()
+    x = torch.randn(2, 300, 3, 3)
+    codes = encode_patches(x, layer.geometry, layer.split_dims, layer.thresholds)
+    q = layer.quantized_lut()
+    expected = quantized_lut_sum(codes, q) + layer.bias.detach()
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(out, rows_to_image(expected, 2, 3, 3), rtol=1e-6, atol=1e-4)

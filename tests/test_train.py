@@ -164,7 +164,7 @@ def tiny_config(out_dir: Path, **overrides):
     return make_config("resnet9", "digits", **settings)
 
 
-def test_run_files_and_resume_after_crash_match_uninterrupted(tmp_path, monkeypatch):
+def test_run_files_and_resume_after_crash_match_uninterrupted(tmp_path, monkeypatch, capsys):
     reference = run_training(tiny_config(tmp_path / "a"))
     assert reference["finished"] and reference["total_steps"] == 3 * (1438 // 64)
     assert reference["top1"] > 0.5  # 10 classes: chance is 0.1
@@ -173,6 +173,13 @@ def test_run_files_and_resume_after_crash_match_uninterrupted(tmp_path, monkeypa
     records = JsonlWriter(tmp_path / "a" / "metrics.jsonl").read()
     assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2, 3]
     assert json.loads((tmp_path / "a" / "config.json").read_text())["model_kwargs"] == {"width": 4}
+    # `maddnet eval` on the saved weights reproduces the final numbers
+    from maddnet.cli import main
+
+    assert main(["eval", "--model", "resnet9", "--data", "digits", "--model-arg", "width=4",
+                 "--checkpoint", str(tmp_path / "a" / "model.pt")]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["top1"] == reference["top1"] and printed["samples"] == 359
 
     # crash in the middle of epoch 2, three steps after the last checkpoint (step 28)
     real_train_steps = runner_module.train_steps

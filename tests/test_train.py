@@ -212,6 +212,12 @@ def test_resume_refuses_a_different_config(tmp_path):
     run_training(tiny_config(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="lr"):
         run_training(tiny_config(tmp_path, lr=0.5, max_steps=3))
+    # execution settings may change; config.json keeps the first piece's, the log the change
+    result = run_training(tiny_config(tmp_path, max_steps=3, log_every=1))
+    assert result["step"] == 3 and not result["finished"]
+    assert json.loads((tmp_path / "config.json").read_text())["log_every"] == 2
+    resume = [r for r in JsonlWriter(tmp_path / "metrics.jsonl").read() if r["kind"] == "resume"]
+    assert resume[-1]["changed_settings"] == {"max_steps": 3, "log_every": 1}
 
 
 def test_cli_precedence_defaults_recipe_flags(tmp_path):

@@ -23,6 +23,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a checkpoint is a normal file
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
             handle.flush()

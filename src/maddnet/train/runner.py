@@ -1,7 +1,8 @@
 """A whole training run from a TrainConfig: data, model, loop, evaluation, checkpoints.
 
 Files in ``config.out_dir``:
-  config.json      the run's config (written once; a resume checks it matches)
+  config.json      the run's config as first started (a resume checks that it matches;
+                   changed execution settings such as threads go to the resume record)
   metrics.jsonl    one JSON object per line: ``kind`` "train" (every log_every steps),
                    "eval" (every epoch end), "resume" (each continuation)
   checkpoint.pt    model/optimizer/scheduler/RNG state and step (atomic, every
@@ -86,15 +87,20 @@ def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
                         checkpoint=config.init_checkpoint, strict=False, **kwargs)
 
 
-def _check_resumable(out_dir: Path, config: TrainConfig) -> None:
+def _check_resumable(out_dir: Path, config: TrainConfig) -> dict[str, Any]:
+    """Refuse to continue a run with a different config; returns the execution settings
+    (threads, device, ...) that differ from the saved config.json, for the metrics log."""
     saved_path = out_dir / "config.json"
     if not saved_path.exists():
-        return
-    differences = config_differences(TrainConfig.load(saved_path), config)
+        return {}
+    saved = TrainConfig.load(saved_path)
+    differences = config_differences(saved, config)
     if differences:
         details = "; ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in differences.items())
         raise ValueError(f"{out_dir} holds a run with a different config ({details}); "
                          "use another out_dir or delete the old run")
+    now = config.to_dict()
+    return {k: v for k, v in now.items() if saved.to_dict()[k] != v}
 
 
 def run_training(config: TrainConfig) -> dict[str, Any]:
@@ -117,10 +123,12 @@ def _run_training(config: TrainConfig) -> dict[str, Any]:
     if dist_info.enabled and config.device == "auto" and device.type == "cuda":
         device = pick_device("auto", dist_info.local_rank)
     out_dir = Path(config.out_dir)
+    changed_settings: dict[str, Any] = {}
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _check_resumable(out_dir, config)
-        config.save(out_dir / "config.json")
+        changed_settings = _check_resumable(out_dir, config)
+        if not (out_dir / "config.json").exists():
+            config.save(out_dir / "config.json")  # the first piece's config stays
     barrier()
 
     seed_everything(config.seed)
@@ -146,7 +154,8 @@ def _run_training(config: TrainConfig) -> dict[str, Any]:
         state = ckpt["state"]
         if dist_info.is_main:
             metrics.truncate_after(state["step"])
-            metrics.write({"kind": "resume", "step": state["step"], "time": time.time()})
+            metrics.write({"kind": "resume", "step": state["step"], "time": time.time(),
+                           "changed_settings": changed_settings})
     if dist_info.enabled:
         model = nn.parallel.DistributedDataParallel(model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

@@ -11,7 +11,12 @@ Measured in one process, dense and MADD interleaved call by call, repeated; medi
                  gradients; MADD: input + thresholds + LUT (+ bias) gradients, qat on.
 
 Usage:  python benchmarks/layers.py [--repeats 7] [--batch 32] [--out benchmarks/results]
-Writes ``layers.json`` and ``layers.md`` under ``--out``.
+                                   [--suffix ""]
+Writes ``layers{suffix}.json`` and ``layers{suffix}.md`` under ``--out``. The OpenMP wait
+policy matters on CPU (torch's and numba's thread pools hand over many times per
+training step; spinning threads slow the other pool down), so the results note
+``OMP_WAIT_POLICY``; e.g. ``OMP_WAIT_POLICY=PASSIVE python benchmarks/layers.py
+--suffix _omp_passive``.
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         "# MaddConv2d vs nn.Conv2d (CPU)",
         "",
         f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; "
+        f"OMP_WAIT_POLICY={meta['omp_wait_policy']}; "
         f"{meta['repeats']} interleaved repeats, medians. Ratio = MADD time / dense time "
         "(< 1: MADD faster). Targets: eval ratio <= 1 at D/C = 9, training ratio <= 3.",
         "",
@@ -136,6 +142,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--suffix", default="", help="appended to the output file names")
     args = parser.parse_args()
     results = []
     for label, channels, size in SHAPES:
@@ -147,13 +154,18 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "command": f"python benchmarks/layers.py --repeats {args.repeats} --batch {args.batch}",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "command": " ".join(
+            ([f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"] if "OMP_WAIT_POLICY" in os.environ else [])
+            + ["python benchmarks/layers.py", f"--repeats {args.repeats}", f"--batch {args.batch}"]
+            + ([f"--suffix {args.suffix}"] if args.suffix else [])
+        ),
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "layers.json"), "w") as f:
+    with open(os.path.join(args.out, f"layers{args.suffix}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
     text = markdown(results, meta)
-    with open(os.path.join(args.out, "layers.md"), "w") as f:
+    with open(os.path.join(args.out, f"layers{args.suffix}.md"), "w") as f:
         f.write(text)
     print(text)
 

@@ -121,19 +121,28 @@ def tree_backward(
     grad_thresholds += partial.sum(axis=0)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
-def lut_gradient(codes, grad_out, nprototypes):  # pragma: no cover
-    """codes (N, C) uint8, grad_out (N, M) -> (C, K, M): sum of grad_out rows per code."""
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def lut_gradient(codes, grad_out, nprototypes, nparts):  # pragma: no cover
+    """codes (N, C) uint8, grad_out (N, M) -> (C, K, M): sum of grad_out rows per code.
+
+    ``nparts`` threads each take a contiguous range of rows (every row is read once) and
+    fill their own (C, K, M) partial sum; the partials are added at the end.
+    """
     nrows, ncodebooks = codes.shape
     nout = grad_out.shape[1]
-    grad = np.zeros((ncodebooks, nprototypes, nout), grad_out.dtype)
-    for c in numba.prange(ncodebooks):
-        table = grad[c]
-        for r in range(nrows):
-            entry = table[codes[r, c]]
+    partial = np.zeros((nparts, ncodebooks, nprototypes, nout), grad_out.dtype)
+    per_part = (nrows + nparts - 1) // nparts
+    for part in numba.prange(nparts):
+        table = partial[part]
+        for r in range(part * per_part, min(nrows, (part + 1) * per_part)):
             row = grad_out[r]
-            for m in range(nout):
-                entry[m] += row[m]
+            for c in range(ncodebooks):
+                entry = table[c, codes[r, c]]
+                for m in range(nout):
+                    entry[m] += row[m]
+    grad = partial[0].copy()
+    for part in range(1, nparts):
+        grad += partial[part]
     return grad
 
 

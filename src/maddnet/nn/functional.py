@@ -22,6 +22,7 @@ ever held, and never any (N, C, K, M) tensor.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
@@ -52,8 +53,12 @@ def lut_gradient(codes: torch.Tensor, grad_out: torch.Tensor, nprototypes: int) 
     temporary is formed.
     """
     if codes.device.type == "cpu":
+        nparts = max(1, min(numba.get_num_threads(), codes.shape[0] // 1024))
         grad = _kernels.lut_gradient(
-            np.ascontiguousarray(codes.numpy()), grad_out.detach().contiguous().numpy(), nprototypes
+            np.ascontiguousarray(codes.numpy()),
+            grad_out.detach().contiguous().numpy(),
+            nprototypes,
+            nparts,
         )
         return torch.from_numpy(grad)
     return _lut_gradient_torch(codes, grad_out, nprototypes)

@@ -54,6 +54,16 @@ def test_fashion_mnist(require_data):
     assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
 
 
+def test_fashion_mnist_download_from_a_mirror(tmp_path, require_data):
+    require_data(fmnist.is_available(), "Fashion-MNIST not installed (serves as the mirror)")
+    mirror = fmnist.find_root().as_uri() + "/"
+    fmnist.download(tmp_path, base_url=mirror)
+    assert fmnist.find_root(tmp_path) == tmp_path
+    assert not list(tmp_path.glob("*.part"))
+    images, _ = fmnist.load_arrays("test", tmp_path)
+    assert images.shape == (10_000, 28, 28)
+
+
 def test_digits_split_is_fixed_and_disjoint():
     train, test = create_dataset("digits", "train"), create_dataset("digits", "test")
     assert len(train) + len(test) == 1797 and len(test) == 359

@@ -2,17 +2,21 @@
 
 Looked up, in order: the ``root`` argument, ``$MADDNET_FASHION_MNIST``, and the Debian
 package path ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``).
+When online, :func:`download` fetches the files from the data set's official mirror.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 DEBIAN_PATH = Path("/usr/share/datasets/fashion-mnist")
+DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 ENV_VAR = "MADDNET_FASHION_MNIST"
 CLASSES = (
     "T-shirt/top",
@@ -47,6 +51,21 @@ def find_root(root: str | os.PathLike | None = None) -> Path:
         "Install them with `apt-get install dataset-fashion-mnist`, or pass the folder "
         f"holding {_FILES['train'][0]} etc. as root / set ${ENV_VAR}."
     )
+
+
+def download(root: str | os.PathLike, base_url: str = DOWNLOAD_URL) -> Path:
+    """Fetch the four IDX files into ``root`` (skipping files already there); returns root."""
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _FILES["train"] + _FILES["test"]:
+        target = folder / name
+        if target.exists():
+            continue
+        partial = target.with_suffix(".part")
+        with urllib.request.urlopen(base_url + name) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out)
+        os.replace(partial, target)  # never leave a truncated .gz under the real name
+    return folder
 
 
 def is_available(root: str | os.PathLike | None = None) -> bool:

@@ -15,9 +15,12 @@ INFO = DatasetInfo(name="fashion_mnist", classes=fashion_mnist.CLASSES, input_sh
 @register_dataset("fashion_mnist")
 def fashion_mnist_dataset(split: str = "train", root: str | os.PathLike | None = None,
                           augment: bool = False, subset: int | None = None, seed: int = 0,
-                          erase: bool = False) -> TensorImageDataset:
+                          erase: bool = False, download: bool = False) -> TensorImageDataset:
     """60 000 train / 10 000 test 28×28 grey images. ``val`` is the test split (the data
-    set has no separate validation split). ``subset`` keeps the first n samples."""
+    set has no separate validation split). ``subset`` keeps the first n samples.
+    ``download=True`` fetches the files into ``root`` when they are not found."""
+    if download and root is not None and not fashion_mnist.is_available(root):
+        fashion_mnist.download(root)
     images, labels = fashion_mnist.load_arrays("train" if split == "train" else "test", root)
     if subset is not None:
         images, labels = images[:subset], labels[:subset]

@@ -70,6 +70,7 @@ def run_retrain_command(args: argparse.Namespace) -> int:
         recon=args.recon,
         batch_size=args.batch_size,
         augment=args.augment,
+        eval_samples=args.eval_samples,
         seed=args.seed,
         device=args.device,
         threads=args.threads,
@@ -159,6 +160,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--recon", type=float, default=0.0, help="per-layer reconstruction loss weight")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--augment", action="store_true")
+    parser.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="evaluate intermediate steps on the first N eval samples (dense/final: all)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)

@@ -45,6 +45,8 @@ class RetrainConfig:
         recon: weight of a per-layer output-reconstruction loss on the layer being
             replaced: ||madd(x) - dense(x)||^2 / ||dense(x)||^2 on its actual inputs.
         label_smoothing, batch_size, eval_batch_size, augment, seed: as in training.
+        eval_samples: evaluate the intermediate steps on the first N samples of the eval
+            split only (the dense, last-replacement and final steps always use all of it).
     """
 
     model: str
@@ -85,6 +87,7 @@ class RetrainConfig:
     eval_batch_size: int = 512
     augment: bool = False
     eval_split: str = "test"
+    eval_samples: int | None = None
     seed: int = 0
     # execution only: may differ between a run and its resume
     device: str = "cpu"

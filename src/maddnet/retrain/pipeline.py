@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..data.registry import create_dataset
 from ..models.registry import create_model
@@ -262,8 +262,14 @@ class Retrainer:
         )
         return model.to(self.device)
 
-    def _evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate(model, self.eval_loader, device=self.device)
+    def _evaluate(self, model: nn.Module, full: bool = True) -> dict[str, float]:
+        """Top-1/5 on the eval split; intermediate evaluations (``full=False``) use its
+        first ``eval_samples`` samples when that is set."""
+        loader = self.eval_loader
+        if not full and self.config.eval_samples:
+            subset = Subset(loader.dataset, range(min(self.config.eval_samples, len(loader.dataset))))
+            loader = DataLoader(subset, batch_size=self.config.eval_batch_size)
+        return evaluate(model, loader, device=self.device)
 
     def _train(self, model: nn.Module, groups: list[dict], steps: int, loss: RetrainLoss, desc: str) -> dict:
         if steps == 0 or not groups:
@@ -408,7 +414,7 @@ class Retrainer:
         )[name]
         dense_layer = copy.deepcopy(model.get_submodule(name)).requires_grad_(False)
         layer = convert_layer(model, name, rows.to(self.device), cfg.madd_config())
-        after_replace = self._evaluate(model)
+        after_replace = self._evaluate(model, full=False)
         handle = layer.register_forward_hook(_recon_hook(loss, dense_layer)) if cfg.recon > 0 else None
         try:
             groups = parameter_groups(model, order, index, cfg)
@@ -418,7 +424,7 @@ class Retrainer:
         finally:
             if handle is not None:
                 handle.remove()
-        metrics = self._evaluate(model)
+        metrics = self._evaluate(model, full=index + 1 == len(order))
         self.metrics.write(
             {
                 "step": index + 1,
@@ -440,7 +446,7 @@ class Retrainer:
 
 
 def _prefixed(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}{k}": v for k, v in metrics.items() if k in ("top1", "top5", "loss")}
+    return {f"{prefix}{k}": v for k, v in metrics.items() if k in ("top1", "top5", "loss", "samples")}
 
 
 def run_retrain(config: RetrainConfig) -> dict[str, Any]:

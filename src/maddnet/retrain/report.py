@@ -48,6 +48,7 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
                 "C": r.get("C"),
                 "top-1 after replace (%)": _pct(r.get("replaced_top1")) if "replaced_top1" in r else "–",
                 "top-1 after fine-tune (%)": _pct(r["top1"]),
+                "eval samples": r.get("samples"),
                 "top-5 (%)": _pct(r.get("top5")),
                 "seconds": f"{r.get('seconds', 0):.0f}",
             }

@@ -127,20 +127,8 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-TABLE_COLUMNS = [
-    "task",
-    "N",
-    "D",
-    "M",
-    "C",
-    "nmse",
-    "accuracy",
-    "exact_accuracy",
-    "fit_s",
-    "approx_s",
-    "matmul_s",
-    "speedup",
-]
+TABLE_COLUMNS = ["task", "N_train", "N", "D", "M", "C", "lut_bits", "threads", "nmse", "accuracy",
+                 "exact_accuracy", "fit_s", "approx_s", "matmul_s", "speedup"]
 
 
 def write_report(

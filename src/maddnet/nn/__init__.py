@@ -17,12 +17,13 @@ from .convert import (
     unprepare,
 )
 from .functional import madd_lut
-from .layers import MaddConv2d, MaddLinear
+from .layers import MaddConv2d, MaddLayer, MaddLinear
 from .recording import RowRecorder
 
 __all__ = [
     "MaddConfig",
     "MaddConv2d",
+    "MaddLayer",
     "MaddLinear",
     "RowRecorder",
     "calibrate",

@@ -259,6 +259,10 @@ class _MaddLayer(nn.Module):
         )
 
 
+# Public name of the common base class (isinstance checks: "is this a MADD layer?").
+MaddLayer = _MaddLayer
+
+
 def _learn(
     rows: torch.Tensor,
     weight: torch.Tensor,

@@ -15,6 +15,7 @@ Running the same command again after a kill continues from checkpoint.pt.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,7 @@ def _run_training(config: TrainConfig) -> dict[str, Any]:
                "step": state["step"], "total_steps": total_steps, "epochs": config.epochs,
                "finished": finished, "wall_time_s": elapsed(),
                "world_size": dist_info.world_size, "device": str(device),
+               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "num_parameters": sum(p.numel() for p in unwrap(model).parameters())}
     if dist_info.is_main and finished:
         torch.save(unwrap(model).state_dict(), out_dir / "model.pt")

@@ -19,6 +19,7 @@ from maddnet.nn import (
     load_converted,
     madd_layers,
     prepare,
+    rebuild,
     record_inputs,
     save_converted,
     summary,
@@ -248,8 +249,6 @@ def test_conversion_errors():
     with pytest.raises(ValueError, match="ncodebooks must be an int in 1..D=27"):
         convert(small_cnn(), image_batches(count=2), MaddConfig(layers=["0"], ncodebooks=40, min_rows=16))
     with pytest.raises(ValueError, match="does not match"):
-        from maddnet.nn import rebuild
-
         rebuild(small_cnn(), {"0": {"kind": "linear", "config": {"in_features": 3, "out_features": 8}}})
 
 
@@ -262,3 +261,30 @@ def test_per_layer_codebooks():
     config = MaddConfig(layers=lambda name, m: name == "3", ncodebooks=lambda name, m: 24, min_rows=64)
     convert(model, image_batches(count=2), config)
     assert set(madd_layers(model)) == {"3"} and model[3].ncodebooks == 24
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_converted_model_on_cuda_matches_cpu():
+    model = small_cnn()
+    loader = image_batches(count=4, batch=16)
+    convert(model, loader, MaddConfig(min_rows=128, max_rows=1500))
+    model.eval()
+    x = loader[0]
+    with torch.no_grad():
+        cpu_out = model(x)
+        cuda_model = small_cnn()
+        rebuild(cuda_model, conversion_plan(model))
+        cuda_model.load_state_dict(model.state_dict())
+        cuda_model = cuda_model.cuda().eval()
+        cuda_out = cuda_model(x.cuda())
+    assert cuda_out.device.type == "cuda"
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=1e-4, atol=1e-4)
+    # a training step runs on the device and gives the CPU's gradients
+    model.train()
+    cuda_model.train()
+    model(x).square().mean().backward()
+    cuda_model(x.cuda()).square().mean().backward()
+    pairs = zip(model.named_parameters(), cuda_model.named_parameters(), strict=True)
+    for (name, p_cpu), (_, p_cuda) in pairs:
+        assert p_cuda.grad.device.type == "cuda", name
+        torch.testing.assert_close(p_cuda.grad.cpu(), p_cpu.grad, rtol=1e-3, atol=1e-4)

@@ -70,7 +70,7 @@ def test_lut_gradient_equals_one_hot_autograd(backend):
     torch.testing.assert_close(lut_a.grad, lut_b.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 100])
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 3 * 16 * 64])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_surrogate_gradients_equal_soft_tree_autograd(monkeypatch, backend, chunk_elements, dtype):
     monkeypatch.setattr(functional, "_SURROGATE_CHUNK_ELEMENTS", chunk_elements)

@@ -16,8 +16,10 @@ Backward (DESIGN §1.7):
   the scores of a codebook sum to one), and the gradient is that of
   ``sum_c sum_k score[c, k] T[c, k]`` — the hard forward's smooth stand-in.
 
-The surrogate is evaluated in row chunks so no (N, C, K) tensor of a whole conv batch is
-ever held, and never any (N, C, K, M) tensor.
+The surrogate is evaluated in row chunks (at most ``_SURROGATE_CHUNK_ELEMENTS`` rows x C x K
+values at a time), so no (N, C, K) tensor of a whole conv batch is held, and never any
+(N, C, K, M) tensor. On CPU numba kernels (:mod:`maddnet.nn._kernels`) do the tree
+recursion and the LUT gradient; elsewhere the same maths runs in tensor ops.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ class MaddLutFunction(torch.autograd.Function):
             table = qlut.dequantize()
             out = quantized_lut_sum(codes, qlut)
         ctx.save_for_backward(values, thresholds, table, temperature, codes)
+        ctx.lut_dtype = lut.dtype
         return out
 
     @staticmethod
@@ -190,12 +193,16 @@ class MaddLutFunction(torch.autograd.Function):
         values, thresholds, table, temperature, codes = ctx.saved_tensors
         need_values, need_thresholds, need_lut = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()
-        grad_lut = lut_gradient(codes, grad_out, table.shape[1]) if need_lut else None
+        grad_lut = None
+        if need_lut:
+            grad_lut = lut_gradient(codes, grad_out, table.shape[1]).to(ctx.lut_dtype)
         grad_values = grad_thresholds = None
         if need_values or need_thresholds:
             grad_values, grad_thresholds = tree_surrogate_grads(
                 values, thresholds, table, temperature, grad_out, need_values, need_thresholds
             )
+            if grad_thresholds is not None:
+                grad_thresholds = grad_thresholds.to(thresholds.dtype)
         return grad_values, grad_thresholds, grad_lut, None, None, None, None, None
 
 

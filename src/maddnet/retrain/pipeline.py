@@ -25,8 +25,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data.registry import create_dataset
 from ..models.registry import create_model
-from ..nn import conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
-from ..nn.layers import _MaddLayer
+from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
 from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
 from ..train.optim import warmup_cosine_schedule
 from .config import RetrainConfig, config_differences
@@ -118,7 +117,7 @@ def parameter_groups(
         owned.update(id(p) for p in params)
         for p in params:
             p.requires_grad_(False)
-        if isinstance(module, _MaddLayer):
+        if isinstance(module, MaddLayer):
             if index == current or final or (config.train_replaced and index < current):
                 groups["lut"].append(module.lut)
                 groups["threshold"].append(module.thresholds)

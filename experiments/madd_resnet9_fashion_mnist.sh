@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
+# in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
+# Both commands resume after an interruption: run this script again.
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+base=results/baselines/resnet9_fashion_mnist/checkpoint.pt
+out=results/resnet9_fashion_mnist
+what=${1:-all}
+common=(--model resnet9 --model-kw width=16 --data fashion_mnist --checkpoint "$base" --threads 1 --no-progress)
+
+if [ "$what" = analyze ] || [ "$what" = all ]; then
+    # every conv/linear layer alone, D/C = 9 (one codebook per 3x3 input channel) and 18 (half),
+    # evaluated on the first 2,000 test images
+    "$PY" -m maddnet.cli analyze "${common[@]}" --widths 9 18 --eval-samples 2000 --out "$out/single_layer"
+fi
+if [ "$what" = retrain ] || [ "$what" = all ]; then
+    # ALL 9 conv/linear layers replaced (stem and classifier too), 60 fine-tuning steps per layer,
+    # 200 final steps; intermediate evaluations on 2,000 test images, dense/last/final on all 10,000
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 60 --final-steps 200 \
+        --batch-size 128 --eval-samples 2000 --distill 0.5 --out "$out/retrain"
+fi

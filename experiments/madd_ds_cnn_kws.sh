@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 5 studies on DS-CNN-S / the espeak-ng keyword set (data/kws_espeak, built by
+# scripts/make_kws_espeak.py), from the dense baseline in results/baselines/ds_cnn_s_kws_espeak/.
+# Depthwise convs (groups > 1) stay dense: MADD layers need groups = 1 (the analysis lists them).
+# Both commands resume after an interruption: run this script again.
+# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+base=results/baselines/ds_cnn_s_kws_espeak/checkpoint.pt
+out=results/ds_cnn_s_kws_espeak
+what=${1:-all}
+common=(--model ds_cnn_s --data speech_commands --data-root data/kws_espeak --checkpoint "$base"
+        --threads 1 --no-progress)
+
+if [ "$what" = analyze ] || [ "$what" = all ]; then
+    "$PY" -m maddnet.cli analyze "${common[@]}" --widths 8 16 --batch-size 100 --out "$out/single_layer"
+fi
+if [ "$what" = retrain ] || [ "$what" = all ]; then
+    # every conv/linear layer with groups = 1 (first conv, pointwise convs, classifier)
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 100 --final-steps 300 \
+        --batch-size 100 --distill 0.5 --out "$out/retrain"
+fi

@@ -17,7 +17,11 @@ if [ "$what" = analyze ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli analyze "${common[@]}" --widths 8 16 --batch-size 100 --out "$out/single_layer"
 fi
 if [ "$what" = retrain ] || [ "$what" = all ]; then
-    # every conv/linear layer with groups = 1 (first conv, pointwise convs, classifier)
+    # every conv/linear layer with groups = 1 (first conv, pointwise convs, classifier). The stem
+    # (10x4 kernel on 1 MFCC channel, D = 40) gets C = 10 (D/C = 4) instead of the rule's one
+    # codebook per input channel (C = 1): the single-layer analysis shows it is the most
+    # sensitive layer (MFCC inputs span a wide range).
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 100 --final-steps 300 \
+        --ncodebooks stem.0=10 \
         --batch-size 100 --distill 0.5 --out "$out/retrain"
 fi

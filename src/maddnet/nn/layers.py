@@ -93,7 +93,6 @@ class _MaddLayer(nn.Module):
             self.register_buffer("lut_q_offsets", torch.zeros(ncodebooks, out_dim, **kw))
             self.register_buffer("lut_q_scale", torch.ones(out_dim, **kw))
         self._quantized_from: tuple | None = None
-        self.fitted = False
         # Fused fast paths (nn.TransformerEncoderLayer, nn.MultiheadAttention in eval mode)
         # read their Linear children's .weight instead of calling them; they fall back to
         # calling each child when any submodule has a hook, so this no-op hook keeps the
@@ -166,7 +165,6 @@ class _MaddLayer(nn.Module):
             self.temperature.copy_(tau)
         self._quantized_from = None
         self.refresh_quantized_lut()
-        self.fitted = True
         return self
 
     # ------------------------------------------------------------------ int LUT
@@ -204,7 +202,6 @@ class _MaddLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The loaded integer buffers belong to the loaded float LUT: use them as they are.
         self._quantized_from = self._lut_key()
-        self.fitted = True
 
     # ------------------------------------------------------------------ forward
     def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:

@@ -17,8 +17,8 @@ if [ "$what" = analyze ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli analyze "${common[@]}" --widths 9 18 --eval-samples 2000 --out "$out/single_layer"
 fi
 if [ "$what" = retrain ] || [ "$what" = all ]; then
-    # ALL 9 conv/linear layers replaced (stem and classifier too), 60 fine-tuning steps per layer,
-    # 200 final steps; intermediate evaluations on 2,000 test images, dense/last/final on all 10,000
-    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 60 --final-steps 200 \
+    # ALL 9 conv/linear layers replaced (stem and classifier too), 50 fine-tuning steps per layer,
+    # 150 final steps; intermediate evaluations on 2,000 test images, dense/last/final on all 10,000
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 50 --final-steps 150 \
         --batch-size 128 --eval-samples 2000 --distill 0.5 --out "$out/retrain"
 fi

@@ -207,36 +207,55 @@ def conv_encode(
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def conv_gather(padded, offsets, positions):  # pragma: no cover
-    """values (B*P, C, L) = padded[b, positions[p] + offsets[c, t]]."""
-    batch = padded.shape[0]
-    npos = positions.shape[0]
-    ncodebooks, depth = offsets.shape
-    values = np.empty((batch * npos, ncodebooks, depth), padded.dtype)
-    for row in numba.prange(batch * npos):
-        b = row // npos
-        base = positions[row - b * npos]
-        image = padded[b]
+def conv_gather(
+    images, taps, out_h, out_w, stride_y, stride_x, pad_y, pad_x
+):  # pragma: no cover
+    """values (B*Hout*Wout, C, L): the split taps of every patch (0 in the padding).
+
+    images (B, Cin, H, W), taps (C, L, 3) int64 (channel, dy, dx). Threads take output
+    rows; loads run along image rows.
+    """
+    batch, _, height, width = images.shape
+    ncodebooks, depth = taps.shape[0], taps.shape[1]
+    values = np.zeros((batch * out_h * out_w, ncodebooks, depth), images.dtype)
+    for task in numba.prange(batch * out_h):
+        b = task // out_h
+        oy = task - b * out_h
+        row0 = task * out_w
         for c in range(ncodebooks):
             for t in range(depth):
-                values[row, c, t] = image[base + offsets[c, t]]
+                iy = oy * stride_y + taps[c, t, 1] - pad_y
+                if 0 <= iy < height:
+                    line = images[b, taps[c, t, 0], iy]
+                    x0 = taps[c, t, 2] - pad_x
+                    for ox in range(out_w):
+                        ix = ox * stride_x + x0
+                        if 0 <= ix < width:
+                            values[row0 + ox, c, t] = line[ix]
     return values
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def conv_scatter(grad_values, offsets, positions, batch, size):  # pragma: no cover
-    """Adjoint of :func:`conv_gather`: (B*P, C, L) -> (B, size) with sums at shared taps."""
-    npos = positions.shape[0]
-    ncodebooks, depth = offsets.shape
-    grad = np.zeros((batch, size), grad_values.dtype)
+def conv_scatter(
+    grad_values, taps, batch, channels, height, width, out_h, out_w, stride_y, stride_x, pad_y, pad_x
+):  # pragma: no cover
+    """Adjoint of :func:`conv_gather`: (B*Hout*Wout, C, L) -> (B, Cin, H, W), summing
+    the gradients of taps shared by several patches (threads take images: no races)."""
+    ncodebooks, depth = taps.shape[0], taps.shape[1]
+    grad = np.zeros((batch, channels, height, width), grad_values.dtype)
     for b in numba.prange(batch):
-        image = grad[b]
-        for p in range(npos):
-            row = b * npos + p
-            base = positions[p]
+        for oy in range(out_h):
+            row0 = (b * out_h + oy) * out_w
             for c in range(ncodebooks):
                 for t in range(depth):
-                    image[base + offsets[c, t]] += grad_values[row, c, t]
+                    iy = oy * stride_y + taps[c, t, 1] - pad_y
+                    if 0 <= iy < height:
+                        line = grad[b, taps[c, t, 0], iy]
+                        x0 = taps[c, t, 2] - pad_x
+                        for ox in range(out_w):
+                            ix = ox * stride_x + x0
+                            if 0 <= ix < width:
+                                line[ix] += grad_values[row0 + ox, c, t]
     return grad
 
 

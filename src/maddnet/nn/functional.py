@@ -175,8 +175,9 @@ class MaddLutFunction(torch.autograd.Function):
     """Hard encode + LUT read forward; exact LUT / surrogate tree gradients backward."""
 
     @staticmethod
-    def forward(ctx, values, thresholds, lut, temperature, q_values, q_offsets, q_scale, bits):
-        codes = encode_values(values, thresholds)
+    def forward(ctx, values, thresholds, lut, temperature, q_values, q_offsets, q_scale, bits, codes):
+        if codes is None:
+            codes = encode_values(values, thresholds)
         if q_values is None:
             table = lut.detach()
             out = lut_sum(codes, table)
@@ -203,7 +204,7 @@ class MaddLutFunction(torch.autograd.Function):
             )
             if grad_thresholds is not None:
                 grad_thresholds = grad_thresholds.to(thresholds.dtype)
-        return grad_values, grad_thresholds, grad_lut, None, None, None, None, None
+        return grad_values, grad_thresholds, grad_lut, None, None, None, None, None, None
 
 
 def madd_lut(
@@ -212,13 +213,17 @@ def madd_lut(
     lut: torch.Tensor,
     temperature: torch.Tensor,
     quantized: QuantizedLut | None = None,
+    codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Differentiable MADD product of gathered split values: (N, C, L) -> (N, M).
 
     With ``quantized`` (the integer version of ``lut``) the forward pass sums the integer
-    LUT, and the gradient goes straight through to the float ``lut`` (QAT).
+    LUT, and the gradient goes straight through to the float ``lut`` (QAT). ``codes``
+    (N, C), if the caller has them already, must be ``encode_values(values, thresholds)``.
     """
     if quantized is None:
-        return MaddLutFunction.apply(values, thresholds, lut, temperature, None, None, None, 0)
+        return MaddLutFunction.apply(values, thresholds, lut, temperature, None, None, None, 0, codes)
     q = quantized
-    return MaddLutFunction.apply(values, thresholds, lut, temperature, q.values, q.offsets, q.scale, q.bits)
+    return MaddLutFunction.apply(
+        values, thresholds, lut, temperature, q.values, q.offsets, q.scale, q.bits, codes
+    )

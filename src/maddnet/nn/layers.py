@@ -220,6 +220,10 @@ class _MaddLayer(nn.Module):
         """The whole no-grad forward in one kernel where a subclass has one, else None."""
         return None
 
+    def _fused_codes(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Codes straight from the input where a subclass has a kernel for it, else None."""
+        return None
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes of the layer's rows (N = rows of :meth:`_gather`)."""
         return self._encode(x)[0]
@@ -234,7 +238,8 @@ class _MaddLayer(nn.Module):
             if values.dtype != self.lut.dtype:
                 values = values.to(self.lut.dtype)
             qlut = self.quantized_lut() if quantized else None
-            out = madd_lut(values, self.thresholds, self.lut, self.temperature, qlut)
+            codes = self._fused_codes(x)
+            out = madd_lut(values, self.thresholds, self.lut, self.temperature, qlut, codes)
         else:
             fused = self._fused_forward(x, quantized)
             if fused is not None:
@@ -486,6 +491,12 @@ class MaddConv2d(_MaddLayer):
     def _gather(self, x: torch.Tensor):
         x, context = self._check_input(x)
         return gather_patch_columns(x, self.geometry, self.split_dims), context
+
+    def _fused_codes(self, x: torch.Tensor) -> torch.Tensor | None:
+        images, _ = self._check_input(x.detach())
+        if images.dtype != self.lut.dtype:
+            return None
+        return encode_patches(images, self.geometry, self.split_dims, self.thresholds)
 
     def _encode(self, x: torch.Tensor):
         images, context = self._check_input(x.detach())

@@ -78,35 +78,32 @@ def gather_patch_columns(
     ``unfold(images)[:, columns]`` without forming the unfolded matrix. Differentiable
     (the backward scatters into the taps that were read). numba kernels on CPU.
     """
+    if images.device.type == "cpu" and images.dtype == torch.float32:
+        return _GatherColumns.apply(images, geometry, columns)
     batch, _, height, width = images.shape
     padded = geometry.pad(images).reshape(batch, -1)
     offsets = geometry.column_offsets(columns, height, width)
     positions = geometry.position_offsets(height, width, images.device)
-    if images.device.type == "cpu" and images.dtype == torch.float32:
-        return _GatherColumns.apply(padded, offsets, positions)
     index = (positions[:, None] + offsets.reshape(1, -1)).reshape(-1)
     gathered = padded.index_select(1, index)
     return gathered.reshape(batch * positions.shape[0], *columns.shape)
 
 
 class _GatherColumns(torch.autograd.Function):
-    """padded (B, S), offsets (C, L), positions (P,) -> (B*P, C, L) via numba (CPU)."""
+    """images (B, Cin, H, W) -> (B*P, C, L) split taps via numba (CPU); padding on the fly."""
 
     @staticmethod
-    def forward(ctx, padded, offsets, positions):
-        ctx.save_for_backward(offsets, positions)
-        ctx.padded_shape = padded.shape
-        values = _kernels.conv_gather(
-            padded.detach().contiguous().numpy(), offsets.contiguous().numpy(), positions.numpy()
-        )
-        return torch.from_numpy(values)
+    def forward(ctx, images, geometry, columns):
+        taps = geometry.column_taps(columns).numpy()
+        out_h, out_w = geometry.output_size(images.shape[2], images.shape[3])
+        args = (out_h, out_w, *geometry.stride, *geometry.padding)
+        ctx.taps, ctx.args, ctx.image_shape = taps, args, images.shape
+        return torch.from_numpy(_kernels.conv_gather(images.detach().contiguous().numpy(), taps, *args))
 
     @staticmethod
     def backward(ctx, grad_values):
-        offsets, positions = ctx.saved_tensors
-        batch, size = ctx.padded_shape
         grad = _kernels.conv_scatter(
-            grad_values.contiguous().numpy(), offsets.numpy(), positions.numpy(), batch, size
+            grad_values.contiguous().numpy(), ctx.taps, *ctx.image_shape, *ctx.args
         )
         return torch.from_numpy(grad), None, None
 

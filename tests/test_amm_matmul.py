@@ -267,3 +267,22 @@ def test_use_before_fit_is_refused():
     with pytest.raises(NotFittedError, match="set_weight"):
         amm(torch.randn(4, 8))
     amm.encode(torch.randn(4, 8))  # the encoder alone works
+
+
+def test_output_aware_hash_splits_on_what_the_weight_reads():
+    gen = torch.Generator().manual_seed(0)
+    # column 0: large but ignored by the weight; column 1: small but all that matters
+    rows = torch.stack([100 * torch.randn(4000, generator=gen), torch.randn(4000, generator=gen)], 1)
+    weight = torch.tensor([[0.0], [1.0]])
+    errors = {}
+    for objective in ("input", "output"):
+        amm = MaddnessMatmul(ncodebooks=1, lut_bits=None, ncandidates=2, hash_objective=objective)
+        amm.fit(rows[:3000], weight)
+        errors[objective] = nmse(amm(rows[3000:]), rows[3000:] @ weight)
+        used = amm.split_dims_.flatten().tolist()
+        assert used == ([1, 1, 1, 1] if objective == "output" else used)
+    assert errors["output"] < 0.02 < errors["input"]
+    with pytest.raises(ValueError, match="needs the weight"):
+        MaddnessMatmul(ncodebooks=1, hash_objective="output").fit_encoder(rows)
+    with pytest.raises(ValueError, match="hash_objective"):
+        MaddnessMatmul(hash_objective="both")

@@ -193,7 +193,13 @@ def split_thresholds(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
 BACKENDS = ("auto", "numba", "torch")
 
 
-def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4, backend: str = "auto") -> TreeFit:
+def learn_tree(
+    block: torch.Tensor,
+    depth: int,
+    ncandidates: int = 4,
+    backend: str = "auto",
+    targets: torch.Tensor | None = None,
+) -> TreeFit:
     """Learn one codebook's tree greedily, level by level (MADDness, Blalock & Guttag 2021).
 
     At each level, the ``ncandidates`` columns with the largest within-bucket SSE are
@@ -207,6 +213,9 @@ def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4, backend: s
         backend: "numba" (CPU kernel), "torch" (vectorised tensor ops on any device), or
             "auto": numba for CPU tensors, torch elsewhere. Both compute the same splits;
             they can differ only where two splits' losses tie to rounding.
+        targets: (N, t) values whose within-bucket SSE the thresholds minimise instead of
+            the block's own (e.g. the block's contribution to the output, ``block @ B_block``:
+            output-aware hashing). Split candidates are still the block's columns.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -216,8 +225,14 @@ def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4, backend: s
     nrows, width = block.shape
     block = block.float()
     centred = block.double() - block.double().mean(0)  # less cancellation in the sums
-    row_sqnorm = None if use_numba else (centred * centred).sum(1)
-    centred_np = centred.numpy() if use_numba else None
+    if targets is not None:
+        if targets.shape[0] != nrows:
+            raise ValueError(f"targets has {targets.shape[0]} rows, the block {nrows}")
+        loss_values = targets.double() - targets.double().mean(0)
+    else:
+        loss_values = centred
+    row_sqnorm = None if use_numba else (loss_values * loss_values).sum(1)
+    centred_np = loss_values.numpy() if use_numba else None
     value_orders: dict[int, np.ndarray] = {}
     buckets = torch.zeros(nrows, dtype=torch.int64, device=block.device)
     split_dims = torch.zeros(depth, dtype=torch.int64, device=block.device)
@@ -243,7 +258,7 @@ def learn_tree(block: torch.Tensor, depth: int, ncandidates: int = 4, backend: s
                 )
             else:
                 loss, lower, upper = _best_splits_torch(
-                    block[:, col], centred, row_sqnorm, buckets, counts, nbuckets
+                    block[:, col], loss_values, row_sqnorm, buckets, counts, nbuckets
                 )
             total = float(loss.sum())
             if best is None or total < best[0]:

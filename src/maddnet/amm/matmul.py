@@ -11,7 +11,16 @@ import torch
 from . import hashing, lut, prototypes
 from .checks import ArrayLike, as_matrix, check_all_finite, check_nprototypes, like_input
 
-_CONFIG_KEYS = ("ncodebooks", "nprototypes", "lut_bits", "ridge", "ncandidates", "lut_granularity")
+_CONFIG_KEYS = (
+    "ncodebooks",
+    "nprototypes",
+    "lut_bits",
+    "ridge",
+    "ncandidates",
+    "lut_granularity",
+    "hash_objective",
+)
+HASH_OBJECTIVES = ("input", "output")
 
 
 class NotFittedError(RuntimeError):
@@ -34,6 +43,9 @@ class MaddnessMatmul:
         ncandidates: columns tried per tree level when learning the hash.
         lut_granularity: "codebook" (one scale for the whole LUT, as MADDness) or "column"
             (one power-of-two scale and offset per output column).
+        hash_objective: "input": tree thresholds minimise the SSE of the rows' block columns
+            (MADDness); "output": they minimise the SSE of the block's contribution to the
+            product, ``A_block @ B_block`` (needs B when learning the encoder).
 
     Fitted attributes (torch tensors on the device of the training data):
         split_dims_ (C, log2 K) int64, thresholds_ (C, K-1) float32 (heap order),
@@ -49,6 +61,7 @@ class MaddnessMatmul:
         ridge: float | None = 1.0,
         ncandidates: int = 4,
         lut_granularity: str = "codebook",
+        hash_objective: str = "input",
     ) -> None:
         self.depth = check_nprototypes(nprototypes)
         if not isinstance(ncodebooks, int | np.integer) or ncodebooks < 1:
@@ -61,6 +74,9 @@ class MaddnessMatmul:
             raise ValueError(f"ncandidates must be a positive int, got {ncandidates!r}")
         if lut_granularity not in lut.GRANULARITIES:
             raise ValueError(f"lut_granularity must be one of {lut.GRANULARITIES}, got {lut_granularity!r}")
+        if hash_objective not in HASH_OBJECTIVES:
+            raise ValueError(f"hash_objective must be one of {HASH_OBJECTIVES}, got {hash_objective!r}")
+        self.hash_objective = hash_objective
         self.ncodebooks = int(ncodebooks)
         self.nprototypes = int(nprototypes)
         self.lut_bits = lut_bits
@@ -97,11 +113,19 @@ class MaddnessMatmul:
     def fit(self, A_train: ArrayLike, B: ArrayLike) -> MaddnessMatmul:
         """Learn the hash and prototypes from the rows of ``A_train`` (N, D), then the LUT of B (D, M)."""
         self._check_weight(B, as_matrix(A_train, "A_train", check_finite=False).shape[1])
-        return self.fit_encoder(A_train).set_weight(B)
+        return self.fit_encoder(A_train, B).set_weight(B)
 
-    def fit_encoder(self, A_train: ArrayLike) -> MaddnessMatmul:
-        """Learn the hash trees and prototypes from the rows of ``A_train`` (N, D)."""
+    def fit_encoder(self, A_train: ArrayLike, B: ArrayLike | None = None) -> MaddnessMatmul:
+        """Learn the hash trees and prototypes from the rows of ``A_train`` (N, D).
+
+        ``B`` (D, M) is only read by ``hash_objective="output"``; no LUT is built here.
+        """
         rows = as_matrix(A_train, "A_train").float()
+        weight = None
+        if self.hash_objective == "output":
+            if B is None:
+                raise ValueError('hash_objective="output" needs the weight: fit_encoder(A_train, B)')
+            weight = self._check_weight(B, rows.shape[1]).float().to(rows.device)
         nrows, ndims = rows.shape
         bounds = hashing.subspace_bounds(ndims, self.ncodebooks)
         if nrows < self.nprototypes:
@@ -110,7 +134,13 @@ class MaddnessMatmul:
                 f"needs at least {self.nprototypes}"
             )
         trees = [
-            hashing.learn_tree(rows[:, start:stop], self.depth, self.ncandidates) for start, stop in bounds
+            hashing.learn_tree(
+                rows[:, start:stop],
+                self.depth,
+                self.ncandidates,
+                targets=None if weight is None else rows[:, start:stop] @ weight[start:stop],
+            )
+            for start, stop in bounds
         ]
         starts = torch.tensor([start for start, _ in bounds], device=rows.device)
         self.split_dims_ = torch.stack([t.split_dims for t in trees]) + starts[:, None]

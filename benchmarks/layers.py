@@ -8,7 +8,8 @@ Measured in one process, dense and MADD interleaved call by call, repeated; medi
   eval forward:  ``torch.no_grad()``, layers in eval mode (MADD reads the int8 LUT; the
                  float-LUT variant is timed too).
   training step: forward + backward of ``sum(y * g)``; dense: input + weight (+ bias)
-                 gradients; MADD: input + thresholds + LUT (+ bias) gradients, qat on.
+                 gradients; MADD: input + thresholds + LUT (+ bias) gradients, qat on,
+                 with the soft-tree surrogate (default) and the hard-path one.
 
 Usage:  python benchmarks/layers.py [--repeats 7] [--batch 32] [--out benchmarks/results]
                                    [--suffix ""]
@@ -92,7 +93,12 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int) 
 
     madd.train()
     conv.train()
-    train_s = interleaved_medians({"dense": step(conv), "madd": step(madd)}, repeats)
+    madd_path = learn_layer(conv, x, lut_bits=8)
+    madd_path.surrogate = "path"
+    madd_path.train()
+    train_s = interleaved_medians(
+        {"dense": step(conv), "madd": step(madd), "madd_path": step(madd_path)}, repeats
+    )
     return {
         "shape": label,
         "batch": batch,
@@ -108,6 +114,8 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int) 
         "train_dense_s": train_s["dense"],
         "train_madd_s": train_s["madd"],
         "train_ratio": train_s["madd"] / train_s["dense"],
+        "train_madd_path_s": train_s["madd_path"],
+        "train_ratio_path": train_s["madd_path"] / train_s["dense"],
     }
 
 
@@ -121,15 +129,17 @@ def markdown(results: list[dict], meta: dict) -> str:
         "(< 1: MADD faster). Targets: eval ratio <= 1 at D/C = 9, training ratio <= 3.",
         "",
         "| shape | batch | D | C | eval dense ms | eval MADD int8 ms | ratio | "
-        "eval MADD float ms | ratio | train dense ms | train MADD ms | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "eval MADD float ms | ratio | train dense ms | train MADD (soft) ms | ratio | "
+        "train MADD (path) ms | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['D']} | {r['C']} | {1e3 * r['eval_dense_s']:.1f} | "
             f"{1e3 * r['eval_madd_int8_s']:.1f} | {r['eval_ratio_int8']:.2f} | "
             f"{1e3 * r['eval_madd_float_s']:.1f} | {r['eval_ratio_float']:.2f} | "
-            f"{1e3 * r['train_dense_s']:.1f} | {1e3 * r['train_madd_s']:.1f} | {r['train_ratio']:.2f} |"
+            f"{1e3 * r['train_dense_s']:.1f} | {1e3 * r['train_madd_s']:.1f} | {r['train_ratio']:.2f} | "
+            f"{1e3 * r['train_madd_path_s']:.1f} | {r['train_ratio_path']:.2f} |"
         )
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)

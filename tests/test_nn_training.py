@@ -137,7 +137,7 @@ def test_threshold_gradient_points_the_right_way_and_training_lowers_loss():
             loss.backward()
             optimizer.step()
         assert loss.item() < 0.2 * first
-        assert abs(float(layer.thresholds[0, 0]) - 0.2) < 0.05
+        assert abs(layer.thresholds[0, 0].item() - 0.2) < 0.05
         assert torch.equal(layer.split_dims, torch.tensor([[0, 1]]))  # never trained
 
 
@@ -178,3 +178,81 @@ def test_frozen_thresholds_and_lut():
     layer.bias.requires_grad_(False)
     out = layer(rows)
     assert out.grad_fn is None  # nothing to train: fast path
+
+
+def path_reference(values, thresholds, lut, temperature, grad_out):
+    """Hard-path surrogate written row by row (no shared code)."""
+    nrows, ncodebooks, depth = values.shape
+    grad_values = torch.zeros_like(values)
+    grad_thresholds = torch.zeros_like(thresholds)
+    for n in range(nrows):
+        for c in range(ncodebooks):
+            x = values[n, c]
+
+            def descend(node_index, level, x=x, c=c):
+                # continue the hard descent from node ``node_index`` of ``level``
+                while level < depth:
+                    right = bool(x[level] > thresholds[c, 2**level - 1 + node_index])
+                    node_index = 2 * node_index + int(right)
+                    level += 1
+                return node_index
+
+            index = 0
+            for t in range(depth):
+                heap = 2**t - 1 + index
+                go_right = bool(x[t] > thresholds[c, heap])
+                right_leaf = descend(2 * index + 1, t + 1)
+                left_leaf = descend(2 * index, t + 1)
+                diff = float(grad_out[n] @ (lut[c, right_leaf] - lut[c, left_leaf]))
+                tanh = torch.tanh((x[t] - thresholds[c, heap]) / temperature[c, t])
+                grad = float((1 - tanh**2) / (2 * temperature[c, t])) * diff
+                grad_values[n, c, t] = grad
+                grad_thresholds[c, heap] -= grad
+                index = 2 * index + int(go_right)
+    return grad_values, grad_thresholds
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_path_surrogate_equals_reference(backend, monkeypatch, dtype):
+    values, thresholds, lut, temperature = random_tree_inputs(nrows=60, ncodebooks=3, seed=7)
+    values, thresholds, lut, temperature = (t.to(dtype) for t in (values, thresholds, lut, temperature))
+    if backend == "torch":
+        def torch_path(values, thresholds, table, temperature, grad_out, codes, need_values, need_thresholds):
+            inv_tau = 1.0 / temperature.to(values.dtype)
+            return functional._path_torch(
+                values.detach(), thresholds.detach().to(values.dtype), inv_tau, table.to(values.dtype),
+                grad_out.to(values.dtype), codes, need_values, need_thresholds,
+            )
+
+        monkeypatch.setattr(functional, "path_surrogate_grads", torch_path)
+    grad_out = torch.randn(60, lut.shape[2], dtype=dtype)
+    va, ta = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
+    out = madd_lut(va, ta, lut, temperature, surrogate="path")
+    torch.testing.assert_close(out, madd_lut(values, thresholds, lut, temperature))  # same forward
+    out.backward(grad_out)
+    ref_values, ref_thresholds = path_reference(
+        values.double(), thresholds.double(), lut.double(), temperature.double(), grad_out.double()
+    )
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(va.grad, ref_values.to(dtype), **tol)
+    torch.testing.assert_close(ta.grad, ref_thresholds.to(dtype), **tol)
+    assert float(ta.grad.abs().sum()) > 0
+
+
+def test_path_surrogate_trains_thresholds_on_toy_problem():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2000, 2, generator=gen) * 2 - 1
+    target = make_toy_layer(0.2)(x).detach()
+    layer = make_toy_layer(-0.4)
+    layer.surrogate = "path"
+    layer.lut.requires_grad_(False)
+    optimizer = torch.optim.Adam([layer.thresholds], lr=0.02)
+    first = None
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = F.mse_loss(layer(x), target)
+        loss.backward()
+        optimizer.step()
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.2 * first
+    assert abs(layer.thresholds[0, 0].item() - 0.2) < 0.05

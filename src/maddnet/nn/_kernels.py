@@ -306,3 +306,53 @@ def conv_forward(
             for ox in range(out_w):
                 target[ox] = (np.float32(acc[ox, m]) * inv_scale[m] + offset_sum[m]) + bias[m]
     return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def path_backward(
+    values, thresholds, inv_tau, table, grad_out, codes, grad_values, grad_thresholds
+):  # pragma: no cover
+    """Hard-path surrogate backward (``surrogate="path"``).
+
+    For each row and codebook only the L nodes on the row's hard path get a gradient:
+    node t's soft decision ``p = (1 + tanh((x_t - v)/tau)) / 2`` switches between the leaf
+    the row reached and the leaf it would reach by going the other way at that node (then
+    descending hard), so ``dL/dx_t = p' * grad_out . (T[c, right leaf] - T[c, left leaf])``
+    and ``dL/dv = -dL/dx_t``. values (n, C, L), thresholds (C, K-1), inv_tau (C, L), table
+    (C, K, M), grad_out (n, M), codes (n, C) uint8; writes grad_values (n, C, L) (skipped
+    when empty) and adds into grad_thresholds (C, K-1) float64.
+    """
+    nrows, ncodebooks, depth = values.shape
+    nnodes = (1 << depth) - 1
+    nout = table.shape[2]
+    want_values = grad_values.shape[0] > 0
+    dtype = values.dtype
+    one = dtype.type(1.0)
+    limit = dtype.type(80.0)
+    nblocks = (nrows + _BLOCK - 1) // _BLOCK
+    partial = np.zeros((nblocks, ncodebooks, nnodes))
+    for blk in numba.prange(nblocks):
+        for r in range(blk * _BLOCK, min(nrows, (blk + 1) * _BLOCK)):
+            g = grad_out[r]
+            for c in range(ncodebooks):
+                leaf = np.int64(codes[r, c])
+                for t in range(depth):
+                    prefix = leaf >> (depth - t)
+                    node = (1 << t) - 1 + prefix
+                    bit = (leaf >> (depth - 1 - t)) & 1
+                    alt = 2 * prefix + 1 - bit
+                    for u in range(t + 1, depth):
+                        alt = 2 * alt + (values[r, c, u] > thresholds[c, (1 << u) - 1 + alt])
+                    right, left = (leaf, alt) if bit == 1 else (alt, leaf)
+                    t_right = table[c, right]
+                    t_left = table[c, left]
+                    diff = dtype.type(0.0)
+                    for m in range(nout):
+                        diff += g[m] * (t_right[m] - t_left[m])
+                    z = min(max((thresholds[c, node] - values[r, c, t]) * 2 * inv_tau[c, t], -limit), limit)
+                    p = one / (one + np.exp(z))
+                    grad_node = 2 * p * (one - p) * inv_tau[c, t] * diff
+                    if want_values:
+                        grad_values[r, c, t] = grad_node
+                    partial[blk, c, node] -= grad_node
+    grad_thresholds += partial.sum(axis=0)

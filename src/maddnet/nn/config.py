@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .functional import SURROGATES
 from .layers import DEFAULT_TEMPERATURE
 
 LayerFilter = Callable[[str, nn.Module], bool]
@@ -38,6 +39,8 @@ class MaddConfig:
         qat: read the integer LUT in training forward passes too (straight-through).
         temperature: surrogate tau per tree level, as a multiple of the standard
             deviation of that level's split column on the calibration rows.
+        surrogate: threshold / input gradient: "soft" (soft decision tree over all
+            nodes) or "path" (only the nodes on each row's hard path; cheaper).
         max_rows: rows kept per layer while recording (uniform reservoir sample).
         max_bytes_per_layer: CPU memory bound of one layer's recorded rows; a layer keeps
             ``min(max_rows, max_bytes_per_layer // (4 D))`` rows of D float32 values, so a
@@ -57,6 +60,7 @@ class MaddConfig:
     ncandidates: int = 4
     qat: bool = True
     temperature: float = DEFAULT_TEMPERATURE
+    surrogate: str = "soft"
     max_rows: int = 16384
     max_bytes_per_layer: int = 64 << 20
     min_rows: int = 256
@@ -71,6 +75,8 @@ class MaddConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MaddConfig.{name} must be a positive int, got {value!r}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"MaddConfig.surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
         if not self.temperature > 0:
             raise ValueError(f"MaddConfig.temperature must be > 0, got {self.temperature!r}")
 

@@ -163,6 +163,7 @@ def learn_layer(name: str, module: nn.Module, rows: torch.Tensor, config: MaddCo
         "ncandidates": config.ncandidates,
         "qat": config.qat,
         "temperature": config.temperature,
+        "surrogate": config.surrogate,
     }
     if type(module) is nn.Linear:
         return MaddLinear.from_dense(module, rows, **kwargs)

@@ -171,11 +171,87 @@ def _surrogate_cpu(values, thresholds, flat_table, inv_tau, grad_out, chunk, nee
     return grad_values, grad_thr
 
 
+SURROGATES = ("soft", "path")
+
+
+def path_surrogate_grads(
+    values: torch.Tensor,
+    thresholds: torch.Tensor,
+    table: torch.Tensor,
+    temperature: torch.Tensor,
+    grad_out: torch.Tensor,
+    codes: torch.Tensor,
+    need_values: bool = True,
+    need_thresholds: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Hard-path surrogate: only the L nodes on each row's path get gradients.
+
+    Node t's soft decision switches between the reached leaf and the leaf reached by going
+    the other way at that node (then descending hard); its gradient is
+    ``p'(x_t) * grad_out . (T[right leaf] - T[left leaf])``, ``p = (1 + tanh((x_t - v)/tau))/2``.
+    This is the soft tree's gradient with every other node taken as hard, at L instead of
+    K - 1 nodes and L instead of K leaf products per row and codebook. Shapes as in
+    :func:`tree_surrogate_grads`, plus codes (N, C).
+    """
+    values = values.detach()
+    thresholds = thresholds.detach().to(values.dtype)
+    inv_tau = 1.0 / temperature.to(values.dtype)
+    table = table.to(values.dtype)
+    grad_out = grad_out.to(values.dtype).contiguous()
+    if values.device.type == "cpu":
+        grad_values = torch.empty_like(values) if need_values else values.new_empty(0, *values.shape[1:])
+        grad_thresholds = np.zeros(tuple(thresholds.shape), np.float64)
+        _kernels.path_backward(
+            values.contiguous().numpy(), thresholds.contiguous().numpy(), inv_tau.contiguous().numpy(),
+            table.contiguous().numpy(), grad_out.numpy(), codes.contiguous().numpy(),
+            grad_values.numpy(), grad_thresholds,
+        )
+        grad_thr = torch.from_numpy(grad_thresholds).to(values.dtype) if need_thresholds else None
+        return (grad_values if need_values else None), grad_thr
+    return _path_torch(values, thresholds, inv_tau, table, grad_out, codes, need_values, need_thresholds)
+
+
+def _path_torch(values, thresholds, inv_tau, table, grad_out, codes, need_values, need_thresholds):
+    """:func:`path_surrogate_grads` with tensor ops (any device), row chunk by row chunk."""
+    nrows, ncodebooks, depth = values.shape
+    nout = table.shape[2]
+    flat_table = table.reshape(-1, nout)
+    flat_thresholds = thresholds.reshape(-1)
+    nnodes = thresholds.shape[1]
+    base = torch.arange(ncodebooks, device=values.device)
+    grad_values = torch.empty_like(values)
+    grad_thresholds = torch.zeros_like(thresholds)
+    chunk = max(1, _SURROGATE_CHUNK_ELEMENTS // (ncodebooks * nout))
+    for start in range(0, nrows, chunk):
+        x, leaf = values[start : start + chunk], codes[start : start + chunk].long()
+        g = grad_out[start : start + chunk]
+        for t in range(depth):
+            prefix = leaf >> (depth - t)
+            node = (2**t - 1) + prefix  # (n, C)
+            bit = (leaf >> (depth - 1 - t)) & 1
+            alt = 2 * prefix + 1 - bit
+            for u in range(t + 1, depth):
+                v = flat_thresholds[base * nnodes + (2**u - 1) + alt]
+                alt = 2 * alt + (x[:, :, u] > v).long()
+            right = torch.where(bit == 1, leaf, alt)
+            left = torch.where(bit == 1, alt, leaf)
+            rows_k = table.shape[1]
+            diff_table = flat_table[base * rows_k + right] - flat_table[base * rows_k + left]  # (n, C, M)
+            diff = (diff_table * g[:, None, :]).sum(-1)
+            tanh = torch.tanh((x[:, :, t] - flat_thresholds[base * nnodes + node]) * inv_tau[:, t])
+            grad_node = (1 - tanh * tanh) * 0.5 * inv_tau[:, t] * diff
+            grad_values[start : start + chunk, :, t] = grad_node
+            grad_thresholds.view(-1).index_add_(0, (base * nnodes + node).reshape(-1), -grad_node.reshape(-1))
+    return (grad_values if need_values else None), (grad_thresholds if need_thresholds else None)
+
+
 class MaddLutFunction(torch.autograd.Function):
     """Hard encode + LUT read forward; exact LUT / surrogate tree gradients backward."""
 
     @staticmethod
-    def forward(ctx, values, thresholds, lut, temperature, q_values, q_offsets, q_scale, bits, codes):
+    def forward(
+        ctx, values, thresholds, lut, temperature, q_values, q_offsets, q_scale, bits, codes, surrogate
+    ):
         if codes is None:
             codes = encode_values(values, thresholds)
         if q_values is None:
@@ -187,6 +263,7 @@ class MaddLutFunction(torch.autograd.Function):
             out = quantized_lut_sum(codes, qlut)
         ctx.save_for_backward(values, thresholds, table, temperature, codes)
         ctx.lut_dtype = lut.dtype
+        ctx.surrogate = surrogate
         return out
 
     @staticmethod
@@ -199,12 +276,17 @@ class MaddLutFunction(torch.autograd.Function):
             grad_lut = lut_gradient(codes, grad_out, table.shape[1]).to(ctx.lut_dtype)
         grad_values = grad_thresholds = None
         if need_values or need_thresholds:
-            grad_values, grad_thresholds = tree_surrogate_grads(
-                values, thresholds, table, temperature, grad_out, need_values, need_thresholds
-            )
+            if ctx.surrogate == "path":
+                grad_values, grad_thresholds = path_surrogate_grads(
+                    values, thresholds, table, temperature, grad_out, codes, need_values, need_thresholds
+                )
+            else:
+                grad_values, grad_thresholds = tree_surrogate_grads(
+                    values, thresholds, table, temperature, grad_out, need_values, need_thresholds
+                )
             if grad_thresholds is not None:
                 grad_thresholds = grad_thresholds.to(thresholds.dtype)
-        return grad_values, grad_thresholds, grad_lut, None, None, None, None, None, None
+        return grad_values, grad_thresholds, grad_lut, None, None, None, None, None, None, None
 
 
 def madd_lut(
@@ -214,16 +296,23 @@ def madd_lut(
     temperature: torch.Tensor,
     quantized: QuantizedLut | None = None,
     codes: torch.Tensor | None = None,
+    surrogate: str = "soft",
 ) -> torch.Tensor:
     """Differentiable MADD product of gathered split values: (N, C, L) -> (N, M).
 
     With ``quantized`` (the integer version of ``lut``) the forward pass sums the integer
     LUT, and the gradient goes straight through to the float ``lut`` (QAT). ``codes``
     (N, C), if the caller has them already, must be ``encode_values(values, thresholds)``.
+    ``surrogate`` picks the threshold / input gradient: "soft" (the soft decision tree,
+    :func:`tree_surrogate_grads`) or "path" (:func:`path_surrogate_grads`, cheaper).
     """
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     if quantized is None:
-        return MaddLutFunction.apply(values, thresholds, lut, temperature, None, None, None, 0, codes)
+        return MaddLutFunction.apply(
+            values, thresholds, lut, temperature, None, None, None, 0, codes, surrogate
+        )
     q = quantized
     return MaddLutFunction.apply(
-        values, thresholds, lut, temperature, q.values, q.offsets, q.scale, q.bits, codes
+        values, thresholds, lut, temperature, q.values, q.offsets, q.scale, q.bits, codes, surrogate
     )

@@ -37,7 +37,7 @@ from torch import nn
 from ..amm import MaddnessMatmul, NotFittedError
 from ..amm.checks import check_nprototypes
 from ..amm.lut import GRANULARITIES, QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum
-from .functional import encode_values, madd_lut
+from .functional import SURROGATES, encode_values, madd_lut
 from .patches import ConvGeometry, conv_lut_forward, encode_patches, gather_patch_columns
 
 DEFAULT_TEMPERATURE = 0.5
@@ -63,9 +63,12 @@ class _MaddLayer(nn.Module):
         lut_granularity: str = "codebook",
         qat: bool = True,
         device: torch.device | str | None = None,
+        surrogate: str = "soft",
     ) -> None:
         super().__init__()
         depth = check_nprototypes(nprototypes)
+        if surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("ncodebooks", ncodebooks)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -80,6 +83,7 @@ class _MaddLayer(nn.Module):
         self.in_dim, self.out_dim = in_dim, out_dim
         self.ncodebooks, self.nprototypes, self.depth = ncodebooks, nprototypes, depth
         self.lut_bits, self.lut_granularity, self.qat = lut_bits, lut_granularity, bool(qat)
+        self.surrogate = surrogate
         kw = {"device": device}
         self.register_buffer("split_dims", torch.zeros(ncodebooks, depth, dtype=torch.int64, **kw))
         self.thresholds = nn.Parameter(torch.zeros(ncodebooks, nprototypes - 1, **kw))
@@ -109,6 +113,7 @@ class _MaddLayer(nn.Module):
             "lut_bits": self.lut_bits,
             "lut_granularity": self.lut_granularity,
             "qat": self.qat,
+            "surrogate": self.surrogate,
         }
 
     @classmethod
@@ -239,7 +244,9 @@ class _MaddLayer(nn.Module):
                 values = values.to(self.lut.dtype)
             qlut = self.quantized_lut() if quantized else None
             codes = self._fused_codes(x)
-            out = madd_lut(values, self.thresholds, self.lut, self.temperature, qlut, codes)
+            out = madd_lut(
+                values, self.thresholds, self.lut, self.temperature, qlut, codes, self.surrogate
+            )
         else:
             fused = self._fused_forward(x, quantized)
             if fused is not None:
@@ -308,9 +315,11 @@ class MaddLinear(_MaddLayer):
         lut_granularity: str = "codebook",
         qat: bool = True,
         device: torch.device | str | None = None,
+        surrogate: str = "soft",
     ) -> None:
         super().__init__(
-            in_features, out_features, ncodebooks, nprototypes, bias, lut_bits, lut_granularity, qat, device
+            in_features, out_features, ncodebooks, nprototypes, bias, lut_bits, lut_granularity, qat,
+            device, surrogate,
         )
         self.in_features, self.out_features = in_features, out_features
 
@@ -330,6 +339,7 @@ class MaddLinear(_MaddLayer):
         ncandidates: int = 4,
         qat: bool = True,
         temperature: float = DEFAULT_TEMPERATURE,
+        surrogate: str = "soft",
     ) -> MaddLinear:
         """Learn a MADD layer from ``linear`` and its input ``rows`` (N, in_features)."""
         if not isinstance(linear, nn.Linear):
@@ -340,6 +350,7 @@ class MaddLinear(_MaddLayer):
         layer = cls(
             linear.in_features, linear.out_features, ncodebooks, nprototypes,
             linear.bias is not None, lut_bits, lut_granularity, qat, device=linear.weight.device,
+            surrogate=surrogate,
         )
         return layer.load_fitted(amm.to(linear.weight.device), linear.bias, rows, temperature)
 
@@ -406,6 +417,7 @@ class MaddConv2d(_MaddLayer):
         lut_granularity: str = "codebook",
         qat: bool = True,
         device: torch.device | str | None = None,
+        surrogate: str = "soft",
     ) -> None:
         if groups != 1:
             raise ValueError(
@@ -415,7 +427,7 @@ class MaddConv2d(_MaddLayer):
         kernel = _pair(kernel_size, "kernel_size")
         super().__init__(
             in_channels * kernel[0] * kernel[1], out_channels, ncodebooks, nprototypes, bias,
-            lut_bits, lut_granularity, qat, device,
+            lut_bits, lut_granularity, qat, device, surrogate,
         )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.geometry = ConvGeometry(
@@ -451,6 +463,7 @@ class MaddConv2d(_MaddLayer):
         ncandidates: int = 4,
         qat: bool = True,
         temperature: float = DEFAULT_TEMPERATURE,
+        surrogate: str = "soft",
     ) -> MaddConv2d:
         """Learn a MADD conv from ``conv`` and its patch ``rows`` (N, Cin kh kw).
 
@@ -470,7 +483,7 @@ class MaddConv2d(_MaddLayer):
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, ncodebooks, conv.stride, padding,
             conv.dilation, 1, nprototypes, conv.bias is not None, lut_bits, lut_granularity, qat,
-            device=conv.weight.device,
+            device=conv.weight.device, surrogate=surrogate,
         )
         return layer.load_fitted(amm.to(conv.weight.device), conv.bias, rows, temperature)
 

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddConfig
+from ..train.runner import model_kwargs_for
 from .single_layer import analyze_layers, write_analysis
 
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         num_classes=info.num_classes,
         in_chans=info.in_chans,
         checkpoint=args.checkpoint,
-        **model_kwargs,
+        **model_kwargs_for(args.model, info, model_kwargs),
     )
     gen = torch.Generator().manual_seed(args.seed)
     calib_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen)

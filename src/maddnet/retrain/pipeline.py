@@ -28,6 +28,7 @@ from ..models.registry import create_model
 from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
 from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
 from ..train.optim import warmup_cosine_schedule
+from ..train.runner import model_kwargs_for
 from .config import RetrainConfig, config_differences
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,7 +61,7 @@ def build_dense_model(config: RetrainConfig, info) -> nn.Module:
         num_classes=info.num_classes,
         in_chans=info.in_chans,
         checkpoint=config.checkpoint,
-        **config.model_kwargs,
+        **model_kwargs_for(config.model, info, config.model_kwargs),
     )
 
 
@@ -257,7 +258,7 @@ class Retrainer:
             self.config.model,
             num_classes=self.info.num_classes,
             in_chans=self.info.in_chans,
-            **self.config.model_kwargs,
+            **model_kwargs_for(self.config.model, self.info, self.config.model_kwargs),
         )
         return model.to(self.device)
 

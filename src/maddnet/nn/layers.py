@@ -264,7 +264,8 @@ class _MaddLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"D={self.in_dim}, M={self.out_dim}, C={self.ncodebooks}, K={self.nprototypes}, "
-            f"lut_bits={self.lut_bits}, qat={self.qat}, bias={self.bias is not None}"
+            f"lut_bits={self.lut_bits}, qat={self.qat}, bias={self.bias is not None}, "
+            f"surrogate={self.surrogate!r}"
         )
 
 

@@ -162,7 +162,7 @@ def test_tiny_attention_block_conversion_and_training_step():
 
 def test_state_dict_round_trip_into_fresh_model(tmp_path):
     model = small_cnn()
-    loader = image_batches(count=12, batch=16)
+    loader = image_batches(count=8, batch=16)
     convert(model, loader, MaddConfig(min_rows=128, max_rows=1500))
     # train a little so the float LUT moves away from the saved integer buffers
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)

@@ -120,7 +120,7 @@ def make_toy_layer(root_threshold: float) -> MaddLinear:
 
 def test_threshold_gradient_points_the_right_way_and_training_lowers_loss():
     gen = torch.Generator().manual_seed(4)
-    x = torch.rand(2000, 2, generator=gen) * 2 - 1
+    x = torch.rand(1000, 2, generator=gen) * 2 - 1
     target = make_toy_layer(0.2)(x).detach()
     for start in (-0.4, 0.6):  # left and right of the true root threshold 0.2
         layer = make_toy_layer(start)
@@ -241,7 +241,7 @@ def test_path_surrogate_equals_reference(backend, monkeypatch, dtype):
 
 def test_path_surrogate_trains_thresholds_on_toy_problem():
     gen = torch.Generator().manual_seed(4)
-    x = torch.rand(2000, 2, generator=gen) * 2 - 1
+    x = torch.rand(1000, 2, generator=gen) * 2 - 1
     target = make_toy_layer(0.2)(x).detach()
     layer = make_toy_layer(-0.4)
     layer.surrogate = "path"

@@ -336,6 +336,10 @@ def path_backward(
             g = grad_out[r]
             for c in range(ncodebooks):
                 leaf = np.int64(codes[r, c])
+                reached = table[c, leaf]
+                g_reached = dtype.type(0.0)
+                for m in range(nout):
+                    g_reached += g[m] * reached[m]
                 for t in range(depth):
                     prefix = leaf >> (depth - t)
                     node = (1 << t) - 1 + prefix
@@ -343,12 +347,12 @@ def path_backward(
                     alt = 2 * prefix + 1 - bit
                     for u in range(t + 1, depth):
                         alt = 2 * alt + (values[r, c, u] > thresholds[c, (1 << u) - 1 + alt])
-                    right, left = (leaf, alt) if bit == 1 else (alt, leaf)
-                    t_right = table[c, right]
-                    t_left = table[c, left]
-                    diff = dtype.type(0.0)
+                    other = table[c, alt]
+                    g_other = dtype.type(0.0)
                     for m in range(nout):
-                        diff += g[m] * (t_right[m] - t_left[m])
+                        g_other += g[m] * other[m]
+                    # grad_out . (T[right leaf] - T[left leaf])
+                    diff = g_reached - g_other if bit == 1 else g_other - g_reached
                     z = min(max((thresholds[c, node] - values[r, c, t]) * 2 * inv_tau[c, t], -limit), limit)
                     p = one / (one + np.exp(z))
                     grad_node = 2 * p * (one - p) * inv_tau[c, t] * diff

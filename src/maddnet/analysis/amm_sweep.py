@@ -7,7 +7,6 @@ as JSON, CSV, Markdown and a PNG plot by :func:`write_report`.
 
 from __future__ import annotations
 
-import csv
 import json
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..amm import MaddnessMatmul
+from .output import pyplot_or_none, write_csv
 from .timing import compare
 
 
@@ -127,8 +127,23 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-TABLE_COLUMNS = ["task", "N_train", "N", "D", "M", "C", "lut_bits", "threads", "nmse", "accuracy",
-                 "exact_accuracy", "fit_s", "approx_s", "matmul_s", "speedup"]
+TABLE_COLUMNS = [
+    "task",
+    "N_train",
+    "N",
+    "D",
+    "M",
+    "C",
+    "lut_bits",
+    "threads",
+    "nmse",
+    "accuracy",
+    "exact_accuracy",
+    "fit_s",
+    "approx_s",
+    "matmul_s",
+    "speedup",
+]
 
 
 def write_report(
@@ -139,11 +154,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{name}.json", "csv": out / f"{name}.csv", "md": out / f"{name}.md"}
     paths["json"].write_text(json.dumps({"results": rows, "references": references or []}, indent=2))
+    write_csv(rows, paths["csv"])
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
     text = [f"# {name}", "", notes, "", markdown_table(rows, [c for c in TABLE_COLUMNS if c in keys])]
     if references:
         text += [
@@ -153,12 +165,8 @@ def write_report(
             markdown_table(references, list(dict.fromkeys(k for r in references for k in r))),
         ]
     paths["md"].write_text("\n".join(text) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return paths
     tasks = list(dict.fromkeys(row["task"] for row in rows))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

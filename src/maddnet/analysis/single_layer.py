@@ -23,6 +23,7 @@ from ..nn import MaddConfig, convert_layer, record_inputs
 from ..nn.config import input_dim, named_leaf_layers
 from ..train import evaluate
 from .amm_sweep import markdown_table
+from .output import pyplot_or_none, write_csv
 
 MIN_INPUT_DIM = 4  # below this a 16-leaf tree per codebook has nothing to choose from
 
@@ -150,7 +151,6 @@ def analyze_layers(
 
 def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> dict[str, Path]:
     """single_layer.json/.csv/.md and single_layer.png (accuracy drop per layer and C)."""
-    import csv
     import json
 
     out = Path(out_dir)
@@ -163,10 +163,7 @@ def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> d
     paths["json"].write_text(json.dumps(result, indent=2))
     rows = result["rows"]
     if rows:
-        with paths["csv"].open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, paths["csv"])
     base = result["baseline"]
     text = [
         f"# Single-layer analysis: {title}",
@@ -184,12 +181,8 @@ def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> d
             markdown_table(result["skipped"], ["layer", "kind", "reason"]),
         ]
     paths["md"].write_text("\n".join(text) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return paths
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(layers) + 4), 4))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.amm_sweep import markdown_table
+from ..analysis.output import pyplot_or_none
 
 
 def _pct(value: float | None) -> str:
@@ -84,12 +85,8 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
 
 def plot_development(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
     """Top-1 after each replacement and after its fine-tune, per step (PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot_or_none()
+    if plt is None:
         return None
     rows = sorted(rows, key=lambda r: r["step"])
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 3), 4))

@@ -155,6 +155,14 @@ def test_one_encoder_many_weights():
         assert nmse(amm(rows), rows @ (weight * scale)) < 0.2
 
 
+def test_inputs_that_require_grad_are_accepted():
+    rows, weight = low_rank_data(nrows=300, ndims=16, nout=4)
+    amm = MaddnessMatmul(ncodebooks=4).fit(rows.requires_grad_(), weight.requires_grad_())
+    out = amm(rows)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, amm(rows.detach()))
+
+
 def test_numpy_in_numpy_out_and_torch_in_torch_out():
     rows, weight = low_rank_data(nrows=500, ndims=16, nout=4)
     amm = MaddnessMatmul(ncodebooks=4).fit(rows.numpy(), weight.numpy())

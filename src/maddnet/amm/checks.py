@@ -13,7 +13,7 @@ ArrayLike = np.ndarray | torch.Tensor
 
 
 def as_matrix(x: ArrayLike, name: str, *, check_finite: bool = True) -> torch.Tensor:
-    """Return ``x`` as a 2-D float tensor (no copy for float32 tensors).
+    """Return ``x`` as a detached 2-D float tensor (no copy for float32 tensors).
 
     numpy arrays are wrapped with ``torch.from_numpy``; the caller converts results back
     with :func:`like_input`. Raises ``ValueError`` naming ``name`` for a wrong rank,
@@ -25,6 +25,8 @@ def as_matrix(x: ArrayLike, name: str, *, check_finite: bool = True) -> torch.Te
         x = torch.from_numpy(np.ascontiguousarray(x))
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    else:
+        x = x.detach()  # the estimator is not differentiable: maddnet.nn layers are
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows x columns), got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:

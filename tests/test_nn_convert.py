@@ -124,8 +124,16 @@ def test_one_call_convert_with_loader_of_pairs_and_summary():
     assert lines[0].split() == ["name", "kind", "D", "M", "C", "K", "D/C", "lut_bits", "lut_bytes", "reads"]
     row = dict(zip(lines[0].split(), lines[3].split(), strict=True))  # layer "3"
     assert row == {
-        "name": "3", "kind": "conv2d", "D": "72", "M": "16", "C": "8", "K": "16", "D/C": "9.0",
-        "lut_bits": "8", "lut_bytes": str(8 * 16 * 16), "reads": "32",
+        "name": "3",
+        "kind": "conv2d",
+        "D": "72",
+        "M": "16",
+        "C": "8",
+        "K": "16",
+        "D/C": "9.0",
+        "lut_bits": "8",
+        "lut_bytes": str(8 * 16 * 16),
+        "reads": "32",
     }
     total = 3 * 16 * 8 + 8 * 16 * 16 + 2 * 16 * 16 + 2 * 16 * 10
     assert lines[-1].split()[-2:] == [str(total), str(4 * (3 + 8 + 2 + 2))]
@@ -288,3 +296,13 @@ def test_converted_model_on_cuda_matches_cpu():
     for (name, p_cpu), (_, p_cuda) in pairs:
         assert p_cuda.grad.device.type == "cuda", name
         torch.testing.assert_close(p_cuda.grad.cpu(), p_cpu.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_default_codebook_rule_keeps_at_most_nine_inputs_per_codebook():
+    from maddnet.nn import default_codebooks
+
+    assert default_codebooks(nn.Conv2d(64, 64, 3)) == 64  # one per input channel, D/C = 9
+    assert default_codebooks(nn.Conv2d(1, 64, (10, 4))) == 5  # D = 40: not a single codebook
+    assert default_codebooks(nn.Conv2d(3, 64, 7)) == 17  # D = 147
+    assert default_codebooks(nn.Conv2d(64, 128, 1)) == 8  # 1x1: D // 8
+    assert default_codebooks(nn.Linear(100, 10)) == 12

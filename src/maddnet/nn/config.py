@@ -27,8 +27,10 @@ class MaddConfig:
         exclude: name patterns never converted (applied after ``layers``).
         ncodebooks: C: one int for all layers, a ``{name: C}`` mapping (names missing
             from it use the rule), a function ``f(name, module) -> C``, or ``None`` for the
-            rule: kh x kw convs with kh kw > 1 get one codebook per input channel
-            (D/C = kh kw, 9 for 3x3); linear and 1x1 convs get ``C = D // codebook_width``
+            rule: kh x kw convs with kh kw > 1 get one codebook per input channel, and more
+            when the kernel has over 9 taps, ``C = max(Cin, ceil(D / 9))`` (D/C = 9 for 3x3;
+            a 10x4 stem on one channel gets C = 5, not 1); linear and 1x1 convs get
+            ``C = D // codebook_width``
             (at least 1, so D/C lies in [codebook_width, 2 codebook_width)).
         codebook_width: target D/C for linear and 1x1 layers.
         nprototypes: K, leaves per tree (16 in MADDness).
@@ -148,7 +150,9 @@ def input_dim(module: nn.Module) -> int:
 
 
 def default_codebooks(module: nn.Module, codebook_width: int = 8) -> int:
-    """The default C: Cin for kh x kw > 1 convs, ``max(1, D // codebook_width)`` otherwise."""
+    """The default C: ``max(Cin, ceil(D / 9))`` for kh x kw > 1 convs (at most 9 inputs per
+    codebook: one codebook per channel for 3x3 kernels, more for larger kernels such as a
+    7x7 or 10x4 stem), ``max(1, D // codebook_width)`` otherwise."""
     if isinstance(module, nn.Conv2d) and module.kernel_size[0] * module.kernel_size[1] > 1:
-        return module.in_channels // module.groups
+        return max(module.in_channels // module.groups, -(-input_dim(module) // 9))
     return max(1, input_dim(module) // codebook_width)

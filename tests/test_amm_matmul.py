@@ -95,8 +95,8 @@ def test_integer_accumulation_is_exact(ncodebooks):
 
 
 def test_nmse_is_small_and_falls_as_codebooks_grow():
-    rows, weight = low_rank_data(nrows=6000, ndims=64, nout=16)
-    train, test = rows[:5000], rows[5000:]
+    rows, weight = low_rank_data(nrows=3000, ndims=64, nout=16)
+    train, test = rows[:2500], rows[2500:]
     errors = [
         nmse(MaddnessMatmul(ncodebooks=c).fit(train, weight)(test), test @ weight) for c in (2, 4, 8, 16)
     ]

@@ -85,7 +85,7 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, A
 # data set size; the Fashion-MNIST ones are measured in experiments/ (see README there).
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
     ("resnet9", "fashion_mnist", dict(
-        model_kwargs={"width": 16}, epochs=10, batch_size=256, optimizer="sgd", lr=0.2,
+        model_kwargs={"width": 16}, epochs=8, batch_size=256, optimizer="sgd", lr=0.2,
         weight_decay=5e-4, label_smoothing=0.1, warmup_epochs=1)),
     ("resnet9", "cifar10", dict(
         model_kwargs={"width": 64}, epochs=24, batch_size=512, optimizer="sgd", lr=0.4,

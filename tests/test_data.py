@@ -33,6 +33,15 @@ def test_missing_folders_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="train"):
         create_dataset("imagenet", "train", root=tmp_path)
 
+def test_missing_data_skips_or_fails_as_required(require_data, monkeypatch):
+    monkeypatch.delenv("MADDNET_REQUIRE_DATA", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no such data"):
+        require_data(False, "no such data")
+    monkeypatch.setenv("MADDNET_REQUIRE_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="MADDNET_REQUIRE_DATA"):
+        require_data(False, "no such data")
+    require_data(True, "present: neither skips nor fails")
+
 # ---------------------------------------------------------------- real data sets
 
 

@@ -124,10 +124,10 @@ def _run_training(config: TrainConfig) -> dict[str, Any]:
     if dist_info.enabled and config.device == "auto" and device.type == "cuda":
         device = pick_device("auto", dist_info.local_rank)
     out_dir = Path(config.out_dir)
-    changed_settings: dict[str, Any] = {}
+    # every process checks (reading only), so a refused resume stops all of them
+    changed_settings = _check_resumable(out_dir, config)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        changed_settings = _check_resumable(out_dir, config)
         if not (out_dir / "config.json").exists():
             config.save(out_dir / "config.json")  # the first piece's config stays
     barrier()
@@ -221,7 +221,7 @@ def _run_training(config: TrainConfig) -> dict[str, Any]:
                "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "num_parameters": sum(p.numel() for p in unwrap(model).parameters())}
     if dist_info.is_main and finished:
-        torch.save(unwrap(model).state_dict(), out_dir / "model.pt")
+        save_checkpoint(out_dir / "model.pt", unwrap(model).state_dict())
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     barrier()
     return results

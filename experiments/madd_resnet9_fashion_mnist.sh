@@ -2,7 +2,7 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -21,4 +21,10 @@ if [ "$what" = retrain ] || [ "$what" = all ]; then
     # 150 final steps; intermediate evaluations on 2,000 test images, dense/last/final on all 10,000
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 50 --final-steps 150 \
         --batch-size 128 --eval-samples 2000 --distill 0.5 --out "$out/retrain"
+fi
+if [ "$what" = retrain_stem9 ] || [ "$what" = all ]; then
+    # the same, but the stem (3x3 conv on 1 channel, D = 9) gets C = 9 (D/C = 1) instead of
+    # C = 1: the single-layer analysis shows the stem alone costs 16 points at C = 1
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 50 --final-steps 150 \
+        --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --out "$out/retrain_stem9"
 fi

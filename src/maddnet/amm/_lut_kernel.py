@@ -42,9 +42,13 @@ def encode(rows, split_dims, thresholds, bad_row):  # pragma: no cover - jit
     return codes
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=True)
+@numba.njit(parallel=True, cache=True, nogil=True)
 def lut_sum_float(codes, lut):  # pragma: no cover - jit
-    """codes (N, C) uint8, lut (C, K, M) float32 -> (N, M) float32 sum of the selected rows."""
+    """codes (N, C) uint8, lut (C, K, M) float32 -> (N, M) float32 sum of the selected rows.
+
+    Codebooks are added in order (no fastmath reassociation), so the sums equal
+    ``embedding_bag``'s up to its own order of additions.
+    """
     nrows, ncodebooks = codes.shape
     nout = lut.shape[2]
     out = np.zeros((nrows, nout), np.float32)

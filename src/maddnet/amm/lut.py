@@ -54,6 +54,11 @@ class QuantizedLut:
         """(C, K, M) float32 table that the integer table stands for."""
         return self.values.float() / self.scale + self.offsets[:, None, :]
 
+    def sum_table(self) -> torch.Tensor:
+        """(C, K, M) float32 ``values / scale``. Scales are powers of two, so every entry is
+        exact and so is every sum of up to 65,793 entries (integer sums below 2**24)."""
+        return self.values.float() / self.scale
+
     def max_abs_error(self) -> torch.Tensor:
         """(M,) bound on |quantised output - float output| for any codes: C / (2 scale)."""
         return self.values.shape[0] / (2 * self.scale)
@@ -90,12 +95,12 @@ def quantize_lut(lut: torch.Tensor, bits: int = 8, granularity: str = "codebook"
 def quantized_lut_sum(codes: torch.Tensor, qlut: QuantizedLut, table: torch.Tensor | None = None):
     """Integer LUT sum, de-quantised: codes (N, C) -> (N, M) float32.
 
-    ``embedding_bag`` sums a float32 copy of the integer table (``table``; pass it to avoid
-    re-making it). Sums of integers below 2**24 are exact in float32 (C * 255 < 2**24 for
-    any C up to 65,793), so the accumulator holds exactly what an integer adder would; on
-    CPU this measured faster than a dedicated uint16 kernel (benchmarks/README.md).
+    ``embedding_bag`` sums ``qlut.sum_table()`` (pass it as ``table`` to avoid re-making
+    it): its entries are the integers times a power of two, so the float32 sums hold
+    exactly what an integer adder followed by the de-quantising shift would; only the
+    final ``+ offsets`` rounds. On CPU this measured faster than a dedicated uint16 numba
+    kernel (benchmarks/README.md).
     """
     if table is None:
-        table = qlut.values.float()
-    acc = lut_sum(codes, table)
-    return acc / qlut.scale + qlut.offsets.sum(0)
+        table = qlut.sum_table()
+    return lut_sum(codes, table).add_(qlut.offsets.sum(0))

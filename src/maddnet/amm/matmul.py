@@ -169,7 +169,7 @@ class MaddnessMatmul:
             self.lut_q_, self._lut_q_table = None, None
         else:
             self.lut_q_ = lut.quantize_lut(table, self.lut_bits, self.lut_granularity)
-            self._lut_q_table = self.lut_q_.values.float()
+            self._lut_q_table = self.lut_q_.sum_table()
 
     @staticmethod
     def _check_weight(B: ArrayLike, ndims: int) -> torch.Tensor:
@@ -285,7 +285,7 @@ class MaddnessMatmul:
                 self.lut_q_ = lut.QuantizedLut(
                     state["lut_q_values"], state["lut_q_offsets"], state["lut_q_scale"], self.lut_bits
                 )
-                self._lut_q_table = self.lut_q_.values.float()
+                self._lut_q_table = self.lut_q_.sum_table()
         return self
 
     def save(self, path: str | os.PathLike) -> None:

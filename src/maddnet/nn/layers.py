@@ -254,7 +254,7 @@ class _MaddLayer(nn.Module):
             codes, context = self._encode(x)
             if quantized:
                 q = self.quantized_lut()
-                out = quantized_lut_sum(codes, q, q.values.to(self.lut.dtype))
+                out = quantized_lut_sum(codes, q, q.sum_table().to(self.lut.dtype))
             else:
                 out = lut_sum(codes, self.lut)
         if self.bias is not None:

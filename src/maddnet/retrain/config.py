@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..nn import MaddConfig
+from ..train.config import JsonConfig
 
 
 @dataclass
-class RetrainConfig:
+class RetrainConfig(JsonConfig):
     """What a retraining run does. Learning rates of 0 freeze a parameter group.
 
     Attributes:
@@ -94,6 +91,10 @@ class RetrainConfig:
     threads: int | None = None
     progress: bool = True
 
+    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"out_dir", "data_root", "device", "threads", "progress"}
+    )
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must lie in [0, 1], got {self.distill}")
@@ -127,25 +128,3 @@ class RetrainConfig:
             seed=self.seed,
             **extra,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RetrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown retrain config keys {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-
-EXECUTION_KEYS = frozenset({"out_dir", "data_root", "device", "threads", "progress"})
-
-
-def config_differences(a: RetrainConfig, b: RetrainConfig) -> dict[str, tuple[Any, Any]]:
-    da, db = a.to_dict(), b.to_dict()
-    return {k: (da[k], db[k]) for k in da if k not in EXECUTION_KEYS and da[k] != db[k]}

@@ -29,7 +29,7 @@ from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild
 from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
 from ..train.optim import warmup_cosine_schedule
 from ..train.runner import model_kwargs_for
-from .config import RetrainConfig, config_differences
+from .config import RetrainConfig
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -232,7 +232,7 @@ class Retrainer:
         saved_path = self.out / "config.json"
         if saved_path.exists():
             saved = RetrainConfig.from_dict(json.loads(saved_path.read_text()))
-            diff = config_differences(saved, self.config)
+            diff = saved.differences(self.config)
             if diff:
                 raise ValueError(
                     f"{self.out} holds a run with another config (differences: {diff}); "

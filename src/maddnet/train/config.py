@@ -7,11 +7,45 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+
+class JsonConfig:
+    """JSON round trip for config dataclasses, and the comparison a resume makes.
+
+    ``EXECUTION_KEYS`` name the fields that only say how a run executes (device, threads,
+    output folder...): a resumed run may change them, but no other field.
+    """
+
+    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def differences(self, other: JsonConfig) -> dict[str, tuple[Any, Any]]:
+        """Fields (other than EXECUTION_KEYS) where ``self`` and ``other`` differ, with both values."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {k: (mine[k], theirs[k]) for k in mine
+                if k not in self.EXECUTION_KEYS and mine[k] != theirs[k]}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """Everything that determines a run; saved as ``config.json`` next to its results.
 
     Epoch-based quantities (warmup) are converted to optimiser steps by the runner.
@@ -50,34 +84,18 @@ class TrainConfig:
     max_steps: int | None = None
     progress: bool = True
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    # keys that only say how a run executes; a resume may change them
+    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset({
+        "device", "num_workers", "threads", "checkpoint_every", "log_every", "max_steps", "progress",
+        "out_dir", "data_root"})
 
 
-# keys that only say how a run executes; a resume may change them
-EXECUTION_KEYS = frozenset({"device", "num_workers", "threads", "checkpoint_every", "log_every",
-                            "max_steps", "progress", "out_dir", "data_root"})
+EXECUTION_KEYS = TrainConfig.EXECUTION_KEYS
 
 
 def config_differences(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """The keys (other than EXECUTION_KEYS) where two configs differ, with both values."""
-    da, db = a.to_dict(), b.to_dict()
-    return {k: (da[k], db[k]) for k in da if k not in EXECUTION_KEYS and da[k] != db[k]}
+    return a.differences(b)
 
 
 # Standard recipes: (model name prefix, data set) → settings. The first match wins;

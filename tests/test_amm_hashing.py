@@ -58,6 +58,114 @@ def test_encode_matches_naive_loop_on_adversarial_rows(encoder):
     np.testing.assert_array_equal(codes.numpy(), naive_encode(rows, split_dims, thresholds))
 
 
+LAYOUTS = {
+    "row-major": lambda rows: torch.from_numpy(rows),
+    "column-major": lambda rows: torch.from_numpy(np.asfortranarray(rows)),  # rows.T contiguous
+    "strided": lambda rows: torch.from_numpy(np.concatenate([rows, rows], axis=1))[:, : rows.shape[1]],
+    "every-other-row": lambda rows: torch.from_numpy(np.repeat(rows, 2, axis=0))[::2],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("depth", [2, 3, 4, 5, 8])
+def test_cpu_kernels_match_naive_loop_in_every_layout(depth, layout):
+    # K = 16 goes through the row-major or the column-major select kernel, other K and
+    # other strides through the general heap walk; 600 rows span several 256-row blocks.
+    rng = np.random.default_rng(10 * depth + len(layout))
+    rows = rng.normal(size=(600, 40)).astype(np.float32)
+    split_dims, thresholds = random_trees(rng, 40, 7, depth)
+    tensor = LAYOUTS[layout](rows)
+    assert np.array_equal(tensor.numpy(), rows)
+    codes = hashing.encode(tensor, torch.from_numpy(split_dims), torch.from_numpy(thresholds))
+    assert codes.dtype == torch.uint8 and codes.shape == (600, 7) and codes.is_contiguous()
+    np.testing.assert_array_equal(codes.numpy(), naive_encode(rows, split_dims, thresholds))
+
+
+def test_column_major_rows_take_the_column_kernel_without_a_copy(monkeypatch):
+    from maddnet.amm import _lut_kernel
+
+    rng = np.random.default_rng(3)
+    rows = np.asfortranarray(rng.normal(size=(300, 24)).astype(np.float32))
+    split_dims, thresholds = random_trees(rng, 24, 4, 4)
+    seen = {}
+    real = _lut_kernel.encode_cols4
+
+    def spy(cols, *args):
+        seen["shares_memory"] = np.shares_memory(cols, rows)
+        return real(cols, *args)
+
+    monkeypatch.setattr(_lut_kernel, "encode_cols4", spy)
+    codes = hashing.encode(torch.from_numpy(rows), torch.from_numpy(split_dims), torch.from_numpy(thresholds))
+    assert seen == {"shares_memory": True}
+    np.testing.assert_array_equal(codes.numpy(), naive_encode(rows, split_dims, thresholds))
+    # a column-major float64 tensor is converted once and keeps its layout
+    seen.clear()
+    hashing.encode(
+        torch.from_numpy(rows.astype(np.float64, order="F")),
+        torch.from_numpy(split_dims),
+        torch.from_numpy(thresholds),
+    )
+    assert seen == {"shares_memory": False}
+
+
+@pytest.mark.parametrize("layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("depth", [3, 4])
+def test_cpu_kernels_on_values_at_and_next_to_thresholds(depth, layout):
+    rng = np.random.default_rng(depth)
+    split_dims, thresholds = random_trees(rng, 9, 4, depth)
+    thresholds[0, 0] = 0.0  # -0.0 and +0.0 are equal: both go left
+    at = thresholds.reshape(-1)
+    pool = np.concatenate(
+        [
+            at,
+            np.nextafter(at, np.float32(np.inf)),
+            np.nextafter(at, np.float32(-np.inf)),
+            [
+                0.0,
+                -0.0,
+                np.float32(1e-45),
+                np.float32(-1e-45),
+                np.finfo(np.float32).max,
+                -np.finfo(np.float32).max,
+            ],
+        ]
+    ).astype(np.float32)
+    rows = rng.choice(pool, size=(1000, 9)).astype(np.float32)
+    rows[:, 4] = pool[1]  # a constant column
+    codes = hashing.encode(LAYOUTS[layout](rows), torch.from_numpy(split_dims), torch.from_numpy(thresholds))
+    np.testing.assert_array_equal(codes.numpy(), naive_encode(rows, split_dims, thresholds))
+    np.testing.assert_array_equal(
+        codes.numpy(),
+        hashing.encode_torch(
+            torch.from_numpy(rows), torch.from_numpy(split_dims), torch.from_numpy(thresholds)
+        ),
+    )
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("depth", [3, 4])
+def test_cpu_kernels_refuse_nan_and_inf_among_read_values(depth, layout):
+    rng = np.random.default_rng(5)
+    rows = rng.normal(size=(700, 12)).astype(np.float32)
+    split_dims, thresholds = random_trees(rng, 12, 3, depth)
+    read = sorted(set(split_dims.reshape(-1).tolist()))
+    unread = sorted(set(range(12)) - set(read))
+    dims, nodes = torch.from_numpy(split_dims), torch.from_numpy(thresholds)
+    for value in (np.nan, np.inf, -np.inf):
+        bad = rows.copy()
+        bad[611, read[-1]] = value
+        bad[650, read[0]] = value  # the first bad row is reported
+        with pytest.raises(ValueError, match=rf"A contains NaN/inf in row 611, column\(s\) \[{read[-1]}\]"):
+            hashing.encode(LAYOUTS[layout](bad), dims, nodes)
+        if unread:  # values the trees never read cannot change the codes
+            ignored = rows.copy()
+            ignored[3, unread[0]] = value
+            np.testing.assert_array_equal(
+                hashing.encode(LAYOUTS[layout](ignored), dims, nodes).numpy(),
+                naive_encode(rows, split_dims, thresholds),
+            )
+
+
 def test_subspace_bounds_are_contiguous_and_balanced():
     bounds = hashing.subspace_bounds(10, 3)
     assert bounds == [(0, 4), (4, 7), (7, 10)]

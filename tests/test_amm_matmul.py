@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from maddnet import MaddnessMatmul, NotFittedError
-from maddnet.amm import lut, prototypes
+from maddnet.amm import hashing, lut, prototypes
 
 
 def low_rank_data(nrows=4000, ndims=64, nout=16, rank=8, noise=0.05, seed=0):
@@ -91,6 +91,74 @@ def test_integer_accumulation_is_exact(ncodebooks):
     # float32 embedding_bag sums of the integer entries are exact (all partial sums < 2**24)
     assert torch.equal(lut.quantized_lut_sum(codes, qlut), expected)
     assert torch.equal(lut.quantized_lut_sum(codes, qlut, qlut.sum_table()), expected)
+
+
+@pytest.mark.parametrize("granularity", ["codebook", "column"])
+@pytest.mark.parametrize(
+    ("ncodebooks", "nprototypes", "nout", "bits"),
+    [
+        (1, 16, 1, 8),
+        (3, 4, 7, 4),
+        (16, 16, 100, 8),
+        (16, 16, 130, 8),
+        (64, 16, 64, 8),
+        (257, 8, 5, 8),
+        (41, 256, 3, 8),
+    ],
+)
+def test_packed_lut_sum_equals_quantized_lut_sum(ncodebooks, nprototypes, nout, bits, granularity):
+    gen = torch.Generator().manual_seed(ncodebooks)
+    table = torch.randn(ncodebooks, nprototypes, nout, generator=gen) * torch.logspace(-3, 2, nout)
+    qlut = lut.quantize_lut(table, bits, granularity)
+    qlut.values[0, 0] = 2**bits - 1  # the largest entries: the uint16 sum reaches its bound
+    codes = torch.randint(0, nprototypes, (700, ncodebooks), generator=gen, dtype=torch.uint8)
+    codes[:5] = 0
+    packed = lut.pack_lut(qlut)
+    assert packed is not None and packed.values.shape[2] % 64 == 0
+    expected = lut.quantized_lut_sum(codes, qlut)
+    assert torch.equal(lut.packed_lut_sum(codes, packed), expected)
+    assert torch.equal(lut.packed_lut_sum(codes.long(), packed), expected)
+
+
+def test_pack_lut_refuses_what_it_cannot_sum_exactly():
+    gen = torch.Generator().manual_seed(0)
+    big = lut.quantize_lut(torch.randn(258, 16, 3, generator=gen))  # 258 * 255 >= 2**16
+    assert lut.pack_lut(big) is None
+    assert lut.pack_lut(lut.quantize_lut(torch.randn(258, 16, 3, generator=gen), bits=7)) is not None
+    odd = lut.quantize_lut(torch.randn(4, 16, 3, generator=gen))
+    assert lut.pack_lut(lut.QuantizedLut(odd.values, odd.offsets, odd.scale * 3, 8)) is None  # not 2**k
+    assert lut.pack_lut(lut.QuantizedLut(odd.values, odd.offsets, odd.scale * 2.0**120, 8)) is None
+    # the estimator falls back to the embedding bag there, with the same result
+    rows, weight = low_rank_data(nrows=600, ndims=258, nout=3)
+    amm = MaddnessMatmul(ncodebooks=258, nprototypes=4).fit(rows, weight)
+    assert amm._packed is False and torch.equal(
+        amm(rows), lut.quantized_lut_sum(amm.encode(rows), amm.lut_q_)
+    )
+    assert amm._packed is None
+
+
+@pytest.mark.parametrize("granularity", ["codebook", "column"])
+def test_predict_is_the_same_for_every_input_layout(granularity):
+    rows, weight = low_rank_data(nrows=1500, ndims=48, nout=70)
+    amm = MaddnessMatmul(ncodebooks=12, lut_granularity=granularity).fit(rows, weight)
+    expected = lut.quantized_lut_sum(hashing.encode_torch(rows, amm.split_dims_, amm.thresholds_), amm.lut_q_)
+    column_major = rows.T.contiguous().T
+    assert column_major.T.is_contiguous()
+    for layout in (
+        rows,
+        column_major,
+        rows.numpy(),
+        np.asfortranarray(rows.numpy()),
+        rows.double().T.contiguous().T,
+    ):
+        out = amm(layout)
+        assert type(out) is type(layout)
+        assert torch.equal(torch.as_tensor(out), expected)
+    assert torch.equal(amm.decode(amm.encode(column_major)), expected)
+    assert torch.equal(amm.decode(amm.encode(column_major).long()), expected)
+    # after a new weight the packed table follows
+    amm.set_weight(2 * weight)
+    assert torch.equal(amm(column_major), lut.quantized_lut_sum(amm.encode(rows), amm.lut_q_))
 
 
 def test_nmse_is_small_and_falls_as_codebooks_grow():

@@ -13,7 +13,8 @@ ArrayLike = np.ndarray | torch.Tensor
 
 
 def as_matrix(x: ArrayLike, name: str, *, check_finite: bool = True) -> torch.Tensor:
-    """Return ``x`` as a detached 2-D float tensor (no copy for float32 tensors).
+    """Return ``x`` as a detached 2-D float tensor (no copy for float32 tensors and for C- or
+    Fortran-ordered float32 arrays).
 
     numpy arrays are wrapped with ``torch.from_numpy``; the caller converts results back
     with :func:`like_input`. Raises ``ValueError`` naming ``name`` for a wrong rank,
@@ -22,7 +23,9 @@ def as_matrix(x: ArrayLike, name: str, *, check_finite: bool = True) -> torch.Te
     if isinstance(x, np.ndarray):
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise TypeError(f"{name} must hold numbers, got numpy dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        if not (x.flags.c_contiguous or x.flags.f_contiguous):
+            x = np.ascontiguousarray(x)  # torch.from_numpy cannot take every stride (negative)
+        x = torch.from_numpy(x)  # no copy: column-major (Fortran-order) rows stay so
     elif not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     else:

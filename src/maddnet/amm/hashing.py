@@ -35,37 +35,57 @@ def subspace_bounds(ndims: int, ncodebooks: int) -> list[tuple[int, int]]:
     return bounds
 
 
+# Rows per block of the CPU encoders (one parallel task; the unit of the NaN/inf check).
+_ENCODE_BLOCK = 256
+
+
 def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Hash every row with every codebook's tree.
 
     Args:
-        rows: (N, D) float.
+        rows: (N, D) float, any strides. Column-major rows (``rows.T`` contiguous, as a
+            1x1 convolution's NCHW activations are) are encoded without a copy, reading
+            only the split columns.
         split_dims: (C, L) int64 global column indices.
         thresholds: (C, 2**L - 1) float32, heap order.
 
     Returns:
-        (N, C) uint8 codes in ``[0, 2**L)``. CPU tensors go through a numba kernel,
-        others through :func:`encode_torch`; both give identical codes.
+        (N, C) uint8 codes in ``[0, 2**L)``. CPU tensors go through numba kernels (for
+        K = 16 one for row-major and one for column-major rows, see ``_lut_kernel``),
+        others through :func:`encode_torch`; all give identical codes.
 
     Raises:
-        ValueError: a value the trees read is NaN or inf (the CPU kernel checks these
+        ValueError: a value the trees read is NaN or inf (the CPU kernels check these
             for free; other values of ``rows`` cannot change the codes).
     """
-    if rows.device.type == "cpu" and thresholds.device.type == "cpu":
-        bad_row = np.full(1, -1, dtype=np.int64)
-        values = np.ascontiguousarray(rows.detach().float().numpy())
-        codes = _lut_kernel.encode(
-            values,
-            np.ascontiguousarray(split_dims.numpy(), dtype=np.int64),
-            np.ascontiguousarray(thresholds.detach().float().numpy()),
-            bad_row,
-        )
-        if bad_row[0] >= 0:
-            row = int(bad_row[0])
-            cols = sorted({int(j) for j in split_dims.reshape(-1) if not np.isfinite(values[row, j])})
-            raise ValueError(f"A contains NaN/inf in row {row}, column(s) {cols} read by the encoder")
-        return torch.from_numpy(codes)
-    return encode_torch(rows, split_dims, thresholds)
+    if rows.device.type != "cpu" or thresholds.device.type != "cpu":
+        return encode_torch(rows, split_dims, thresholds)
+    values = _as_numpy_float32(rows)
+    dims = np.ascontiguousarray(split_dims.numpy(), dtype=np.int64)
+    nodes = np.ascontiguousarray(thresholds.detach().float().numpy())
+    depth = dims.shape[1]
+    row_stride, col_stride = values.strides
+    if depth == 4 and values.shape[0] > 1 and row_stride == values.itemsize and col_stride != values.itemsize:
+        codes, bad = _lut_kernel.encode_cols4(values.T, dims, nodes, _ENCODE_BLOCK)
+    elif depth == 4 and col_stride == values.itemsize:
+        codes, bad = _lut_kernel.encode_rows4(values, dims, nodes, _ENCODE_BLOCK)
+    else:
+        codes, bad = _lut_kernel.encode_any(values, dims, nodes, _ENCODE_BLOCK)
+    if bad.any():
+        start = int(np.argmax(bad)) * _ENCODE_BLOCK
+        read = values[start : start + _ENCODE_BLOCK][:, np.unique(dims)]
+        row = start + int(np.argmax(~np.isfinite(read).all(axis=1)))
+        cols = sorted({int(j) for j in dims.reshape(-1) if not np.isfinite(values[row, j])})
+        raise ValueError(f"A contains NaN/inf in row {row}, column(s) {cols} read by the encoder")
+    return torch.from_numpy(codes)
+
+
+def _as_numpy_float32(rows: torch.Tensor) -> np.ndarray:
+    """A float32 numpy view of ``rows`` (a converted copy for other dtypes, strides kept)."""
+    rows = rows.detach()
+    if rows.dtype != torch.float32:
+        rows = rows.float()  # preserves the layout of dense tensors
+    return rows.numpy()
 
 
 def encode_torch(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

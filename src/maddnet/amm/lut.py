@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _lut_kernel
 from .prototypes import code_indices
 
 GRANULARITIES = ("codebook", "column")
@@ -104,3 +106,61 @@ def quantized_lut_sum(codes: torch.Tensor, qlut: QuantizedLut, table: torch.Tens
     if table is None:
         table = qlut.sum_table()
     return lut_sum(codes, table).add_(qlut.offsets.sum(0))
+
+
+# Rows per parallel task of the CPU LUT sum.
+_SUM_BLOCK = 64
+
+
+@dataclass
+class PackedLut:
+    """A :class:`QuantizedLut` laid out for the CPU integer LUT sum (:func:`packed_lut_sum`).
+
+    Attributes:
+        values: (C, K, Mp) uint8 numpy array, the LUT with its columns padded with zeros to
+            a multiple of 64 (whole vector passes, no remainder loop).
+        inv_scale: (M,) float32 ``1 / scale`` (exact: scales are powers of two).
+        offset_sum: (M,) float32 ``offsets.sum(0)``, computed as :func:`quantized_lut_sum` does.
+    """
+
+    values: np.ndarray
+    inv_scale: np.ndarray
+    offset_sum: np.ndarray
+
+
+def pack_lut(qlut: QuantizedLut) -> PackedLut | None:
+    """The CPU form of ``qlut``, or ``None`` when the kernel could not reproduce
+    :func:`quantized_lut_sum` exactly: a CPU table is needed, the integer sum must fit
+    uint16 (``C * (2**bits - 1) < 2**16``, i.e. C <= 257 at 8 bits) and the scales must be
+    powers of two whose reciprocals are exact normal floats (always so for tables from
+    :func:`quantize_lut`, short of spreads below ~1e-30)."""
+    values = qlut.values
+    if values.device.type != "cpu" or values.dtype != torch.uint8:
+        return None
+    ncodebooks, nprototypes, nout = values.shape
+    if ncodebooks * (2**qlut.bits - 1) >= 2**16 or int(values.max()) >= 2**qlut.bits:
+        return None
+    scale = qlut.scale.detach().float()
+    mantissa, _ = torch.frexp(scale)
+    if not (
+        bool((mantissa == 0.5).all()) and bool((scale >= 2.0**-100).all()) and bool((scale <= 2.0**100).all())
+    ):
+        return None
+    padded = -(-nout // 64) * 64
+    table = np.zeros((ncodebooks, nprototypes, padded), np.uint8)
+    table[:, :, :nout] = values.numpy()
+    inv_scale = (1.0 / scale).numpy().astype(np.float32)
+    offset_sum = qlut.offsets.detach().float().sum(0).numpy().astype(np.float32)
+    return PackedLut(table, np.ascontiguousarray(inv_scale), np.ascontiguousarray(offset_sum))
+
+
+def packed_lut_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tensor:
+    """:func:`quantized_lut_sum` on CPU through a numba kernel: codes (N, C) in
+    ``[0, K)`` -> (N, M) float32, bit for bit the same result.
+
+    The uint8 entries are summed in uint16 and scaled by ``1/scale`` (a power of two, so
+    exact) before the one rounding ``+ offsets.sum(0)``, as the float32 embedding bag does.
+    """
+    codes_np = np.ascontiguousarray(codes.numpy(), dtype=np.uint8)
+    out = _lut_kernel.lut_sum_u8(codes_np, packed.values, packed.inv_scale, packed.offset_sum, _SUM_BLOCK)
+    return torch.from_numpy(out)

@@ -1,4 +1,4 @@
-"""numba CPU kernels for MADD layers (training backward, conv encoding).
+"""numba CPU kernels for MADD layers: training backward on gathered values, conv tap gather/scatter.
 
 Each kernel has a tensor-op twin in :mod:`maddnet.nn.functional` that runs on any device;
 tests check that both give the same numbers. Kernels parallelise over codebooks so the
@@ -146,66 +146,6 @@ def lut_gradient(codes, grad_out, nprototypes, nparts):  # pragma: no cover
     return grad
 
 
-@numba.njit(inline="always")
-def _walk_level(leaf, line, valid, x0, stride_x, out_w, width, thresholds_c, first):  # pragma: no cover
-    """One tree level for a row of output positions: leaf = 2 leaf + (x > v[leaf]).
-
-    ``line`` is the image row the tap reads (``valid`` False: the row lies in the zero
-    padding). Positions whose column falls in the padding read 0; the interior loop has
-    no bounds checks.
-    """
-    zero = np.float32(0.0)
-    if not valid:
-        for ox in range(out_w):
-            leaf[ox] = 2 * leaf[ox] + (zero > thresholds_c[first + leaf[ox]])
-        return
-    # interior: 0 <= ox * stride_x + x0 < width
-    lo = 0 if x0 >= 0 else (-x0 + stride_x - 1) // stride_x
-    hi = (width - 1 - x0) // stride_x + 1 if width - 1 - x0 >= 0 else 0
-    lo = min(lo, out_w)
-    hi = max(lo, min(hi, out_w))
-    for ox in range(lo):
-        leaf[ox] = 2 * leaf[ox] + (zero > thresholds_c[first + leaf[ox]])
-    for ox in range(lo, hi):
-        leaf[ox] = 2 * leaf[ox] + (line[ox * stride_x + x0] > thresholds_c[first + leaf[ox]])
-    for ox in range(hi, out_w):
-        leaf[ox] = 2 * leaf[ox] + (zero > thresholds_c[first + leaf[ox]])
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def conv_encode(
-    images, taps, thresholds, out_h, out_w, stride_y, stride_x, pad_y, pad_x
-):  # pragma: no cover
-    """Codes of every conv patch, read straight from the (unpadded) images.
-
-    images (B, Cin, H, W) float32; taps (C, L, 3) int64 = (channel, dy, dx) of each split
-    column, dilation included; thresholds (C, K-1) float32 -> (B*Hout*Wout, C) uint8, rows
-    ordered (batch, oy, ox). Zero padding is applied on the fly (no padded copy). Threads
-    take output rows; the inner loop runs along the row (contiguous loads for stride 1).
-    """
-    batch, _, height, width = images.shape
-    ncodebooks, depth = taps.shape[0], taps.shape[1]
-    codes = np.empty((batch * out_h * out_w, ncodebooks), np.uint8)
-    for task in numba.prange(batch * out_h):
-        b = task // out_h
-        oy = task - b * out_h
-        row0 = task * out_w
-        leaf = np.empty(out_w, np.int64)
-        for c in range(ncodebooks):
-            leaf[:] = 0
-            for t in range(depth):
-                iy = oy * stride_y + taps[c, t, 1] - pad_y
-                valid = 0 <= iy < height
-                line = images[b, taps[c, t, 0], iy if valid else 0]
-                _walk_level(
-                    leaf, line, valid, taps[c, t, 2] - pad_x, stride_x, out_w, width,
-                    thresholds[c], (1 << t) - 1,
-                )
-            for ox in range(out_w):
-                codes[row0 + ox, c] = leaf[ox]
-    return codes
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
 def conv_gather(
     images, taps, out_h, out_w, stride_y, stride_x, pad_y, pad_x
@@ -257,55 +197,6 @@ def conv_scatter(
                             if 0 <= ix < width:
                                 line[ix] += grad_values[row0 + ox, c, t]
     return grad
-
-
-@numba.njit(parallel=True, cache=True, nogil=True)
-def conv_forward(
-    images, taps, thresholds, table, inv_scale, offset_sum, bias, accumulator,
-    out_h, out_w, stride_y, stride_x, pad_y, pad_x,
-):  # pragma: no cover
-    """Eval-mode MADD conv in one pass: encode each patch, sum its LUT rows, write NCHW.
-
-    images (B, Cin, H, W) float32; taps (C, L, 3) int64; thresholds (C, K-1) float32;
-    table (C, K, M) uint8 (integer LUT) or float32; inv_scale, offset_sum, bias (M,)
-    float32 (1 / scale, summed offsets and bias; ones / zeros for a float LUT);
-    accumulator: an empty array whose dtype is the accumulator's (uint16 / int32 for the
-    integer LUT: exact; float32 for a float LUT). Returns (B, M, Hout, Wout) float32
-    ``acc * inv_scale + offset_sum + bias``, the same numbers as encode + LUT sum + bias.
-    """
-    batch, _, height, width = images.shape
-    ncodebooks, depth = taps.shape[0], taps.shape[1]
-    nout = table.shape[2]
-    out = np.empty((batch, nout, out_h, out_w), np.float32)
-    for task in numba.prange(batch * out_h):
-        b = task // out_h
-        oy = task - b * out_h
-        leaf = np.empty(out_w, np.int64)
-        codes = np.empty((out_w, ncodebooks), np.uint8)
-        for c in range(ncodebooks):
-            leaf[:] = 0
-            for t in range(depth):
-                iy = oy * stride_y + taps[c, t, 1] - pad_y
-                valid = 0 <= iy < height
-                line = images[b, taps[c, t, 0], iy if valid else 0]
-                _walk_level(
-                    leaf, line, valid, taps[c, t, 2] - pad_x, stride_x, out_w, width,
-                    thresholds[c], (1 << t) - 1,
-                )
-            for ox in range(out_w):
-                codes[ox, c] = leaf[ox]
-        acc = np.zeros((out_w, nout), accumulator.dtype)
-        for ox in range(out_w):
-            row_acc = acc[ox]
-            for c in range(ncodebooks):
-                entry = table[c, codes[ox, c]]
-                for m in range(nout):
-                    row_acc[m] += entry[m]
-        for m in range(nout):
-            target = out[b, m, oy]
-            for ox in range(out_w):
-                target[ox] = (np.float32(acc[ox, m]) * inv_scale[m] + offset_sum[m]) + bias[m]
-    return out
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)

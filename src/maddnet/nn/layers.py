@@ -38,7 +38,7 @@ from ..amm import MaddnessMatmul, NotFittedError
 from ..amm.checks import check_nprototypes
 from ..amm.lut import GRANULARITIES, QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum
 from .functional import SURROGATES, encode_values, madd_lut
-from .patches import ConvGeometry, conv_lut_forward, encode_patches, gather_patch_columns
+from .patches import ConvGeometry, MaddConvFunction, conv_lut_forward, encode_patches, gather_patch_columns
 
 DEFAULT_TEMPERATURE = 0.5
 
@@ -229,6 +229,11 @@ class _MaddLayer(nn.Module):
         """Codes straight from the input where a subclass has a kernel for it, else None."""
         return None
 
+    def _fused_train_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        """The differentiable forward (bias included) in one fused function where a subclass
+        has one for this input, else None."""
+        return None
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes of the layer's rows (N = rows of :meth:`_gather`)."""
         return self._encode(x)[0]
@@ -239,6 +244,9 @@ class _MaddLayer(nn.Module):
             x.requires_grad or self.thresholds.requires_grad or self.lut.requires_grad
         )
         if needs_grad:
+            fused = self._fused_train_forward(x, quantized)
+            if fused is not None:
+                return fused
             values, context = self._gather(x)
             if values.dtype != self.lut.dtype:
                 values = values.to(self.lut.dtype)
@@ -528,6 +536,21 @@ class MaddConv2d(_MaddLayer):
         )
         if out is None:
             return None
+        return out[0] if unbatched else out
+
+    def _fused_train_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        # CPU float32 with the soft surrogate: the fused function reads taps from the image and
+        # writes the input gradient directly (no (N, C, L) gathered values).
+        images, (_, _, _, unbatched) = self._check_input(x)
+        on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (images, self.lut))
+        if not on_cpu or self.surrogate != "soft":
+            return None
+        q = self.quantized_lut() if quantized else None
+        q_args = (None, None, None, 0) if q is None else (q.values, q.offsets, q.scale, q.bits)
+        out = MaddConvFunction.apply(
+            images, self.thresholds, self.lut, self.temperature, self.bias, *q_args, self.geometry,
+            self.split_dims,
+        )
         return out[0] if unbatched else out
 
     def _restore(self, out: torch.Tensor, context) -> torch.Tensor:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _kernels
+from ..amm.lut import QuantizedLut
+from . import _conv_kernels, _kernels
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,7 @@ class ConvGeometry:
         return (ys[:, None] * padded_w + xs[None, :]).reshape(-1)
 
 
-def gather_patch_columns(
-    images: torch.Tensor, geometry: ConvGeometry, columns: torch.Tensor
-) -> torch.Tensor:
+def gather_patch_columns(images: torch.Tensor, geometry: ConvGeometry, columns: torch.Tensor) -> torch.Tensor:
     """Columns of every patch: images (B, Cin, H, W), columns (C, L) -> (B * P, C, L).
 
     Rows are ordered (batch, oy, ox) like ``F.unfold(...).transpose(1, 2)``; equals
@@ -102,10 +102,89 @@ class _GatherColumns(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_values):
-        grad = _kernels.conv_scatter(
-            grad_values.contiguous().numpy(), ctx.taps, *ctx.image_shape, *ctx.args
-        )
+        grad = _kernels.conv_scatter(grad_values.contiguous().numpy(), ctx.taps, *ctx.image_shape, *ctx.args)
         return torch.from_numpy(grad), None, None
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Index plan of the numba conv kernels (see :mod:`maddnet.nn._conv_kernels`).
+
+    offsets (C, L) int64: flat offset of each split tap in the padded (Cin, Hp, Wp) plane;
+    q_base (nq,) int64 flat origin of each output position, empty for stride 1 (q itself);
+    pitch: positions per output row in q space (Wp for stride 1, else Wout).
+    """
+
+    offsets: np.ndarray
+    q_base: np.ndarray
+    out_h: int
+    out_w: int
+    pitch: int
+
+    @property
+    def nq(self) -> int:
+        return (self.out_h - 1) * self.pitch + self.out_w
+
+    @property
+    def ncols(self) -> int:
+        """Columns of q-space buffers: ``out_h * pitch`` (>= nq), so rows reshape to (out_h, pitch)."""
+        return self.out_h * self.pitch
+
+
+def conv_plan(geometry: ConvGeometry, split_dims: torch.Tensor, height: int, width: int) -> ConvPlan:
+    """The :class:`ConvPlan` of a conv with these split dims on (H, W) inputs."""
+    out_h, out_w = geometry.output_size(height, width)
+    offsets = geometry.column_offsets(split_dims.detach().cpu().long(), height, width).numpy()
+    if geometry.stride == (1, 1):
+        padded_w = width + 2 * geometry.padding[1]
+        return ConvPlan(offsets, np.zeros(0, np.int64), out_h, out_w, padded_w)
+    q_base = geometry.position_offsets(height, width, torch.device("cpu")).numpy()
+    return ConvPlan(offsets, q_base, out_h, out_w, out_w)
+
+
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def _quantized_args(quantized, lut: torch.Tensor, bias: torch.Tensor | None):
+    """(table, inv_scale, offset_sum, bias, accumulator) numpy arguments of conv_forward."""
+    ncodebooks, _, nout = lut.shape
+    if quantized is None:
+        table = lut.detach().contiguous().numpy()
+        inv_scale = np.ones(nout, np.float32)
+        offset_sum = np.zeros(nout, np.float32)
+        accumulator = np.zeros(0, np.float32)
+    else:
+        table = quantized.values.contiguous().numpy()
+        inv_scale = (1.0 / quantized.scale).float().contiguous().numpy()
+        offset_sum = quantized.offsets.sum(0).float().contiguous().numpy()
+        # exact integer sums: uint16 holds C * (2**bits - 1) for C <= 257 at 8 bits
+        wide = ncodebooks * (2**quantized.bits - 1) >= 1 << 16
+        accumulator = np.zeros(0, np.int32 if wide else np.uint16)
+    bias_np = np.zeros(nout, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
+    return table, inv_scale, offset_sum, bias_np, accumulator
+
+
+def _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, codes, want_out):
+    table, inv_scale, offset_sum, bias_np, accumulator = _quantized_args(quantized, lut, bias)
+    return _conv_kernels.conv_forward(
+        images.detach().contiguous().numpy(),
+        plan.offsets,
+        plan.q_base,
+        thresholds.detach().float().contiguous().numpy(),
+        table,
+        inv_scale,
+        offset_sum,
+        bias_np,
+        accumulator,
+        plan.out_h,
+        plan.out_w,
+        plan.pitch,
+        geometry.padding[0],
+        geometry.padding[1],
+        codes,
+        want_out,
+    )
 
 
 def conv_lut_forward(
@@ -123,31 +202,19 @@ def conv_lut_forward(
     LUT, a :class:`~maddnet.amm.lut.QuantizedLut`) and adding ``bias``. Returns None where
     the kernel does not apply (other devices / dtypes).
     """
-    if images.device.type != "cpu" or images.dtype != torch.float32 or lut.dtype != torch.float32:
+    if not _cpu_float32(images, lut):
         return None
-    ncodebooks, _, nout = lut.shape
-    out_h, out_w = geometry.output_size(images.shape[2], images.shape[3])
-    if quantized is None:
-        table = lut.detach().contiguous().numpy()
-        inv_scale = np.ones(nout, np.float32)
-        offset_sum = np.zeros(nout, np.float32)
-        accumulator = np.zeros(0, np.float32)
-    else:
-        table = quantized.values.contiguous().numpy()
-        inv_scale = (1.0 / quantized.scale).float().contiguous().numpy()
-        offset_sum = quantized.offsets.sum(0).float().contiguous().numpy()
-        # exact integer sums: uint16 holds C * (2**bits - 1) for C <= 257 at 8 bits
-        wide = ncodebooks * (2**quantized.bits - 1) >= 1 << 16
-        accumulator = np.zeros(0, np.int32 if wide else np.uint16)
-    bias_np = np.zeros(nout, np.float32) if bias is None else bias.detach().float().contiguous().numpy()
-    out = _kernels.conv_forward(
-        images.detach().contiguous().numpy(),
-        geometry.column_taps(split_dims).numpy(),
-        thresholds.detach().float().contiguous().numpy(),
-        table, inv_scale, offset_sum, bias_np, accumulator,
-        out_h, out_w, geometry.stride[0], geometry.stride[1], geometry.padding[0], geometry.padding[1],
-    )
+    plan = conv_plan(geometry, split_dims, images.shape[2], images.shape[3])
+    no_codes = np.empty((0, lut.shape[0], 0), np.uint8)
+    out = _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, no_codes, True)
     return torch.from_numpy(out)
+
+
+def _codes_as_rows(codes: np.ndarray, plan: ConvPlan) -> torch.Tensor:
+    """(B, C, out_h * pitch) q-space codes -> (B * Hout * Wout, C) rows ordered (b, oy, ox)."""
+    batch, ncodebooks = codes.shape[:2]
+    grid = torch.from_numpy(codes).reshape(batch, ncodebooks, plan.out_h, plan.pitch)[..., : plan.out_w]
+    return grid.permute(0, 2, 3, 1).reshape(-1, ncodebooks).contiguous()
 
 
 def encode_patches(
@@ -158,21 +225,109 @@ def encode_patches(
     Returns None where the fused kernel does not apply (other devices / dtypes); callers
     then gather the split values and use the core encoder.
     """
-    if images.device.type != "cpu" or images.dtype != torch.float32:
+    if not _cpu_float32(images):
         return None
-    out_h, out_w = geometry.output_size(images.shape[2], images.shape[3])
-    codes = _kernels.conv_encode(
-        images.detach().contiguous().numpy(),
-        geometry.column_taps(split_dims).numpy(),
-        thresholds.detach().float().contiguous().numpy(),
-        out_h,
-        out_w,
-        geometry.stride[0],
-        geometry.stride[1],
-        geometry.padding[0],
-        geometry.padding[1],
-    )
-    return torch.from_numpy(codes)
+    plan = conv_plan(geometry, split_dims, images.shape[2], images.shape[3])
+    ncodebooks = split_dims.shape[0]
+    codes = np.empty((images.shape[0], ncodebooks, plan.ncols), np.uint8)
+    # a one-column dummy table: encoding only
+    dummy = torch.zeros(ncodebooks, 1, 1)
+    _run_forward(images, geometry, plan, thresholds, dummy, None, None, codes, False)
+    return _codes_as_rows(codes, plan)
+
+
+class MaddConvFunction(torch.autograd.Function):
+    """Fused MADD conv on CPU float32: forward reads the image, backward writes its gradient.
+
+    Forward: hard encoding straight from the image + LUT sum (+ bias), NCHW out. Backward:
+    the exact LUT gradient, the soft-tree surrogate for thresholds and input taps (the maths
+    of :func:`maddnet.nn.functional.tree_surrogate_grads`), and the bias gradient. The
+    split values are never gathered into an (N, C, L) tensor.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        images,
+        thresholds,
+        lut,
+        temperature,
+        bias,
+        q_values,
+        q_offsets,
+        q_scale,
+        bits,
+        geometry,
+        split_dims,
+    ):
+        plan = conv_plan(geometry, split_dims, images.shape[2], images.shape[3])
+        ncodebooks = lut.shape[0]
+        codes = np.empty((images.shape[0], ncodebooks, plan.ncols), np.uint8)
+        quantized = None if q_values is None else QuantizedLut(q_values, q_offsets, q_scale, bits)
+        out = _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, codes, True)
+        # the backward sees the table the forward read (the de-quantised one under QAT)
+        table = lut.detach() if quantized is None else quantized.dequantize()
+        ctx.save_for_backward(images, thresholds, table, temperature)
+        ctx.codes, ctx.plan, ctx.geometry = codes, plan, geometry
+        ctx.has_bias = bias is not None
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        images, thresholds, table, temperature = ctx.saved_tensors
+        plan, geometry = ctx.plan, ctx.geometry
+        need_images, need_thresholds, need_lut = ctx.needs_input_grad[:3]
+        ncodebooks, nprototypes, nout = table.shape
+        grad_out = grad_out.detach().float().contiguous()
+        flat_table = table.reshape(ncodebooks * nprototypes, nout).float().contiguous()
+        grad_lut = np.zeros((ncodebooks, nprototypes, nout), np.float32)
+        grad_thresholds = np.zeros(tuple(thresholds.shape), np.float64)
+        images_np = images.detach().contiguous().numpy()
+        grad_images = np.empty(images.shape if need_images else (0, 0, 0, 0), np.float32)
+        inv_tau = (1.0 / temperature.float()).contiguous().numpy()
+        thresholds_np = thresholds.detach().float().contiguous().numpy()
+        ngroups = max(1, min(numba.get_num_threads(), ncodebooks))
+        # buffers reused image after image (fresh 10 MB allocations page-fault on every call)
+        rows = torch.zeros(nout, plan.out_h, plan.pitch)
+        per_position = rows.view(nout, plan.ncols)
+        rows_t = torch.empty(plan.ncols, nout)
+        grad_scores = torch.empty(ncodebooks * nprototypes, plan.ncols)
+        for b in range(images.shape[0]):
+            rows[:, :, : plan.out_w] = grad_out[b]
+            torch.mm(flat_table, per_position, out=grad_scores)  # (C*K, q): T[c, k] . dL/dY[q]
+            rows_t.copy_(per_position.T)
+            _conv_kernels.conv_backward_image(
+                images_np,
+                b,
+                plan.offsets,
+                plan.q_base,
+                thresholds_np,
+                inv_tau,
+                ctx.codes[b],
+                grad_scores.numpy(),
+                rows_t.numpy(),
+                grad_lut,
+                grad_thresholds,
+                grad_images,
+                plan.nq,
+                geometry.padding[0],
+                geometry.padding[1],
+                ngroups,
+            )
+        grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return (
+            torch.from_numpy(grad_images) if need_images else None,
+            torch.from_numpy(grad_thresholds).to(thresholds.dtype) if need_thresholds else None,
+            torch.from_numpy(grad_lut).to(table.dtype) if need_lut else None,
+            None,
+            grad_bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def gather_patches(

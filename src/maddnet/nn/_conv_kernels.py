@@ -1,0 +1,320 @@
+"""numba CPU kernels of the MADD conv: fused eval forward, encoding, training backward.
+
+Layout. Each image is copied into a zero-padded plane (Cin, Hp, Wp) held by the thread
+(it stays in cache), so every split tap is a flat offset ``tap_offset = channel * Hp * Wp
++ dy * Wp + dx`` (dilation included) and the tap of output position q is
+``plane[q_base[q] + tap_offset]``. Output positions are indexed by ``q``:
+
+* stride 1: ``q = oy * Wp + ox`` (the padded row pitch), so ``q_base[q] = q`` and one
+  contiguous loop runs over the whole image; the ``Wp - Wout`` positions per row with
+  ``ox >= Wout`` are computed and ignored (their gradients are zero);
+* other strides: ``q = oy * Wout + ox`` and ``q_base[q] = oy * sy * Wp + ox * sx``.
+
+``nq = (Hout - 1) * pitch + Wout`` positions in all. Loops run over q, so they are long
+and vectorise. Trees of depth 4 (K = 16, the MADDness default) walk the levels with a
+chain of selects instead of a threshold gather. Kernels work on float32 only.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# fastmath without nnan / ninf: inputs are finite, clamps keep exp finite.
+_FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
+# q positions per block of the training backward (its temporaries: ~ (2K) x block floats)
+_QBLOCK = 256
+
+
+@numba.njit(inline="always")
+def _pad_image(images, b, plane, pad_y, pad_x):  # pragma: no cover
+    """Copy image b into the zeroed padded plane (Cin, Hp, Wp)."""
+    channels, height, width = images.shape[1], images.shape[2], images.shape[3]
+    for ch in range(channels):
+        for y in range(height):
+            src = images[b, ch, y]
+            dst = plane[ch, y + pad_y]
+            for x in range(width):
+                dst[x + pad_x] = src[x]
+
+
+@numba.njit(inline="always")
+def _leaf4(x0, x1, x2, x3, v):  # pragma: no cover
+    """Leaf of a depth-4 tree with heap-ordered thresholds v (a 15-tuple): right iff x > v[node]."""
+    b0 = x0 > v[0]
+    t1 = v[2] if b0 else v[1]
+    b1 = x1 > t1
+    if b0:
+        t2 = v[6] if b1 else v[5]
+    else:
+        t2 = v[4] if b1 else v[3]
+    b2 = x2 > t2
+    if b0:
+        if b1:
+            t3 = v[14] if b2 else v[13]
+        else:
+            t3 = v[12] if b2 else v[11]
+    else:
+        if b1:
+            t3 = v[10] if b2 else v[9]
+        else:
+            t3 = v[8] if b2 else v[7]
+    b3 = x3 > t3
+    return 8 * b0 + 4 * b1 + 2 * b2 + b3
+
+
+@numba.njit(inline="always")
+def _encode_codebook(flat, q_base, offsets_c, v, leaf):  # pragma: no cover
+    """leaf[q] (uint8, (nq,)) = the codebook's code at every position q.
+
+    flat: the padded plane, flattened; offsets_c (L,) tap offsets; v (K-1,) thresholds.
+    q_base empty means stride 1 (q_base[q] = q).
+    """
+    nq = leaf.shape[0]
+    depth = offsets_c.shape[0]
+    contiguous = q_base.shape[0] == 0
+    if depth == 4:
+        # thresholds as scalars: loop-invariant registers in the vector loop
+        t = (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14])
+        o0, o1, o2, o3 = offsets_c[0], offsets_c[1], offsets_c[2], offsets_c[3]
+        if contiguous:
+            for q in range(nq):
+                leaf[q] = _leaf4(flat[q + o0], flat[q + o1], flat[q + o2], flat[q + o3], t)
+        else:
+            for q in range(nq):
+                base = q_base[q]
+                leaf[q] = _leaf4(flat[base + o0], flat[base + o1], flat[base + o2], flat[base + o3], t)
+        return
+    node = np.zeros(nq, np.int32)
+    for level in range(depth):
+        first = (1 << level) - 1
+        o = offsets_c[level]
+        for q in range(nq):
+            base = q if contiguous else q_base[q]
+            node[q] = 2 * node[q] + (flat[base + o] > v[first + node[q]])
+    for q in range(nq):
+        leaf[q] = node[q]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def conv_forward(
+    images,
+    offsets,
+    q_base,
+    thresholds,
+    table,
+    inv_scale,
+    offset_sum,
+    bias,
+    accumulator,
+    out_h,
+    out_w,
+    pitch,
+    pad_y,
+    pad_x,
+    codes,
+    want_out,
+):  # pragma: no cover
+    """MADD conv forward: encode every patch, sum its LUT rows, write NCHW.
+
+    images (B, Cin, H, W) float32; offsets (C, L) int64 tap offsets; q_base (nq,) int64
+    or empty (stride 1); thresholds (C, K-1) float32; table (C, K, M) uint8 (integer LUT)
+    or float32; inv_scale, offset_sum, bias (M,) float32 (1 / scale, summed offsets and
+    bias; ones / zeros for a float LUT); accumulator: an empty array of the accumulator
+    dtype (uint16 / int32 for the integer LUT: exact sums; float32 for a float LUT);
+    codes (B, C, >= nq) uint8 to fill (the training backward reads them) or (0, C, 0);
+    want_out False skips the LUT sum (encoding only). Returns (B, M, Hout, Wout) float32
+    ``acc * inv_scale + offset_sum + bias`` (empty when not wanted). Threads take images.
+    """
+    batch, channels, height, width = images.shape
+    ncodebooks = offsets.shape[0]
+    nout = table.shape[2]
+    nq = (out_h - 1) * pitch + out_w
+    keep_codes = codes.shape[0] > 0
+    out = np.empty((batch if want_out else 0, nout, out_h, out_w), np.float32)
+    for b in numba.prange(batch):
+        plane = np.zeros((channels, height + 2 * pad_y, width + 2 * pad_x), np.float32)
+        _pad_image(images, b, plane, pad_y, pad_x)
+        flat = plane.reshape(-1)
+        image_codes = codes[b] if keep_codes else np.empty((ncodebooks, nq), np.uint8)
+        for c in range(ncodebooks):
+            _encode_codebook(flat, q_base, offsets[c], thresholds[c], image_codes[c, :nq])
+        if not want_out:
+            continue
+        acc = np.zeros(nout, accumulator.dtype)
+        result = np.empty((out_w, nout), np.float32)
+        row_codes = np.empty(ncodebooks, np.int64)
+        for oy in range(out_h):
+            for ox in range(out_w):
+                q = oy * pitch + ox
+                for c in range(ncodebooks):
+                    row_codes[c] = image_codes[c, q]
+                acc[:] = 0
+                for c in range(ncodebooks):
+                    entry = table[c, row_codes[c]]
+                    for m in range(nout):
+                        acc[m] += entry[m]
+                for m in range(nout):
+                    result[ox, m] = (np.float32(acc[m]) * inv_scale[m] + offset_sum[m]) + bias[m]
+            for m in range(nout):
+                target = out[b, m, oy]
+                for ox in range(out_w):
+                    target[ox] = result[ox, m]
+    return out
+
+
+@numba.njit(inline="always")
+def _exp32(z, out, bits, bits_as_float):  # pragma: no cover
+    """out[i] = exp(z[i]) for float32 z clamped to [-80, 80], vectorisable (no libm call).
+
+    Cody-Waite reduction ``z = n ln2 + r``, |r| <= ln2 / 2, a degree-7 Taylor polynomial
+    for e^r (relative error < 1e-7) and 2^n built from its exponent bits (``bits`` int32
+    scratch, ``bits_as_float`` its float32 view).
+    """
+    f32 = np.float32
+    for i in range(z.shape[0]):
+        x = min(max(z[i], f32(-80.0)), f32(80.0))
+        n = np.floor(x * f32(1.4426950408889634) + f32(0.5))
+        r = (x - n * f32(0.693145751953125)) - n * f32(1.428606765330187e-06)
+        p = f32(1.0 / 5040.0)
+        p = p * r + f32(1.0 / 720.0)
+        p = p * r + f32(1.0 / 120.0)
+        p = p * r + f32(1.0 / 24.0)
+        p = p * r + f32(1.0 / 6.0)
+        p = p * r + f32(0.5)
+        p = p * r + f32(1.0)
+        p = p * r + f32(1.0)
+        out[i] = p
+        bits[i] = (np.int32(n) + 127) << 23
+    for i in range(z.shape[0]):
+        out[i] *= bits_as_float[i]
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def conv_backward_image(
+    images,
+    b,
+    offsets,
+    q_base,
+    thresholds,
+    inv_tau,
+    codes,
+    grad_scores,
+    grad_rows,
+    grad_lut,
+    grad_thresholds,
+    grad_images,
+    nq,
+    pad_y,
+    pad_x,
+    ngroups,
+):  # pragma: no cover
+    """Training backward of a MADD conv for image b (soft-tree surrogate, see functional.py).
+
+    images (B, Cin, H, W) float32; offsets (C, L); q_base (nq,) or empty (stride 1);
+    thresholds (C, K-1) float32; inv_tau (C, L) float32; codes (C, >= nq) uint8 (the
+    forward's codes of this image); grad_scores (C*K, >= nq) float32 = ``T[c, k] . dL/dY[q]``
+    (zero at ignored positions); grad_rows (>= nq, M) float32 = dL/dY per position (zero at
+    ignored positions); the first nq positions are read. Adds into grad_lut (C, K, M)
+    float32 (exact LUT gradient) and grad_thresholds (C, K-1) float64, and writes
+    grad_images[b] (skipped when grad_images is empty). Threads take groups of codebooks
+    (``ngroups``), each with its own padded gradient plane, summed at the end.
+    """
+    _, channels, height, width = images.shape
+    ncodebooks, depth = offsets.shape
+    nleaves = 1 << depth
+    nnodes = nleaves - 1
+    nout = grad_rows.shape[1]
+    want_images = grad_images.shape[0] > 0
+    f32 = np.float32
+    one = f32(1.0)
+    padded_h, padded_w = height + 2 * pad_y, width + 2 * pad_x
+    plane = np.zeros((channels, padded_h, padded_w), np.float32)
+    _pad_image(images, b, plane, pad_y, pad_x)
+    flat = plane.reshape(-1)
+    contiguous = q_base.shape[0] == 0
+    grad_planes = np.zeros((ngroups if want_images else 0, channels * padded_h * padded_w), np.float32)
+    per_group = (ncodebooks + ngroups - 1) // ngroups
+    for group in numba.prange(ngroups):
+        right = np.empty((nnodes, _QBLOCK), np.float32)
+        slope = np.empty((nnodes, _QBLOCK), np.float32)
+        reach = np.empty((nnodes + nleaves, _QBLOCK), np.float32)
+        grad_reach = np.empty((nnodes + nleaves, _QBLOCK), np.float32)
+        x = np.empty((depth, _QBLOCK), np.float32)
+        z = np.empty(_QBLOCK, np.float32)
+        acc = np.empty(_QBLOCK, np.float32)
+        bits = np.empty(_QBLOCK, np.int32)
+        bits_as_float = bits.view(np.float32)
+        for c in range(group * per_group, min(ncodebooks, (group + 1) * per_group)):
+            # exact LUT gradient: sum of dL/dY over the positions with each code
+            table = grad_lut[c]
+            for q in range(nq):
+                entry = table[codes[c, q]]
+                row = grad_rows[q]
+                for m in range(nout):
+                    entry[m] += row[m]
+            for start in range(0, nq, _QBLOCK):
+                block = min(_QBLOCK, nq - start)
+                for t in range(depth):
+                    o = offsets[c, t]
+                    if contiguous:
+                        for i in range(block):
+                            x[t, i] = flat[start + i + o]
+                    else:
+                        for i in range(block):
+                            x[t, i] = flat[q_base[start + i] + o]
+                # forward through the soft tree: right-probabilities, slopes, reach
+                for i in range(block):
+                    reach[0, i] = one
+                for t in range(depth):
+                    scale = f32(2.0) * inv_tau[c, t]
+                    first = (1 << t) - 1
+                    for node in range(first, 2 * first + 1):
+                        v = thresholds[c, node]
+                        for i in range(block):
+                            z[i] = scale * (v - x[t, i])
+                        _exp32(z[:block], acc[:block], bits[:block], bits_as_float[:block])
+                        for i in range(block):
+                            p = one / (one + acc[i])
+                            right[node, i] = p
+                            slope[node, i] = p * (one - p) * scale
+                            reach[2 * node + 1, i] = reach[node, i] * (one - p)
+                            reach[2 * node + 2, i] = reach[node, i] * p
+                # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
+                for k in range(nleaves):
+                    scores = grad_scores[c * nleaves + k]
+                    for i in range(block):
+                        grad_reach[nnodes + k, i] = scores[start + i]
+                for t in range(depth - 1, -1, -1):
+                    first = (1 << t) - 1
+                    for i in range(block):
+                        acc[i] = 0
+                    for node in range(first, 2 * first + 1):
+                        total = f32(0.0)
+                        for i in range(block):
+                            left_grad = grad_reach[2 * node + 1, i]
+                            diff = grad_reach[2 * node + 2, i] - left_grad
+                            grad_node = reach[node, i] * diff * slope[node, i]
+                            grad_reach[node, i] = left_grad + right[node, i] * diff
+                            acc[i] += grad_node
+                            total += grad_node
+                        grad_thresholds[c, node] -= total
+                    if want_images:
+                        target = grad_planes[group]
+                        o = offsets[c, t]
+                        if contiguous:
+                            for i in range(block):
+                                target[start + i + o] += acc[i]
+                        else:
+                            for i in range(block):
+                                target[q_base[start + i] + o] += acc[i]
+    if want_images:
+        for group in range(1, ngroups):
+            grad_planes[0] += grad_planes[group]
+        summed = grad_planes[0].reshape(channels, padded_h, padded_w)
+        for ch in range(channels):
+            for y in range(height):
+                src = summed[ch, y + pad_y]
+                dst = grad_images[b, ch, y]
+                for x_ in range(width):
+                    dst[x_] = src[x_ + pad_x]

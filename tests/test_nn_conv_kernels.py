@@ -1,0 +1,152 @@
+"""The fused numba conv kernels (maddnet.nn._conv_kernels) against the unfused paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maddnet.amm.hashing import encode
+from maddnet.nn import MaddConv2d
+from maddnet.nn._conv_kernels import _exp32
+from maddnet.nn.functional import madd_lut
+from maddnet.nn.patches import MaddConvFunction, encode_patches, gather_patch_columns
+
+GEOMETRIES = [
+    # kernel, stride, padding, dilation
+    (3, 1, 1, 1),
+    (3, 2, 1, 1),
+    ((3, 2), (2, 1), (1, 0), 1),
+    (5, 1, 2, 2),
+    (3, 1, 0, 1),
+    (1, 1, 0, 1),
+]
+
+
+def random_layer(cin, cout, kernel, ncodebooks, nprototypes, seed, **kw) -> MaddConv2d:
+    """Random split dims (any channel), thresholds, LUT and bias: exercises the kernels."""
+    gen = torch.Generator().manual_seed(seed)
+    taps = kernel * kernel if isinstance(kernel, int) else kernel[0] * kernel[1]
+    ncodebooks = min(ncodebooks, cin * taps)
+    layer = MaddConv2d(cin, cout, kernel, ncodebooks=ncodebooks, nprototypes=nprototypes, **kw)
+    with torch.no_grad():
+        layer.split_dims.copy_(torch.randint(0, layer.in_dim, layer.split_dims.shape, generator=gen))
+        layer.thresholds.copy_(0.5 * torch.randn(layer.thresholds.shape, generator=gen))
+        layer.lut.copy_(torch.randn(layer.lut.shape, generator=gen))
+        layer.temperature.copy_(0.3 + torch.rand(layer.temperature.shape, generator=gen))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.randn(cout, generator=gen))
+    return layer
+
+
+def unfold_rows(x, layer):
+    g = layer.geometry
+    cols = F.unfold(x, g.kernel_size, g.dilation, g.padding, g.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", GEOMETRIES)
+@pytest.mark.parametrize("nprototypes", [4, 16, 32])
+def test_encode_equals_core_encoder_with_ties(kernel, stride, padding, dilation, nprototypes):
+    layer = random_layer(
+        4, 3, kernel, 5, nprototypes, seed=nprototypes, stride=stride, padding=padding, dilation=dilation
+    )
+    x = torch.randn(3, 4, 9, 8)
+    # adversarial: many inputs sit exactly on thresholds (and on 0, the padding value)
+    flat = x.view(-1)
+    flat[::3] = layer.thresholds.detach().reshape(-1)[
+        torch.arange(0, flat.numel(), 3) % layer.thresholds.numel()
+    ]
+    flat[1::7] = 0.0
+    with torch.no_grad():
+        layer.thresholds[:, 0] = 0.0
+    codes = encode_patches(x, layer.geometry, layer.split_dims, layer.thresholds)
+    expected = encode(unfold_rows(x, layer), layer.split_dims, layer.thresholds.detach())
+    assert codes.dtype == torch.uint8
+    assert torch.equal(codes, expected)
+
+
+def reference_step(layer, x, grad_out, quantized):
+    """Output and gradients through the unfused path: gathered values + madd_lut."""
+    x = x.clone().requires_grad_()
+    values = gather_patch_columns(x, layer.geometry, layer.split_dims)
+    qlut = layer.quantized_lut() if quantized else None
+    out = madd_lut(values, layer.thresholds, layer.lut, layer.temperature, qlut)
+    if layer.bias is not None:
+        out = out + layer.bias
+    out_h, out_w = grad_out.shape[2:]
+    out = out.reshape(x.shape[0], out_h, out_w, -1).permute(0, 3, 1, 2)
+    (out * grad_out).sum().backward()
+    grads = [x.grad, layer.thresholds.grad, layer.lut.grad, None if layer.bias is None else layer.bias.grad]
+    layer.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", GEOMETRIES)
+@pytest.mark.parametrize("quantized,bias", [(True, True), (False, False)])
+def test_fused_training_step_equals_unfused(kernel, stride, padding, dilation, quantized, bias):
+    layer = random_layer(
+        3, 5, kernel, 4, 16, seed=3, stride=stride, padding=padding, dilation=dilation, bias=bias
+    ).train()
+    x = torch.randn(2, 3, 10, 9)
+    out_h, out_w = layer.geometry.output_size(10, 9)
+    grad_out = torch.randn(2, 5, out_h, out_w)
+    ref_out, ref_grads = reference_step(layer, x, grad_out, quantized)
+
+    xg = x.clone().requires_grad_()
+    q = layer.quantized_lut() if quantized else None
+    q_args = (None, None, None, 0) if q is None else (q.values, q.offsets, q.scale, q.bits)
+    out = MaddConvFunction.apply(
+        xg,
+        layer.thresholds,
+        layer.lut,
+        layer.temperature,
+        layer.bias,
+        *q_args,
+        layer.geometry,
+        layer.split_dims,
+    )
+    (out * grad_out).sum().backward()
+    grads = [xg.grad, layer.thresholds.grad, layer.lut.grad, None if layer.bias is None else layer.bias.grad]
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grads[2], ref_grads[2], rtol=1e-6, atol=1e-5)  # exact LUT gradient
+    for got, want in zip(grads[:2] + grads[3:], ref_grads[:2] + ref_grads[3:], strict=True):
+        if want is None:
+            assert got is None
+            continue
+        scale = want.abs().max().clamp_min(1e-6)
+        assert ((got - want).abs().max() / scale) < 1e-4
+
+
+def test_layer_uses_fused_function_and_input_without_grad():
+    layer = random_layer(3, 4, 3, 3, 16, seed=5, padding=1).train()
+    x = torch.randn(2, 3, 7, 7)  # no grad: the first layer of a network
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "MaddConvFunctionBackward"
+    out.square().sum().backward()
+    assert layer.thresholds.grad.abs().sum() > 0 and layer.lut.grad.abs().sum() > 0
+    # path surrogate: the unfused path, same forward numbers
+    layer.surrogate = "path"
+    out_path = layer(x)
+    assert type(out_path.grad_fn).__name__ != "MaddConvFunctionBackward"
+    torch.testing.assert_close(out, out_path, rtol=0, atol=1e-5)
+
+
+def test_exp32_accuracy():
+    z = np.linspace(-85, 85, 200_001, dtype=np.float32)
+    out = np.empty_like(z)
+    bits = np.empty(z.shape, np.int32)
+    _exp32_array(z, out, bits)
+    expected = np.exp(np.clip(z.astype(np.float64), -80, 80))
+    assert np.max(np.abs(out / expected - 1)) < 3e-7
+
+
+def _exp32_array(z, out, bits):
+    import numba
+
+    @numba.njit
+    def run(z, out, bits):
+        _exp32(z, out, bits, bits.view(np.float32))
+
+    run(z, out, bits)

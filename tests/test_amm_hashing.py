@@ -271,3 +271,21 @@ def test_thresholds_separate_neighbouring_floats():
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         hashing.learn_tree(torch.randn(20, 2), 2, backend="cuda-magic")
+
+
+def test_cpu_kernels_keep_torch_thread_count():
+    # numba's OpenMP layer resets the OpenMP thread count when its pool starts; the
+    # encoder restores what torch was set to (a fresh process: the pool starts only once).
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from maddnet.amm import hashing, lut\n"
+        "dims = torch.zeros(2, 4, dtype=torch.long)\n"
+        "codes = hashing.encode(torch.randn(50, 8), dims, torch.zeros(2, 15))\n"
+        "lut.packed_lut_sum(codes, lut.pack_lut(lut.quantize_lut(torch.randn(2, 16, 3))))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1"

@@ -25,6 +25,25 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
+
+_threads_launched = False
+
+
+def launch_threads() -> None:
+    """Start numba's thread pool (once) without changing torch's thread count.
+
+    numba's OpenMP threading layer sets the OpenMP thread count to ``NUMBA_NUM_THREADS``
+    (all cores) when it starts, which silently undoes an earlier
+    ``torch.set_num_threads(n)``; this restores it. Call before the first parallel kernel.
+    """
+    global _threads_launched
+    if not _threads_launched:
+        threads = torch.get_num_threads()
+        numba.get_num_threads()  # launches the pool
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        _threads_launched = True
 
 
 @numba.njit(cache=True, nogil=True, inline="always")

@@ -60,6 +60,7 @@ def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tenso
     """
     if rows.device.type != "cpu" or thresholds.device.type != "cpu":
         return encode_torch(rows, split_dims, thresholds)
+    _lut_kernel.launch_threads()
     values = _as_numpy_float32(rows)
     dims = np.ascontiguousarray(split_dims.numpy(), dtype=np.int64)
     nodes = np.ascontiguousarray(thresholds.detach().float().numpy())

@@ -161,6 +161,7 @@ def packed_lut_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tensor:
     The uint8 entries are summed in uint16 and scaled by ``1/scale`` (a power of two, so
     exact) before the one rounding ``+ offsets.sum(0)``, as the float32 embedding bag does.
     """
+    _lut_kernel.launch_threads()
     codes_np = np.ascontiguousarray(codes.numpy(), dtype=np.uint8)
     out = _lut_kernel.lut_sum_u8(codes_np, packed.values, packed.inv_scale, packed.offset_sum, _SUM_BLOCK)
     return torch.from_numpy(out)

@@ -129,6 +129,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 TABLE_COLUMNS = [
     "task",
+    "layout",
     "N_train",
     "N",
     "D",
@@ -140,6 +141,8 @@ TABLE_COLUMNS = [
     "accuracy",
     "exact_accuracy",
     "fit_s",
+    "encode_s",
+    "decode_s",
     "approx_s",
     "matmul_s",
     "speedup",

@@ -11,13 +11,14 @@ from torch.utils.data import DataLoader, Subset
 from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddConfig
+from ..threads import set_threads
 from ..train.runner import model_kwargs_for
 from .single_layer import analyze_layers, write_analysis
 
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     model_kwargs = {k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.model_kw or [])}
     train = create_dataset(args.data, "train", args.data_root)
     evaluation = create_dataset(args.data, args.eval_split, args.data_root)

@@ -190,14 +190,49 @@ def _exp32(z, out, bits, bits_as_float):  # pragma: no cover
         out[i] *= bits_as_float[i]
 
 
+@numba.njit(cache=True, nogil=True)
+def level_factors(thresholds, inv_tau):  # pragma: no cover
+    """Per-level centres and per-node factors of the right-probability (float32).
+
+    ``p = 1 / (1 + exp(s (v - x))) = 1 / (1 + E F)`` with ``s = 2 / tau``,
+    ``E = exp(s (centre - x))`` once per position and level, ``F = exp(s (v - centre))``
+    once per node, centre = the mean threshold of the level (as in
+    :func:`maddnet.nn._kernels.tree_backward`). Nodes with ``|s (v - centre)| > 30`` are
+    marked ``direct``: the backward takes their exp directly. thresholds (C, K-1), inv_tau
+    (C, L) -> centre (C, L), factor (C, K-1), direct (C, K-1) bool.
+    """
+    ncodebooks, depth = inv_tau.shape
+    nnodes = thresholds.shape[1]
+    f32 = np.float32
+    centre = np.zeros((ncodebooks, depth), np.float32)
+    factor = np.ones((ncodebooks, nnodes), np.float32)
+    direct = np.zeros((ncodebooks, nnodes), np.bool_)
+    for c in range(ncodebooks):
+        for t in range(depth):
+            first = (1 << t) - 1
+            total = f32(0.0)
+            for node in range(first, 2 * first + 1):
+                total += thresholds[c, node]
+            centre[c, t] = total / f32(first + 1)
+            scale = f32(2.0) * inv_tau[c, t]
+            for node in range(first, 2 * first + 1):
+                dz = scale * (thresholds[c, node] - centre[c, t])
+                direct[c, node] = abs(dz) > f32(30.0)
+                factor[c, node] = np.exp(min(max(dz, f32(-30.0)), f32(30.0)))
+    return centre, factor, direct
+
+
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
-def conv_backward_image(
+def conv_backward(
     images,
-    b,
+    image0,
     offsets,
     q_base,
     thresholds,
     inv_tau,
+    centre,
+    factor,
+    direct,
     codes,
     grad_scores,
     grad_rows,
@@ -207,35 +242,36 @@ def conv_backward_image(
     nq,
     pad_y,
     pad_x,
-    ngroups,
 ):  # pragma: no cover
-    """Training backward of a MADD conv for image b (soft-tree surrogate, see functional.py).
+    """Training backward of a MADD conv for images image0 .. image0 + n - 1 (soft-tree
+    surrogate, the maths of :func:`maddnet.nn.functional.tree_surrogate_grads`); threads
+    take images.
 
     images (B, Cin, H, W) float32; offsets (C, L); q_base (nq,) or empty (stride 1);
-    thresholds (C, K-1) float32; inv_tau (C, L) float32; codes (C, >= nq) uint8 (the
-    forward's codes of this image); grad_scores (C*K, >= nq) float32 = ``T[c, k] . dL/dY[q]``
-    (zero at ignored positions); grad_rows (>= nq, M) float32 = dL/dY per position (zero at
-    ignored positions); the first nq positions are read. Adds into grad_lut (C, K, M)
-    float32 (exact LUT gradient) and grad_thresholds (C, K-1) float64, and writes
-    grad_images[b] (skipped when grad_images is empty). Threads take groups of codebooks
-    (``ngroups``), each with its own padded gradient plane, summed at the end.
+    thresholds (C, K-1) float32; inv_tau (C, L) float32; centre, factor, direct: from
+    :func:`level_factors`; codes (B, C, >= nq) uint8 (the forward's codes). Per slot j
+    (image image0 + j): grad_scores (n, C*K, >= nq) float32 = ``T[c, k] . dL/dY[q]`` and
+    grad_rows (n, >= nq, M) float32 = dL/dY per position (both zero at ignored positions);
+    the first nq positions are read. Adds into the per-slot partial sums grad_lut
+    (n, C, K, M) float32 (the exact LUT gradient) and grad_thresholds (n, C, K-1) float64,
+    and writes grad_images[image0 + j] (skipped when grad_images is empty).
     """
     _, channels, height, width = images.shape
     ncodebooks, depth = offsets.shape
     nleaves = 1 << depth
     nnodes = nleaves - 1
-    nout = grad_rows.shape[1]
+    nout = grad_rows.shape[2]
     want_images = grad_images.shape[0] > 0
     f32 = np.float32
     one = f32(1.0)
     padded_h, padded_w = height + 2 * pad_y, width + 2 * pad_x
-    plane = np.zeros((channels, padded_h, padded_w), np.float32)
-    _pad_image(images, b, plane, pad_y, pad_x)
-    flat = plane.reshape(-1)
     contiguous = q_base.shape[0] == 0
-    grad_planes = np.zeros((ngroups if want_images else 0, channels * padded_h * padded_w), np.float32)
-    per_group = (ncodebooks + ngroups - 1) // ngroups
-    for group in numba.prange(ngroups):
+    for slot in numba.prange(grad_scores.shape[0]):
+        b = image0 + slot
+        plane = np.zeros((channels, padded_h, padded_w), np.float32)
+        _pad_image(images, b, plane, pad_y, pad_x)
+        flat = plane.reshape(-1)
+        grad_plane = np.zeros(channels * padded_h * padded_w if want_images else 0, np.float32)
         right = np.empty((nnodes, _QBLOCK), np.float32)
         slope = np.empty((nnodes, _QBLOCK), np.float32)
         reach = np.empty((nnodes + nleaves, _QBLOCK), np.float32)
@@ -243,14 +279,15 @@ def conv_backward_image(
         x = np.empty((depth, _QBLOCK), np.float32)
         z = np.empty(_QBLOCK, np.float32)
         acc = np.empty(_QBLOCK, np.float32)
+        expo = np.empty(_QBLOCK, np.float32)
         bits = np.empty(_QBLOCK, np.int32)
         bits_as_float = bits.view(np.float32)
-        for c in range(group * per_group, min(ncodebooks, (group + 1) * per_group)):
+        for c in range(ncodebooks):
             # exact LUT gradient: sum of dL/dY over the positions with each code
-            table = grad_lut[c]
+            table = grad_lut[slot, c]
             for q in range(nq):
-                entry = table[codes[c, q]]
-                row = grad_rows[q]
+                entry = table[codes[b, c, q]]
+                row = grad_rows[slot, q]
                 for m in range(nout):
                     entry[m] += row[m]
             for start in range(0, nq, _QBLOCK):
@@ -269,11 +306,20 @@ def conv_backward_image(
                 for t in range(depth):
                     scale = f32(2.0) * inv_tau[c, t]
                     first = (1 << t) - 1
+                    mid = centre[c, t]
+                    for i in range(block):
+                        z[i] = min(max(scale * (mid - x[t, i]), f32(-50.0)), f32(50.0))
+                    _exp32(z[:block], expo[:block], bits[:block], bits_as_float[:block])
                     for node in range(first, 2 * first + 1):
-                        v = thresholds[c, node]
-                        for i in range(block):
-                            z[i] = scale * (v - x[t, i])
-                        _exp32(z[:block], acc[:block], bits[:block], bits_as_float[:block])
+                        if direct[c, node]:
+                            v = thresholds[c, node]
+                            for i in range(block):
+                                z[i] = scale * (v - x[t, i])
+                            _exp32(z[:block], acc[:block], bits[:block], bits_as_float[:block])
+                        else:
+                            f = factor[c, node]
+                            for i in range(block):
+                                acc[i] = expo[i] * f
                         for i in range(block):
                             p = one / (one + acc[i])
                             right[node, i] = p
@@ -282,7 +328,7 @@ def conv_backward_image(
                             reach[2 * node + 2, i] = reach[node, i] * p
                 # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
                 for k in range(nleaves):
-                    scores = grad_scores[c * nleaves + k]
+                    scores = grad_scores[slot, c * nleaves + k]
                     for i in range(block):
                         grad_reach[nnodes + k, i] = scores[start + i]
                 for t in range(depth - 1, -1, -1):
@@ -298,9 +344,9 @@ def conv_backward_image(
                             grad_reach[node, i] = left_grad + right[node, i] * diff
                             acc[i] += grad_node
                             total += grad_node
-                        grad_thresholds[c, node] -= total
+                        grad_thresholds[slot, c, node] -= total
                     if want_images:
-                        target = grad_planes[group]
+                        target = grad_plane
                         o = offsets[c, t]
                         if contiguous:
                             for i in range(block):
@@ -308,13 +354,11 @@ def conv_backward_image(
                         else:
                             for i in range(block):
                                 target[q_base[start + i] + o] += acc[i]
-    if want_images:
-        for group in range(1, ngroups):
-            grad_planes[0] += grad_planes[group]
-        summed = grad_planes[0].reshape(channels, padded_h, padded_w)
-        for ch in range(channels):
-            for y in range(height):
-                src = summed[ch, y + pad_y]
-                dst = grad_images[b, ch, y]
-                for x_ in range(width):
-                    dst[x_] = src[x_ + pad_x]
+        if want_images:
+            summed = grad_plane.reshape(channels, padded_h, padded_w)
+            for ch in range(channels):
+                for y in range(height):
+                    src = summed[ch, y + pad_y]
+                    dst = grad_images[b, ch, y]
+                    for x_ in range(width):
+                        dst[x_] = src[x_ + pad_x]

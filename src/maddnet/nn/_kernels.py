@@ -17,9 +17,7 @@ _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
-def tree_backward(
-    values, thresholds, inv_tau, grad_scores, grad_values, grad_thresholds
-):  # pragma: no cover
+def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_thresholds):  # pragma: no cover
     """Soft-tree surrogate backward for a chunk of n rows.
 
     values (n, C, L), thresholds (C, K-1) heap order, inv_tau (C, L), grad_scores (C*K, n)
@@ -147,9 +145,7 @@ def lut_gradient(codes, grad_out, nprototypes, nparts):  # pragma: no cover
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def conv_gather(
-    images, taps, out_h, out_w, stride_y, stride_x, pad_y, pad_x
-):  # pragma: no cover
+def conv_gather(images, taps, out_h, out_w, stride_y, stride_x, pad_y, pad_x):  # pragma: no cover
     """values (B*Hout*Wout, C, L): the split taps of every patch (0 in the padding).
 
     images (B, Cin, H, W), taps (C, L, 3) int64 (channel, dy, dx). Threads take output

@@ -280,40 +280,51 @@ class MaddConvFunction(torch.autograd.Function):
         ncodebooks, nprototypes, nout = table.shape
         grad_out = grad_out.detach().float().contiguous()
         flat_table = table.reshape(ncodebooks * nprototypes, nout).float().contiguous()
-        grad_lut = np.zeros((ncodebooks, nprototypes, nout), np.float32)
-        grad_thresholds = np.zeros(tuple(thresholds.shape), np.float64)
+        batch = images.shape[0]
+        # images go to the kernel `slots` at a time, one per thread: one parallel region per
+        # slots images; the (C*K, q) score matrices of a chunk are made by one batched product
+        slots = max(1, min(numba.get_num_threads(), batch))
+        grad_lut = np.zeros((slots, ncodebooks, nprototypes, nout), np.float32)
+        grad_thresholds = np.zeros((slots, *thresholds.shape), np.float64)
         images_np = images.detach().contiguous().numpy()
         grad_images = np.empty(images.shape if need_images else (0, 0, 0, 0), np.float32)
         inv_tau = (1.0 / temperature.float()).contiguous().numpy()
         thresholds_np = thresholds.detach().float().contiguous().numpy()
-        ngroups = max(1, min(numba.get_num_threads(), ncodebooks))
-        # buffers reused image after image (fresh 10 MB allocations page-fault on every call)
-        rows = torch.zeros(nout, plan.out_h, plan.pitch)
-        per_position = rows.view(nout, plan.ncols)
-        rows_t = torch.empty(plan.ncols, nout)
-        grad_scores = torch.empty(ncodebooks * nprototypes, plan.ncols)
-        for b in range(images.shape[0]):
-            rows[:, :, : plan.out_w] = grad_out[b]
-            torch.mm(flat_table, per_position, out=grad_scores)  # (C*K, q): T[c, k] . dL/dY[q]
-            rows_t.copy_(per_position.T)
-            _conv_kernels.conv_backward_image(
+        centre, factor, direct = _conv_kernels.level_factors(thresholds_np, inv_tau)
+        # buffers reused chunk after chunk (fresh 10 MB allocations page-fault on every call)
+        rows = torch.zeros(slots, nout, plan.out_h, plan.pitch)
+        per_position = rows.view(slots, nout, plan.ncols)
+        rows_t = torch.empty(slots, plan.ncols, nout)
+        grad_scores = torch.empty(slots, ncodebooks * nprototypes, plan.ncols)
+        tables = flat_table.expand(slots, -1, -1)
+        for start in range(0, batch, slots):
+            n = min(slots, batch - start)
+            rows[:n, :, :, : plan.out_w] = grad_out[start : start + n]
+            # (C*K, q): T[c, k] . dL/dY[q]
+            torch.bmm(tables[:n], per_position[:n], out=grad_scores[:n])
+            rows_t[:n].copy_(per_position[:n].transpose(1, 2))
+            _conv_kernels.conv_backward(
                 images_np,
-                b,
+                start,
                 plan.offsets,
                 plan.q_base,
                 thresholds_np,
                 inv_tau,
-                ctx.codes[b],
-                grad_scores.numpy(),
-                rows_t.numpy(),
-                grad_lut,
-                grad_thresholds,
+                centre,
+                factor,
+                direct,
+                ctx.codes,
+                grad_scores[:n].numpy(),
+                rows_t[:n].numpy(),
+                grad_lut[:n],
+                grad_thresholds[:n],
                 grad_images,
                 plan.nq,
                 geometry.padding[0],
                 geometry.padding[1],
-                ngroups,
             )
+        grad_lut = grad_lut.sum(0)
+        grad_thresholds = grad_thresholds.sum(0)
         grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return (
             torch.from_numpy(grad_images) if need_images else None,

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
+from ..threads import set_threads
 from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
 from ..train.optim import warmup_cosine_schedule
 from ..train.runner import model_kwargs_for
@@ -223,7 +224,7 @@ class Retrainer:
         self.out = Path(config.out_dir)
         self.device = torch.device(config.device)
         if config.threads:
-            torch.set_num_threads(config.threads)
+            set_threads(config.threads)
         self.train_loader, self.calib_loader, self.eval_loader, self.info = build_data(config)
         self.metrics = JsonlWriter(self.out / METRICS)
 

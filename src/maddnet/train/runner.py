@@ -20,12 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numba
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from maddnet.data import DatasetInfo, create_dataset
 from maddnet.models import create_model
+from maddnet.threads import set_threads
 from maddnet.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -109,13 +111,14 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     content (final top1/top5/loss on ``eval_split``, steps, wall time in seconds).
     When ``max_steps`` stops the run early the returned dict has ``finished: False``.
     ``config.threads`` applies during the run only (the caller's setting is restored)."""
-    threads_before = torch.get_num_threads()
+    threads_before = (torch.get_num_threads(), numba.get_num_threads())
     if config.threads:
-        torch.set_num_threads(config.threads)
+        set_threads(config.threads)
     try:
         return _run_training(config)
     finally:
-        torch.set_num_threads(threads_before)
+        torch.set_num_threads(threads_before[0])
+        numba.set_num_threads(threads_before[1])
 
 
 def _run_training(config: TrainConfig) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maddnet.nn import MaddConv2d
+from maddnet.threads import set_threads
 
 SHAPES = [("64->64 3x3 @56x56", 64, 56), ("256->256 3x3 @14x14", 256, 14)]
 
@@ -125,6 +126,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         f"{meta['machine']}; torch {meta['torch']}, {meta['threads']} threads; "
         f"OMP_WAIT_POLICY={meta['omp_wait_policy']}; "
+        f"load average {meta['load_average_before']:.1f} at start; "
         f"{meta['repeats']} interleaved repeats, medians. Ratio = MADD time / dense time "
         "(< 1: MADD faster). Targets: eval ratio <= 1 at D/C = 9, training ratio <= 3.",
         "",
@@ -153,7 +155,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--suffix", default="", help="appended to the output file names")
+    parser.add_argument("--threads", type=int, default=0, help="torch and numba threads (0: all cores)")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    if args.threads:
+        set_threads(args.threads)
     results = []
     for label, channels, size in SHAPES:
         result = bench_shape(label, channels, size, args.batch, args.repeats)
@@ -163,12 +169,14 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
         "repeats": args.repeats,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "command": " ".join(
             ([f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"] if "OMP_WAIT_POLICY" in os.environ else [])
             + ["python benchmarks/layers.py", f"--repeats {args.repeats}", f"--batch {args.batch}"]
             + ([f"--suffix {args.suffix}"] if args.suffix else [])
+            + ([f"--threads {args.threads}"] if args.threads else [])
         ),
     }
     os.makedirs(args.out, exist_ok=True)

@@ -150,3 +150,19 @@ def _exp32_array(z, out, bits):
         _exp32(z, out, bits, bits.view(np.float32))
 
     run(z, out, bits)
+
+
+def test_set_threads_sets_torch_and_numba():
+    import numba
+
+    from maddnet.threads import set_threads
+
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+        with pytest.raises(ValueError, match="threads must be >= 1"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before[0])
+        numba.set_num_threads(before[1])

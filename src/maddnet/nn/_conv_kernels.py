@@ -20,6 +20,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from ..amm._lut_kernel import _leaf4
+
 # fastmath without nnan / ninf: inputs are finite, clamps keep exp finite.
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 # q positions per block of the training backward (its temporaries: ~ (2K) x block floats)
@@ -39,31 +41,6 @@ def _pad_image(images, b, plane, pad_y, pad_x):  # pragma: no cover
 
 
 @numba.njit(inline="always")
-def _leaf4(x0, x1, x2, x3, v):  # pragma: no cover
-    """Leaf of a depth-4 tree with heap-ordered thresholds v (a 15-tuple): right iff x > v[node]."""
-    b0 = x0 > v[0]
-    t1 = v[2] if b0 else v[1]
-    b1 = x1 > t1
-    if b0:
-        t2 = v[6] if b1 else v[5]
-    else:
-        t2 = v[4] if b1 else v[3]
-    b2 = x2 > t2
-    if b0:
-        if b1:
-            t3 = v[14] if b2 else v[13]
-        else:
-            t3 = v[12] if b2 else v[11]
-    else:
-        if b1:
-            t3 = v[10] if b2 else v[9]
-        else:
-            t3 = v[8] if b2 else v[7]
-    b3 = x3 > t3
-    return 8 * b0 + 4 * b1 + 2 * b2 + b3
-
-
-@numba.njit(inline="always")
 def _encode_codebook(flat, q_base, offsets_c, v, leaf):  # pragma: no cover
     """leaf[q] (uint8, (nq,)) = the codebook's code at every position q.
 
@@ -75,15 +52,22 @@ def _encode_codebook(flat, q_base, offsets_c, v, leaf):  # pragma: no cover
     contiguous = q_base.shape[0] == 0
     if depth == 4:
         # thresholds as scalars: loop-invariant registers in the vector loop
-        t = (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11], v[12], v[13], v[14])
+        t0, t1, t2, t3, t4, t5, t6, t7 = v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+        t8, t9, t10, t11, t12, t13, t14 = v[8], v[9], v[10], v[11], v[12], v[13], v[14]
         o0, o1, o2, o3 = offsets_c[0], offsets_c[1], offsets_c[2], offsets_c[3]
         if contiguous:
             for q in range(nq):
-                leaf[q] = _leaf4(flat[q + o0], flat[q + o1], flat[q + o2], flat[q + o3], t)
+                leaf[q] = _leaf4(
+                    flat[q + o0], flat[q + o1], flat[q + o2], flat[q + o3],
+                    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
+                )
         else:
             for q in range(nq):
                 base = q_base[q]
-                leaf[q] = _leaf4(flat[base + o0], flat[base + o1], flat[base + o2], flat[base + o3], t)
+                leaf[q] = _leaf4(
+                    flat[base + o0], flat[base + o1], flat[base + o2], flat[base + o3],
+                    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
+                )
         return
     node = np.zeros(nq, np.int32)
     for level in range(depth):

@@ -183,7 +183,8 @@ def main() -> None:
         f"torch.matmul time / MaddnessMatmul time (encode + LUT sum), torch and numba on the same "
         f"number of threads; encode_s and decode_s are the two halves timed alone. Total benchmark "
         f"time {time.time() - start:.0f} s; load average {load_before:.2f} before, "
-        f"{os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)."
+        f"{os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs); numba threading layer "
+        f"{numba.threading_layer() if 'speed' in args.tasks else '-'}."
     )
     paths = write_report(rows, args.out, args.name, references=ORIGINAL_MADDNESS, notes=notes)
     print(paths["md"].read_text())

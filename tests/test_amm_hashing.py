@@ -63,6 +63,10 @@ LAYOUTS = {
     "column-major": lambda rows: torch.from_numpy(np.asfortranarray(rows)),  # rows.T contiguous
     "strided": lambda rows: torch.from_numpy(np.concatenate([rows, rows], axis=1))[:, : rows.shape[1]],
     "every-other-row": lambda rows: torch.from_numpy(np.repeat(rows, 2, axis=0))[::2],
+    # column-major with a column stride larger than N (the first rows of a longer matrix)
+    "column-major-slice": lambda rows: torch.from_numpy(np.asfortranarray(np.concatenate([rows, rows])))[
+        : rows.shape[0]
+    ],
 }
 
 

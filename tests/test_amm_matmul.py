@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -115,9 +117,13 @@ def test_packed_lut_sum_equals_quantized_lut_sum(ncodebooks, nprototypes, nout, 
     codes[:5] = 0
     packed = lut.pack_lut(qlut)
     assert packed is not None and packed.values.shape[2] % 64 == 0
+    small = -(-ncodebooks // 2) * nprototypes**2 * packed.values.shape[2] * 2 <= lut.PAIR_TABLE_BYTES
+    assert (packed.pairs is not None) == (ncodebooks > 1 and small)
     expected = lut.quantized_lut_sum(codes, qlut)
     assert torch.equal(lut.packed_lut_sum(codes, packed), expected)
     assert torch.equal(lut.packed_lut_sum(codes.long(), packed), expected)
+    single = dataclasses.replace(packed, pairs=None)  # the kernel without the pair table
+    assert torch.equal(lut.packed_lut_sum(codes, single), expected)
 
 
 def test_pack_lut_refuses_what_it_cannot_sum_exactly():

@@ -206,3 +206,44 @@ def lut_sum_u8(codes, values, inv_scale, offset_sum, block):  # pragma: no cover
             for m in range(nout):
                 row_out[m] = np.float32(acc[m]) * inv_scale[m] + offset_sum[m]
     return out
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, block):  # pragma: no cover - jit
+    """:func:`lut_sum_u8` on a table of codebook pairs: pairs (ceil(C/2), K*K, Mp) uint16 with
+    ``pairs[p, a*K + b] = values[2p, a] + values[2p+1, b]`` (a last unpaired codebook uses
+    ``b = 0`` and adds nothing there): half the additions, from a K times larger table."""
+    nrows, ncodebooks = codes.shape
+    npairs = pairs.shape[0]
+    nout = inv_scale.shape[0]
+    padded = pairs.shape[2]
+    out = np.empty((nrows, nout), np.float32)
+    nblocks = (nrows + block - 1) // block
+    for bi in numba.prange(nblocks):
+        acc = np.empty(padded, np.uint16)
+        rows = np.zeros(npairs, np.int64)
+        for n in range(bi * block, min(nrows, (bi + 1) * block)):
+            row_codes = codes[n]
+            for p in range(ncodebooks // 2):
+                rows[p] = np.int64(row_codes[2 * p]) * nprototypes + row_codes[2 * p + 1]
+            if ncodebooks % 2:
+                rows[npairs - 1] = np.int64(row_codes[ncodebooks - 1]) * nprototypes
+            acc[:] = 0
+            p = 0
+            while p + 4 <= npairs:
+                r0 = pairs[p, rows[p]]
+                r1 = pairs[p + 1, rows[p + 1]]
+                r2 = pairs[p + 2, rows[p + 2]]
+                r3 = pairs[p + 3, rows[p + 3]]
+                for m in range(padded):
+                    acc[m] += (r0[m] + r1[m]) + (r2[m] + r3[m])
+                p += 4
+            while p < npairs:
+                r0 = pairs[p, rows[p]]
+                for m in range(padded):
+                    acc[m] += r0[m]
+                p += 1
+            row_out = out[n]
+            for m in range(nout):
+                row_out[m] = np.float32(acc[m]) * inv_scale[m] + offset_sum[m]
+    return out

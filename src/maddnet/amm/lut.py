@@ -110,6 +110,8 @@ def quantized_lut_sum(codes: torch.Tensor, qlut: QuantizedLut, table: torch.Tens
 
 # Rows per parallel task of the CPU LUT sum.
 _SUM_BLOCK = 64
+# Largest table of codebook pairs that pack_lut makes (half of a 2 MB L2 per core).
+PAIR_TABLE_BYTES = 1 << 20
 
 
 @dataclass
@@ -121,11 +123,16 @@ class PackedLut:
             a multiple of 64 (whole vector passes, no remainder loop).
         inv_scale: (M,) float32 ``1 / scale`` (exact: scales are powers of two).
         offset_sum: (M,) float32 ``offsets.sum(0)``, computed as :func:`quantized_lut_sum` does.
+        pairs: ``None``, or (ceil(C/2), K*K, Mp) uint16 sums of the LUT rows of codebook pairs
+            (``pairs[p, a*K + b] = values[2p, a] + values[2p+1, b]``), made when that table is
+            small enough to stay in L2 (:data:`PAIR_TABLE_BYTES`): the sum then needs half the
+            additions.
     """
 
     values: np.ndarray
     inv_scale: np.ndarray
     offset_sum: np.ndarray
+    pairs: np.ndarray | None = None
 
 
 def pack_lut(qlut: QuantizedLut) -> PackedLut | None:
@@ -151,7 +158,13 @@ def pack_lut(qlut: QuantizedLut) -> PackedLut | None:
     table[:, :, :nout] = values.numpy()
     inv_scale = (1.0 / scale).numpy().astype(np.float32)
     offset_sum = qlut.offsets.detach().float().sum(0).numpy().astype(np.float32)
-    return PackedLut(table, np.ascontiguousarray(inv_scale), np.ascontiguousarray(offset_sum))
+    npairs = -(-ncodebooks // 2)
+    pairs = None
+    if ncodebooks > 1 and npairs * nprototypes**2 * padded * 2 <= PAIR_TABLE_BYTES:
+        wide = np.zeros((2 * npairs, nprototypes, padded), np.uint16)
+        wide[:ncodebooks] = table  # an unpaired last codebook pairs with a row of zeros
+        pairs = (wide[0::2, :, None, :] + wide[1::2, None, :, :]).reshape(npairs, nprototypes**2, padded)
+    return PackedLut(table, np.ascontiguousarray(inv_scale), np.ascontiguousarray(offset_sum), pairs)
 
 
 def packed_lut_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tensor:
@@ -163,5 +176,11 @@ def packed_lut_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tensor:
     """
     _lut_kernel.launch_threads()
     codes_np = np.ascontiguousarray(codes.numpy(), dtype=np.uint8)
-    out = _lut_kernel.lut_sum_u8(codes_np, packed.values, packed.inv_scale, packed.offset_sum, _SUM_BLOCK)
+    if packed.pairs is not None:
+        nprototypes = packed.values.shape[1]
+        out = _lut_kernel.lut_sum_pairs(
+            codes_np, packed.pairs, nprototypes, packed.inv_scale, packed.offset_sum, _SUM_BLOCK
+        )
+    else:
+        out = _lut_kernel.lut_sum_u8(codes_np, packed.values, packed.inv_scale, packed.offset_sum, _SUM_BLOCK)
     return torch.from_numpy(out)

@@ -3,7 +3,7 @@
 # scripts/make_kws_espeak.py), from the dense baseline in results/baselines/ds_cnn_s_kws_espeak/.
 # Depthwise convs (groups > 1) stay dense: MADD layers need groups = 1 (the analysis lists them).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|all]
+# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -24,4 +24,18 @@ if [ "$what" = retrain ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 100 --final-steps 300 \
         --ncodebooks stem.0=10 \
         --batch-size 100 --distill 0.5 --out "$out/retrain"
+fi
+if [ "$what" = retrain_long ] || [ "$what" = all ]; then
+    # the first retrain's codebooks (stem C = 10, D/C = 8 elsewhere) at retrain_wide's budget:
+    # separates the effect of the budget from that of C
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+        --ncodebooks stem.0=10 \
+        --batch-size 100 --distill 0.5 --out "$out/retrain_long"
+fi
+if [ "$what" = retrain_wide ] || [ "$what" = all ]; then
+    # the same layers with twice the codebooks (D/C = 4 for the pointwise convs and the
+    # classifier, stem C = 20, D/C = 2) and a 3x longer budget: 300 steps per layer, 1,000 final
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+        --ncodebooks stem.0=20 --codebook-width 4 \
+        --batch-size 100 --distill 0.5 --out "$out/retrain_wide"
 fi

@@ -98,7 +98,7 @@ def test_convert_one_call_matches_maddness_fit_on_the_same_rows():
     assert layers["5"].ncodebooks == 2  # 1x1 conv: D // 8
     for name, layer in layers.items():
         conv = dense_convs[name]
-        amm = MaddnessMatmul(ncodebooks=layer.ncodebooks, lut_bits=8)
+        amm = MaddnessMatmul(ncodebooks=layer.ncodebooks, lut_bits=8, ncandidates=config.ncandidates)
         amm.fit(rows[name], conv.weight.detach().reshape(conv.out_channels, -1).T)
         assert torch.equal(layer.split_dims, amm.split_dims_)
         assert torch.equal(layer.thresholds.detach(), amm.thresholds_)

@@ -41,7 +41,7 @@ def test_conv_equals_maddness_on_unfolded_rows(kernel, stride, padding, dilation
     rows = unfold_rows(x, conv)
     ncodebooks = 6 if conv.kernel_size != (1, 1) else 2
     layer = MaddConv2d.from_dense(conv, rows, ncodebooks=ncodebooks, lut_bits=lut_bits).eval()
-    amm = MaddnessMatmul(ncodebooks=ncodebooks, lut_bits=lut_bits)
+    amm = MaddnessMatmul(ncodebooks=ncodebooks, lut_bits=lut_bits, ncandidates=4)
     amm.fit(rows, conv.weight.detach().reshape(10, -1).T)
     expected = amm(rows) + (conv.bias if bias else 0)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_linear_any_leading_dims_equals_maddness():
     rows = x.reshape(-1, 24)
     for bits in (None, 8):
         layer = MaddLinear.from_dense(linear, rows, ncodebooks=3, lut_bits=bits).eval()
-        amm = MaddnessMatmul(ncodebooks=3, lut_bits=bits).fit(rows, linear.weight.detach().T)
+        amm = MaddnessMatmul(ncodebooks=3, lut_bits=bits, ncandidates=4).fit(rows, linear.weight.detach().T)
         with torch.no_grad():
             out = layer(x)
         assert out.shape == (5, 13, 7)
@@ -94,8 +94,8 @@ def test_int8_eval_uses_quantized_lut_and_float_train_without_qat():
     linear = nn.Linear(16, 5)
     rows = torch.randn(300, 16)
     layer = MaddLinear.from_dense(linear, rows, ncodebooks=2, lut_bits=8, qat=False)
-    amm_q = MaddnessMatmul(ncodebooks=2, lut_bits=8).fit(rows, linear.weight.detach().T)
-    amm_f = MaddnessMatmul(ncodebooks=2, lut_bits=None).fit(rows, linear.weight.detach().T)
+    amm_q = MaddnessMatmul(ncodebooks=2, lut_bits=8, ncandidates=4).fit(rows, linear.weight.detach().T)
+    amm_f = MaddnessMatmul(ncodebooks=2, lut_bits=None, ncandidates=4).fit(rows, linear.weight.detach().T)
     with torch.no_grad():
         torch.testing.assert_close(layer.eval()(rows), amm_q(rows) + linear.bias, rtol=0, atol=1e-5)
         torch.testing.assert_close(layer.train()(rows), amm_f(rows) + linear.bias, rtol=0, atol=1e-5)
@@ -110,7 +110,7 @@ def test_quantized_buffers_follow_lut_changes():
     with torch.no_grad():
         layer.lut.mul_(2.0)
         out = layer(rows)
-    amm = MaddnessMatmul(ncodebooks=2).fit(rows, 2 * linear.weight.detach().T)
+    amm = MaddnessMatmul(ncodebooks=2, ncandidates=4).fit(rows, 2 * linear.weight.detach().T)
     torch.testing.assert_close(out, amm(rows) + linear.bias, rtol=0, atol=1e-5)
 
 

@@ -21,7 +21,3 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
-
-def get_threads() -> int:
-    """torch's intra-op thread count (what :func:`set_threads` set)."""
-    return torch.get_num_threads()

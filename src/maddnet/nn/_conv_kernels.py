@@ -174,38 +174,6 @@ def _exp32(z, out, bits, bits_as_float):  # pragma: no cover
         out[i] *= bits_as_float[i]
 
 
-@numba.njit(cache=True, nogil=True)
-def level_factors(thresholds, inv_tau):  # pragma: no cover
-    """Per-level centres and per-node factors of the right-probability (float32).
-
-    ``p = 1 / (1 + exp(s (v - x))) = 1 / (1 + E F)`` with ``s = 2 / tau``,
-    ``E = exp(s (centre - x))`` once per position and level, ``F = exp(s (v - centre))``
-    once per node, centre = the mean threshold of the level (as in
-    :func:`maddnet.nn._kernels.tree_backward`). Nodes with ``|s (v - centre)| > 30`` are
-    marked ``direct``: the backward takes their exp directly. thresholds (C, K-1), inv_tau
-    (C, L) -> centre (C, L), factor (C, K-1), direct (C, K-1) bool.
-    """
-    ncodebooks, depth = inv_tau.shape
-    nnodes = thresholds.shape[1]
-    f32 = np.float32
-    centre = np.zeros((ncodebooks, depth), np.float32)
-    factor = np.ones((ncodebooks, nnodes), np.float32)
-    direct = np.zeros((ncodebooks, nnodes), np.bool_)
-    for c in range(ncodebooks):
-        for t in range(depth):
-            first = (1 << t) - 1
-            total = f32(0.0)
-            for node in range(first, 2 * first + 1):
-                total += thresholds[c, node]
-            centre[c, t] = total / f32(first + 1)
-            scale = f32(2.0) * inv_tau[c, t]
-            for node in range(first, 2 * first + 1):
-                dz = scale * (thresholds[c, node] - centre[c, t])
-                direct[c, node] = abs(dz) > f32(30.0)
-                factor[c, node] = np.exp(min(max(dz, f32(-30.0)), f32(30.0)))
-    return centre, factor, direct
-
-
 @numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
 def conv_backward(
     images,
@@ -233,10 +201,10 @@ def conv_backward(
 
     images (B, Cin, H, W) float32; offsets (C, L); q_base (nq,) or empty (stride 1);
     thresholds (C, K-1) float32; inv_tau (C, L) float32; centre, factor, direct: from
-    :func:`level_factors`; codes (B, C, >= nq) uint8 (the forward's codes). Per slot j
-    (image image0 + j): grad_scores (n, C*K, >= nq) float32 = ``T[c, k] . dL/dY[q]`` and
-    grad_rows (n, >= nq, M) float32 = dL/dY per position (both zero at ignored positions);
-    the first nq positions are read. Adds into the per-slot partial sums grad_lut
+    :func:`maddnet.nn._kernels.level_factors`; codes (B, C, >= nq) uint8 (the forward's
+    codes). Per slot j (image image0 + j): grad_scores (n, C*K, >= nq) float32
+    = ``T[c, k] . dL/dY[q]`` and grad_rows (n, >= nq, M) float32 = dL/dY per position (both
+    zero at ignored positions); the first nq positions are read. Adds into the per-slot partial sums grad_lut
     (n, C, K, M) float32 (the exact LUT gradient) and grad_thresholds (n, C, K-1) float64,
     and writes grad_images[image0 + j] (skipped when grad_images is empty).
     """
@@ -330,14 +298,13 @@ def conv_backward(
                             total += grad_node
                         grad_thresholds[slot, c, node] -= total
                     if want_images:
-                        target = grad_plane
                         o = offsets[c, t]
                         if contiguous:
                             for i in range(block):
-                                target[start + i + o] += acc[i]
+                                grad_plane[start + i + o] += acc[i]
                         else:
                             for i in range(block):
-                                target[q_base[start + i] + o] += acc[i]
+                                grad_plane[q_base[start + i] + o] += acc[i]
         if want_images:
             summed = grad_plane.reshape(channels, padded_h, padded_w)
             for ch in range(channels):

@@ -16,33 +16,21 @@ _BLOCK = 128
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
-def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_thresholds):  # pragma: no cover
-    """Soft-tree surrogate backward for a chunk of n rows.
+@numba.njit(cache=True, nogil=True)
+def level_factors(thresholds, inv_tau):  # pragma: no cover
+    """Per-level centres and per-node factors of the soft tree's right-probabilities.
 
-    values (n, C, L), thresholds (C, K-1) heap order, inv_tau (C, L), grad_scores (C*K, n)
-    = dL/d(soft leaf score) = grad_out[n] . T[c, k]. Writes grad_values (n, C, L)
-    (skipped when it is empty) and adds into grad_thresholds (C, K-1) float64.
-
-    Threads take blocks of rows; inner loops run over a block's rows so they vectorise.
-    The right-probability ``p = (1 + tanh(m)) / 2 = 1 / (1 + exp(s (v - x)))`` with
-    ``s = 2 / tau`` is computed as ``1 / (1 + E F)``, ``E = exp(s (c - x))`` once per row
-    and level, ``F = exp(s (v - c))`` once per node, with ``c`` the mean threshold of the
-    level: one exp per level instead of one per node. E is clamped to exp(+-50), so a
-    clamped E only ever meets saturated probabilities (error < exp(-20)); nodes with
-    |s (v - c)| > 30 take the direct one-exp-per-row formula. Its slope
-    ``(1 - tanh^2) / 2`` is ``2 p (1 - p)`` (times 1 / tau).
+    ``p = 1 / (1 + exp(s (v - x))) = 1 / (1 + E F)`` with ``s = 2 / tau``,
+    ``E = exp(s (centre - x))`` once per row and level, ``F = exp(s (v - centre))`` once per
+    node, centre = the mean threshold of the level. Nodes with ``|s (v - centre)| > 30`` are
+    marked ``direct``: backward kernels take their exp directly. thresholds (C, K-1),
+    inv_tau (C, L) -> centre (C, L), factor (C, K-1) (both of the thresholds' dtype),
+    direct (C, K-1) bool.
     """
-    nrows, ncodebooks, depth = values.shape
-    nleaves = 1 << depth
-    nnodes = nleaves - 1
-    want_values = grad_values.shape[0] > 0
-    dtype = values.dtype
-    one = dtype.type(1.0)
-    row_limit = dtype.type(50.0)
+    ncodebooks, depth = inv_tau.shape
+    nnodes = thresholds.shape[1]
+    dtype = thresholds.dtype
     node_limit = 30.0
-    direct_limit = dtype.type(80.0)  # exp(80) is finite in float32
-    # per-(codebook, level) centre and per-node factor F
     centre = np.zeros((ncodebooks, depth), dtype)
     factor = np.empty((ncodebooks, nnodes), dtype)
     direct = np.zeros((ncodebooks, nnodes), np.bool_)
@@ -58,6 +46,36 @@ def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_th
                 z = scale * (thresholds[c, node] - centre[c, t])
                 direct[c, node] = abs(z) > node_limit
                 factor[c, node] = np.exp(min(max(z, -node_limit), node_limit))
+    return centre, factor, direct
+
+
+@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_thresholds):  # pragma: no cover
+    """Soft-tree surrogate backward for a chunk of n rows.
+
+    values (n, C, L), thresholds (C, K-1) heap order, inv_tau (C, L), grad_scores (C*K, n)
+    = dL/d(soft leaf score) = grad_out[n] . T[c, k]. Writes grad_values (n, C, L)
+    (skipped when it is empty) and adds into grad_thresholds (C, K-1) float64.
+
+    Threads take blocks of rows; inner loops run over a block's rows so they vectorise.
+    The right-probability ``p = (1 + tanh(m)) / 2 = 1 / (1 + exp(s (v - x)))`` with
+    ``s = 2 / tau`` is computed as ``1 / (1 + E F)``, ``E = exp(s (c - x))`` once per row
+    and level, ``F = exp(s (v - c))`` once per node, with ``c`` the mean threshold of the
+    level: one exp per level instead of one per node. E is clamped to exp(+-50), so a
+    clamped E only ever meets saturated probabilities (error < exp(-20)); nodes with
+    |s (v - c)| > 30 take the direct one-exp-per-row formula. Its slope
+    ``(1 - tanh^2) / 2`` is ``2 p (1 - p)`` (times 1 / tau). Centres and factors come from
+    :func:`level_factors`.
+    """
+    nrows, ncodebooks, depth = values.shape
+    nleaves = 1 << depth
+    nnodes = nleaves - 1
+    want_values = grad_values.shape[0] > 0
+    dtype = values.dtype
+    one = dtype.type(1.0)
+    row_limit = dtype.type(50.0)
+    direct_limit = dtype.type(80.0)  # exp(80) is finite in float32
+    centre, factor, direct = level_factors(thresholds, inv_tau)
     nblocks = (nrows + _BLOCK - 1) // _BLOCK
     partial = np.zeros((nblocks, ncodebooks, nnodes))
     for blk in numba.prange(nblocks):

@@ -2,7 +2,7 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -40,11 +40,22 @@ if [ "$what" = retrain_inner ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
         --batch-size 128 --eval-samples 2000 --distill 0.5 --exclude prep.0 fc --out "$out/retrain_inner"
 fi
+# twice the codebooks of the rule: 3x3 convs C = 2 Cin (D/C = 4.5), the classifier D/C = 4, stem C = 9
+wide=(--ncodebooks prep.0=9 layer1.0.0=32 layer1.1.res1.0=64 layer1.1.res2.0=64 layer2.0=64
+      layer3.0.0=128 layer3.1.res1.0=256 layer3.1.res2.0=256 fc=32)
 if [ "$what" = retrain_wide ] || [ "$what" = all ]; then
-    # all 9 layers with twice the codebooks of the rule (3x3 convs: C = 2 Cin, D/C = 4.5; the
-    # classifier D/C = 4; stem C = 9 as above) at a smaller budget: 250 steps per layer, 1,500 final
+    # all 9 layers with the wide codebooks at a smaller budget: 250 steps per layer, 1,500 final
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 250 --final-steps 1500 \
-        --batch-size 128 --eval-samples 2000 --distill 0.5 \
-        --ncodebooks prep.0=9 layer1.0.0=32 layer1.1.res1.0=64 layer1.1.res2.0=64 layer2.0=64 \
-        layer3.0.0=128 layer3.1.res1.0=256 layer3.1.res2.0=256 fc=32 --out "$out/retrain_wide"
+        --batch-size 128 --eval-samples 2000 --distill 0.5 "${wide[@]}" --out "$out/retrain_wide"
+fi
+if [ "$what" = retrain_wide_long ] || [ "$what" = all ]; then
+    # the wide codebooks at retrain_long's budget (400 steps per layer, 2,000 final)
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+        --batch-size 128 --eval-samples 2000 --distill 0.5 "${wide[@]}" --out "$out/retrain_wide_long"
+fi
+if [ "$what" = retrain_wide_long_aug ] || [ "$what" = all ]; then
+    # as retrain_wide_long, fine-tuning with the baseline's augmentation (pad-and-crop, mirror)
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+        --batch-size 128 --eval-samples 2000 --distill 0.5 --augment "${wide[@]}" \
+        --out "$out/retrain_wide_long_aug"
 fi

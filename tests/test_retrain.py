@@ -145,3 +145,43 @@ def test_bad_configs_get_clear_errors(tmp_path):
         tiny_config(tmp_path, distill=2.0)
     with pytest.raises(FileNotFoundError):
         run_retrain(tiny_config(tmp_path, checkpoint=str(tmp_path / "missing.pt"), baseline_steps=0))
+
+
+def test_dense_control_replaces_nothing_and_trains_the_whole_budget(tmp_path):
+    three = {"layers": ["prep.0", "layer2.0", "fc"], "steps_per_layer": 2, "final_steps": 3}
+    config = tiny_config(tmp_path, dense_control=True, **three)
+    result = run_retrain(config)
+    rows = result["rows"]
+    assert madd_layers(result["model"]) == {}
+    assert [r["phase"] for r in rows] == ["dense", "final"]
+    assert [r["step"] for r in rows] == [0, 4]  # the final step of a run over these 3 layers
+    assert rows[-1]["train_steps"] == 3 * 2 + 3 and rows[-1]["replaced"] == 0
+    dense = Retrainer(config)._fresh_model()
+    saved = torch.load(tmp_path / pipeline_module.CHECKPOINT, weights_only=False)
+    dense.load_state_dict(saved["dense_state"])
+    trained = result["model"].state_dict()
+    assert any(not torch.equal(v, trained[k]) for k, v in dense.state_dict().items() if v.is_floating_point())
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    report = write_report(tmp_path, rows, saved_config)["md"].read_text()
+    assert "dense control (nothing replaced)" in report and "run not finished" not in report
+
+
+def test_a_run_that_died_before_its_first_checkpoint_does_not_block_a_corrected_one(tmp_path):
+    with pytest.raises(KeyError, match="unknown model"):
+        run_retrain(tiny_config(tmp_path, model="no_such_model"))
+    rows = run_retrain(tiny_config(tmp_path, layers=["fc"], steps_per_layer=0, final_steps=0))["rows"]
+    assert [r["phase"] for r in rows] == ["dense", "replace", "final"]
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
+    from maddnet.cli import main
+
+    argv = ["retrain", "--model", "no_such_model", "--data", "digits", "--baseline-steps", "1",
+            "--threads", "1", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("maddnet retrain: error: unknown model 'no_such_model'; known models:")
+    assert "Traceback" not in err
+    monkeypatch.setenv("MADDNET_TRACEBACK", "1")
+    with pytest.raises(KeyError, match="unknown model"):
+        main(argv)

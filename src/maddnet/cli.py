@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # module path of each sub-command, in the order ``--help`` lists them
@@ -30,13 +31,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what bad input raises (wrong names, shapes, values, missing files); other exceptions are
+# bugs and keep their traceback
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command. Bad input ends with one ``maddnet: error: ...`` line and exit code 2;
+    set ``MADDNET_TRACEBACK=1`` to see the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as error:
+        if os.environ.get("MADDNET_TRACEBACK"):
+            raise
+        # KeyError's str() is the repr of its argument: show the message without quotes
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"maddnet {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def run_retrain_command(args: argparse.Namespace) -> int:
         train_replaced=not args.freeze_replaced,
         distill=args.distill,
         recon=args.recon,
+        dense_control=args.dense_control,
         batch_size=args.batch_size,
         augment=args.augment,
         eval_samples=args.eval_samples,
@@ -158,6 +159,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--distill", type=float, default=0.5, help="knowledge-distillation weight (0..1)")
     parser.add_argument("--recon", type=float, default=0.0, help="per-layer reconstruction loss weight")
+    parser.add_argument(
+        "--dense-control",
+        action="store_true",
+        help="replace nothing: fine-tune the dense model for the same total number of steps "
+        "(layers x steps-per-layer + final-steps) with the same loss, as a control",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--augment", action="store_true")
     parser.add_argument(

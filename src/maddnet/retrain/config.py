@@ -42,6 +42,10 @@ class RetrainConfig(JsonConfig):
         recon: weight of a per-layer output-reconstruction loss on the layer being
             replaced: ||madd(x) - dense(x)||^2 / ||dense(x)||^2 on its actual inputs.
         label_smoothing, batch_size, eval_batch_size, augment, seed: as in training.
+        dense_control: replace nothing; fine-tune the dense model for the run's whole budget
+            (``len(layers) * steps_per_layer + final_steps`` steps) with the same loss and
+            optimiser, in one final step. Separates what the extra training does from what
+            the replacement costs.
         eval_samples: evaluate the intermediate steps on the first N samples of the eval
             split only (the dense, last-replacement and final steps always use all of it).
     """
@@ -79,6 +83,7 @@ class RetrainConfig(JsonConfig):
     distill: float = 0.5
     distill_temperature: float = 4.0
     recon: float = 0.0
+    dense_control: bool = False
     label_smoothing: float = 0.0
     batch_size: int = 128
     eval_batch_size: int = 512

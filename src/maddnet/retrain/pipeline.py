@@ -231,7 +231,9 @@ class Retrainer:
     # -- state
     def _check_config(self) -> None:
         saved_path = self.out / "config.json"
-        if saved_path.exists():
+        # a config without a checkpoint belongs to a run that died before its first step
+        # (e.g. an unknown model name): nothing to protect, so the new config replaces it
+        if saved_path.exists() and (self.out / CHECKPOINT).exists():
             saved = RetrainConfig.from_dict(json.loads(saved_path.read_text()))
             diff = saved.differences(self.config)
             if diff:
@@ -329,7 +331,9 @@ class Retrainer:
         teacher.eval().requires_grad_(False)
         loss = RetrainLoss(cfg, teacher)
 
-        for index in range(next_step - 1, len(order)):
+        # the dense control replaces nothing and spends the whole budget in the final step
+        replace_steps = [] if cfg.dense_control else range(next_step - 1, len(order))
+        for index in replace_steps:
             self._reseed(index + 1)
             self._replace_step(model, order, index, loss, teacher)
             self._save(model, index + 2, order, dense_state)
@@ -339,7 +343,10 @@ class Retrainer:
             self._reseed(final_step)
             t0 = time.time()
             groups = parameter_groups(model, order, len(order), cfg, final=True)
-            train_stats = self._train(model, groups, cfg.final_steps, loss, "final fine-tune")
+            steps = cfg.final_steps + (len(order) * cfg.steps_per_layer if cfg.dense_control else 0)
+            train_stats = self._train(
+                model, groups, steps, loss, "dense control" if cfg.dense_control else "final fine-tune"
+            )
             metrics = self._evaluate(model)
             self.metrics.write(
                 {
@@ -348,6 +355,7 @@ class Retrainer:
                     "layer": None,
                     **_prefixed(metrics),
                     "train_loss": train_stats.get("loss"),
+                    "train_steps": steps,
                     "seconds": time.time() - t0,
                     "replaced": len(madd_layers(model)),
                 }

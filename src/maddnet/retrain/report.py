@@ -59,8 +59,13 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
         f"({summary['eval_split']} split)",
         "",
         f"- dense baseline top-1: {_pct(summary['dense_top1'])} %",
-        f"- after replacing {summary['replaced_layers']} layers"
-        + (" and the final fine-tune" if summary["finished"] else " (run not finished)")
+        (
+            "- dense control (nothing replaced), fine-tuned for the run's whole budget"
+            if config.get("dense_control")
+            else f"- after replacing {summary['replaced_layers']} layers"
+            + (" and the final fine-tune" if summary["finished"] else "")
+        )
+        + ("" if summary["finished"] else " (run not finished)")
         + f": top-1 {_pct(summary['final_top1'])} %, top-5 {_pct(summary['final_top5'])} %",
         "- drop against the dense baseline: "
         + ("–" if summary["drop_points"] is None else f"{summary['drop_points']:.2f} points"),
@@ -73,6 +78,7 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
                 "distill",
                 "recon",
                 "train_replaced",
+                "augment",
                 "nprototypes",
                 "lut_bits",
             )

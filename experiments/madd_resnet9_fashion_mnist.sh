@@ -2,7 +2,7 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|dense_control|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -58,4 +58,10 @@ if [ "$what" = retrain_wide_long_aug ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
         --batch-size 128 --eval-samples 2000 --distill 0.5 --augment "${wide[@]}" \
         --out "$out/retrain_wide_long_aug"
+fi
+if [ "$what" = dense_control ] || [ "$what" = all ]; then
+    # control for retrain_wide_long: the same loss, optimiser and total budget
+    # (9 x 400 + 2,000 = 5,600 steps) spent fine-tuning the dense model, nothing replaced
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+        --batch-size 128 --eval-samples 2000 --distill 0.5 --dense-control --out "$out/dense_control"
 fi

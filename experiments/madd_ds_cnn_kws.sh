@@ -3,7 +3,7 @@
 # scripts/make_kws_espeak.py), from the dense baseline in results/baselines/ds_cnn_s_kws_espeak/.
 # Depthwise convs (groups > 1) stay dense: MADD layers need groups = 1 (the analysis lists them).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|all]
+# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -38,4 +38,11 @@ if [ "$what" = retrain_wide ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
         --ncodebooks stem.0=20 --codebook-width 4 \
         --batch-size 100 --distill 0.5 --out "$out/retrain_wide"
+fi
+if [ "$what" = retrain_wider ] || [ "$what" = all ]; then
+    # twice retrain_wide's codebooks again: D/C = 2 for the pointwise convs and the classifier
+    # (C = 32), stem C = 40 (D/C = 1), at the same budget
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+        --ncodebooks stem.0=40 --codebook-width 2 \
+        --batch-size 100 --distill 0.5 --out "$out/retrain_wider"
 fi

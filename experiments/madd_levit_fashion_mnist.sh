@@ -3,7 +3,7 @@
 # results/baselines/levit_tiny_fashion_mnist/: the single-layer analysis of its
 # conv/linear layers (stem convs, attention qkv/proj, MLPs, heads) at D/C = 8, on the first 2,000 test
 # images; then the layer-by-layer retraining of all 34 conv/linear layers at a small budget.
-# usage: experiments/madd_levit_fashion_mnist.sh [analyze|retrain|dense_control|all]  (retrain resumes when rerun)
+# usage: experiments/madd_levit_fashion_mnist.sh [analyze|retrain|dense_control|retrain_wide|all]  (retrain resumes when rerun)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -28,4 +28,10 @@ if [ "$what" = dense_control ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
         --steps-per-layer 40 --final-steps 400 --batch-size 128 --distill 0.5 --eval-samples 1000 \
         --threads 1 --no-progress --dense-control --out "$out/dense_control"
+fi
+if [ "$what" = retrain_wide ] || [ "$what" = all ]; then
+    # as retrain with twice the codebooks (D/C = 4; stem.conv1 C = 9 as before)
+    "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
+        --ncodebooks stem.conv1.linear=9 --codebook-width 4 --steps-per-layer 40 --final-steps 400 \
+        --batch-size 128 --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --out "$out/retrain_wide"
 fi

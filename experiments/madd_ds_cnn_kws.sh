@@ -3,7 +3,7 @@
 # scripts/make_kws_espeak.py), from the dense baseline in results/baselines/ds_cnn_s_kws_espeak/.
 # Depthwise convs (groups > 1) stay dense: MADD layers need groups = 1 (the analysis lists them).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|all]
+# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|dense_control|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -45,4 +45,10 @@ if [ "$what" = retrain_wider ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
         --ncodebooks stem.0=40 --codebook-width 2 \
         --batch-size 100 --distill 0.5 --out "$out/retrain_wider"
+fi
+if [ "$what" = dense_control ] || [ "$what" = all ]; then
+    # control for the 300 + 1,000 runs: the same loss, optimiser and total budget
+    # (6 x 300 + 1,000 = 2,800 steps) spent fine-tuning the dense model, nothing replaced
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+        --batch-size 100 --distill 0.5 --dense-control --out "$out/dense_control"
 fi

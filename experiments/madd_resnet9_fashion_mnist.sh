@@ -2,7 +2,7 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|dense_control|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -58,6 +58,12 @@ if [ "$what" = retrain_wide_long_aug ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
         --batch-size 128 --eval-samples 2000 --distill 0.5 --augment "${wide[@]}" \
         --out "$out/retrain_wide_long_aug"
+fi
+if [ "$what" = retrain_wide_long_seed1 ] || [ "$what" = all ]; then
+    # retrain_wide_long again with another seed (calibration batches, data order): run-to-run noise
+    "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+        --batch-size 128 --eval-samples 2000 --distill 0.5 "${wide[@]}" --seed 1 \
+        --out "$out/retrain_wide_long_seed1"
 fi
 if [ "$what" = dense_control ] || [ "$what" = all ]; then
     # control for retrain_wide_long: the same loss, optimiser and total budget

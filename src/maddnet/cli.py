@@ -37,8 +37,8 @@ USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a sub-command. Bad input ends with one ``maddnet: error: ...`` line and exit code 2;
-    set ``MADDNET_TRACEBACK=1`` to see the traceback instead."""
+    """Run a sub-command. Bad input ends with one ``maddnet <command>: error: ...`` line and
+    exit code 2; set ``MADDNET_TRACEBACK=1`` to see the traceback instead."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

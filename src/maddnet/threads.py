@@ -20,4 +20,3 @@ def set_threads(threads: int) -> None:
     launch_threads()
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-

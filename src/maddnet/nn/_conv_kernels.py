@@ -204,9 +204,9 @@ def conv_backward(
     :func:`maddnet.nn._kernels.level_factors`; codes (B, C, >= nq) uint8 (the forward's
     codes). Per slot j (image image0 + j): grad_scores (n, C*K, >= nq) float32
     = ``T[c, k] . dL/dY[q]`` and grad_rows (n, >= nq, M) float32 = dL/dY per position (both
-    zero at ignored positions); the first nq positions are read. Adds into the per-slot partial sums grad_lut
-    (n, C, K, M) float32 (the exact LUT gradient) and grad_thresholds (n, C, K-1) float64,
-    and writes grad_images[image0 + j] (skipped when grad_images is empty).
+    zero at ignored positions); the first nq positions are read. Adds into the per-slot
+    partial sums grad_lut (n, C, K, M) float32 (the exact LUT gradient) and grad_thresholds
+    (n, C, K-1) float64, and writes grad_images[image0 + j] (skipped when grad_images is empty).
     """
     _, channels, height, width = images.shape
     ncodebooks, depth = offsets.shape

@@ -143,16 +143,18 @@ def test_unbatched_conv_input_and_config_rebuild():
 
 
 def test_named_parameters_and_buffers():
+    # the tree's state lives in the encoder submodule (layer.thresholds etc. are aliases)
     layer = MaddConv2d(4, 8, 3, ncodebooks=4, padding=1)
-    assert {n for n, _ in layer.named_parameters()} == {"thresholds", "lut", "bias"}
+    assert {n for n, _ in layer.named_parameters()} == {"encoder.thresholds", "lut", "bias"}
     assert {n for n, _ in layer.named_buffers()} == {
-        "split_dims", "temperature", "lut_q_values", "lut_q_offsets", "lut_q_scale"
+        "encoder.split_dims", "encoder.temperature", "lut_q_values", "lut_q_offsets", "lut_q_scale"
     }
+    assert layer.thresholds is layer.encoder.thresholds
     assert layer.lut.shape == (4, 16, 8) and layer.thresholds.shape == (4, 15)
     assert layer.split_dims.shape == (4, 4) and layer.encoder_reads == 16
     assert layer.lut_bytes == 4 * 16 * 8
     float_layer = MaddLinear(16, 3, ncodebooks=2, lut_bits=None, bias=False)
-    assert {n for n, _ in float_layer.named_buffers()} == {"split_dims", "temperature"}
+    assert {n for n, _ in float_layer.named_buffers()} == {"encoder.split_dims", "encoder.temperature"}
     assert float_layer.lut_bytes == 2 * 16 * 3 * 4
 
 

@@ -12,6 +12,11 @@ import torch
 ArrayLike = np.ndarray | torch.Tensor
 
 
+class NotFittedError(RuntimeError):
+    """Raised when an estimator or encoder is used before it was fitted (``fit`` /
+    ``fit_encoder`` / ``set_weight``)."""
+
+
 def as_matrix(x: ArrayLike, name: str, *, check_finite: bool = True) -> torch.Tensor:
     """Return ``x`` as a detached 2-D float tensor (no copy for float32 tensors and for C- or
     Fortran-ordered float32 arrays).

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import hashing, lut, prototypes
-from .checks import ArrayLike, as_matrix, check_all_finite, check_nprototypes, like_input
+from . import lut
+from .checks import ArrayLike, NotFittedError, as_matrix, check_all_finite, check_nprototypes, like_input
+from .encoders import HASH_OBJECTIVES, Encoder, TreeEncoder, encoder_class
 
 _CONFIG_KEYS = (
     "ncodebooks",
@@ -19,16 +20,19 @@ _CONFIG_KEYS = (
     "ncandidates",
     "lut_granularity",
     "hash_objective",
+    "encoder",
+    "encoder_options",
 )
-HASH_OBJECTIVES = ("input", "output")
-
-
-class NotFittedError(RuntimeError):
-    """Raised when an estimator is used before ``fit`` / ``fit_encoder`` / ``set_weight``."""
+# get_config() of estimators saved before the encoder settings existed lacks these
+_CONFIG_DEFAULTS = {"encoder": "tree", "encoder_options": {}}
+__all__ = ["HASH_OBJECTIVES", "MaddnessMatmul", "NotFittedError"]
 
 
 class MaddnessMatmul:
-    """Approximate ``A @ B`` with MADDness: hash each row of A, add up LUT entries.
+    """Approximate ``A @ B`` with MADDness: encode each row of A, add up LUT entries.
+
+    The estimator is an encoder (:class:`~maddnet.amm.encoders.Encoder`; by default the
+    MADDness hash tree, :class:`~maddnet.amm.encoders.TreeEncoder`) plus the LUT code.
 
     Example::
 
@@ -49,11 +53,15 @@ class MaddnessMatmul:
         hash_objective: "input": tree thresholds minimise the SSE of the rows' block columns
             (MADDness); "output": they minimise the SSE of the block's contribution to the
             product, ``A_block @ B_block`` (needs B when learning the encoder).
+            ``ncandidates`` and ``hash_objective`` are options of the tree encoder.
+        encoder: registry name of the encoder (``maddnet.amm.encoders.ENCODERS``).
+        encoder_options: further constructor arguments of a non-tree encoder.
 
     Fitted attributes (torch tensors on the device of the training data):
-        split_dims_ (C, log2 K) int64, thresholds_ (C, K-1) float32 (heap order),
-        prototypes_ (C, K, D) float32, lut_ (C, K, M) float32 and, when quantised,
-        lut_q_ (a :class:`~maddnet.amm.lut.QuantizedLut`).
+        encoder_ (the fitted :class:`~maddnet.amm.encoders.Encoder`), prototypes_
+        (C, K, D) float32, lut_ (C, K, M) float32 and, when quantised, lut_q_ (a
+        :class:`~maddnet.amm.lut.QuantizedLut`); for the tree encoder also split_dims_
+        (C, log2 K) int64 and thresholds_ (C, K-1) float32 (heap order).
     """
 
     def __init__(
@@ -65,6 +73,8 @@ class MaddnessMatmul:
         ncandidates: int = 8,
         lut_granularity: str = "codebook",
         hash_objective: str = "input",
+        encoder: str = "tree",
+        encoder_options: dict[str, Any] | None = None,
     ) -> None:
         self.depth = check_nprototypes(nprototypes)
         if not isinstance(ncodebooks, int | np.integer) or ncodebooks < 1:
@@ -86,9 +96,10 @@ class MaddnessMatmul:
         self.ridge = None if ridge is None else float(ridge)
         self.ncandidates = ncandidates
         self.lut_granularity = lut_granularity
-        self.split_dims_: torch.Tensor | None = None
-        self.thresholds_: torch.Tensor | None = None
-        self.prototypes_: torch.Tensor | None = None
+        self.encoder = encoder
+        self.encoder_options = dict(encoder_options or {})
+        self._new_encoder()  # validates the encoder's name and options now, not at fit time
+        self.encoder_: Encoder | None = None
         self.lut_: torch.Tensor | None = None
         self.lut_q_: lut.QuantizedLut | None = None
         self._lut_q_table: torch.Tensor | None = None
@@ -98,6 +109,27 @@ class MaddnessMatmul:
     def get_config(self) -> dict[str, Any]:
         """Constructor arguments, enough to rebuild an unfitted twin."""
         return {key: getattr(self, key) for key in _CONFIG_KEYS}
+
+    def _new_encoder(self) -> Encoder:
+        """An unfitted encoder of this estimator's settings."""
+        common = {"ncodebooks": self.ncodebooks, "nprototypes": self.nprototypes, "ridge": self.ridge}
+        if self.encoder == "tree":
+            tree_options = {"ncandidates": self.ncandidates, "hash_objective": self.hash_objective}
+            return TreeEncoder(**common, **tree_options, **self.encoder_options)
+        return encoder_class(self.encoder)(**common, **self.encoder_options)
+
+    # the fitted encoder's state, under the names the estimator has always had
+    @property
+    def split_dims_(self) -> torch.Tensor | None:
+        return None if self.encoder_ is None else self.encoder_.split_dims_
+
+    @property
+    def thresholds_(self) -> torch.Tensor | None:
+        return None if self.encoder_ is None else self.encoder_.thresholds_
+
+    @property
+    def prototypes_(self) -> torch.Tensor | None:
+        return None if self.encoder_ is None else self.encoder_.prototypes_
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -122,39 +154,16 @@ class MaddnessMatmul:
     def fit_encoder(self, A_train: ArrayLike, B: ArrayLike | None = None) -> MaddnessMatmul:
         """Learn the hash trees and prototypes from the rows of ``A_train`` (N, D).
 
-        ``B`` (D, M) is only read by ``hash_objective="output"``; no LUT is built here.
+        ``B`` (D, M) is only read by encoders whose objective is the product (the tree with
+        ``hash_objective="output"``); no LUT is built here.
         """
         rows = as_matrix(A_train, "A_train").float()
         weight = None
-        if self.hash_objective == "output":
-            if B is None:
-                raise ValueError('hash_objective="output" needs the weight: fit_encoder(A_train, B)')
+        if self.hash_objective == "output" and B is None:
+            raise ValueError('hash_objective="output" needs the weight: fit_encoder(A_train, B)')
+        if B is not None:
             weight = self._check_weight(B, rows.shape[1]).float().to(rows.device)
-        nrows, ndims = rows.shape
-        bounds = hashing.subspace_bounds(ndims, self.ncodebooks)
-        if nrows < self.nprototypes:
-            raise ValueError(
-                f"A_train has {nrows} rows; learning a tree with K={self.nprototypes} leaves "
-                f"needs at least {self.nprototypes}"
-            )
-        trees = [
-            hashing.learn_tree(
-                rows[:, start:stop],
-                self.depth,
-                self.ncandidates,
-                targets=None if weight is None else rows[:, start:stop] @ weight[start:stop],
-            )
-            for start, stop in bounds
-        ]
-        starts = torch.tensor([start for start, _ in bounds], device=rows.device)
-        self.split_dims_ = torch.stack([t.split_dims for t in trees]) + starts[:, None]
-        self.thresholds_ = torch.stack([t.thresholds for t in trees])
-        initial = prototypes.leaf_mean_prototypes([t.leaf_means for t in trees], bounds, ndims)
-        if self.ridge is None:
-            self.prototypes_ = initial
-        else:
-            codes = torch.stack([t.leaves for t in trees], dim=1)
-            self.prototypes_ = prototypes.ridge_prototypes(rows, codes, initial, self.ridge)
+        self.encoder_ = self._new_encoder().fit(rows, weight)
         self.lut_ = None
         self.lut_q_ = None
         self._lut_q_table = None
@@ -188,7 +197,7 @@ class MaddnessMatmul:
     def encode(self, A: ArrayLike) -> ArrayLike:
         """Codes of the rows of ``A`` (N, D): (N, C) uint8, one leaf index per codebook."""
         rows = self._check_rows(A)
-        return like_input(hashing.encode(rows, self.split_dims_, self.thresholds_), A)
+        return like_input(self.encoder_.encode(rows), A)
 
     def decode(self, codes: ArrayLike) -> ArrayLike:
         """Sum the LUT entries that ``codes`` (N, C) select: (N, M) float32."""
@@ -218,8 +227,7 @@ class MaddnessMatmul:
         """Approximate ``A @ B`` for ``A`` (N, D): (N, M) float32, same kind as ``A``."""
         self._require_weight()
         rows = self._check_rows(A)
-        codes = hashing.encode(rows, self.split_dims_, self.thresholds_)
-        return like_input(self._decode(codes), A)
+        return like_input(self._decode(self.encoder_.encode(rows)), A)
 
     __call__ = predict
 
@@ -228,9 +236,9 @@ class MaddnessMatmul:
         rows = as_matrix(A, "A", check_finite=False)
         if rows.shape[1] != self.input_dim:
             raise ValueError(f"A has {rows.shape[1]} columns, the estimator was fit with D={self.input_dim}")
-        if rows.device != self.split_dims_.device:
+        if rows.device != self.prototypes_.device:
             raise ValueError(
-                f"A is on {rows.device} but the estimator is on {self.split_dims_.device}; "
+                f"A is on {rows.device} but the estimator is on {self.prototypes_.device}; "
                 "move one of them (estimator.to(device))"
             )
         if rows.device.type != "cpu":  # the CPU encoder checks the values it reads itself
@@ -238,7 +246,7 @@ class MaddnessMatmul:
         return rows
 
     def _require_encoder(self) -> None:
-        if self.split_dims_ is None:
+        if self.encoder_ is None:
             raise NotFittedError("MaddnessMatmul is not fitted: call fit() or fit_encoder() first")
 
     def _require_weight(self) -> None:
@@ -249,7 +257,9 @@ class MaddnessMatmul:
     # ------------------------------------------------------------------ state
     def to(self, device: torch.device | str) -> MaddnessMatmul:
         """Move every fitted tensor to ``device`` (in place); returns self."""
-        for name in ("split_dims_", "thresholds_", "prototypes_", "lut_", "_lut_q_table"):
+        if self.encoder_ is not None:
+            self.encoder_.to(device)
+        for name in ("lut_", "_lut_q_table"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -264,10 +274,10 @@ class MaddnessMatmul:
     def state_dict(self) -> dict[str, Any]:
         """Config and fitted tensors; :meth:`load_state_dict` restores identical outputs."""
         state: dict[str, Any] = {"config": self.get_config()}
-        for name in ("split_dims", "thresholds", "prototypes", "lut"):
-            value = getattr(self, name + "_")
-            if value is not None:
-                state[name] = value
+        if self.encoder_ is not None:
+            state.update(self.encoder_.state_dict())  # the tree: split_dims, thresholds, prototypes
+        if self.lut_ is not None:
+            state["lut"] = self.lut_
         if self.lut_q_ is not None:
             state.update(
                 lut_q_values=self.lut_q_.values,
@@ -279,14 +289,9 @@ class MaddnessMatmul:
     def load_state_dict(self, state: dict[str, Any]) -> MaddnessMatmul:
         """Restore from :meth:`state_dict`; the config must match this estimator's."""
         config = state.get("config")
-        if config != self.get_config():
+        if config is None or {**_CONFIG_DEFAULTS, **config} != self.get_config():
             raise ValueError(f"state was saved with config {config}, this estimator has {self.get_config()}")
-        missing = {"split_dims", "thresholds", "prototypes"} - state.keys()
-        if missing:
-            raise ValueError(f"state is missing fitted tensors: {sorted(missing)}")
-        self.split_dims_ = state["split_dims"].long()
-        self.thresholds_ = state["thresholds"].float()
-        self.prototypes_ = state["prototypes"].float()
+        self.encoder_ = self._new_encoder().load_state_dict(state)
         self.lut_, self.lut_q_, self._lut_q_table = None, None, None
         self._packed = False
         if "lut" in state:

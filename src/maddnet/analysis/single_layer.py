@@ -20,7 +20,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import MaddConfig, convert_layer, record_inputs
-from ..nn.config import input_dim, named_leaf_layers
+from ..nn import mapping
+from ..nn.config import named_leaf_layers
+from ..nn.mapping import input_dim
 from ..train import evaluate
 from .amm_sweep import markdown_table
 from .output import pyplot_or_none, write_csv
@@ -29,13 +31,16 @@ MIN_INPUT_DIM = 4  # below this a 16-leaf tree per codebook has nothing to choos
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why ``module`` cannot become a MADD layer (None when it can)."""
+    """Why ``module`` cannot become a MADD layer or is not worth analysing (None when it can)."""
     if isinstance(module, nn.Conv2d) and module.groups > 1:
         per_group = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         return (
             f"grouped/depthwise conv (groups={module.groups}): each output reads only D={per_group} "
             "inputs; MADD layers need groups=1"
         )
+    reason = mapping.unsupported_reason(module)
+    if reason is not None:
+        return reason
     if input_dim(module) < MIN_INPUT_DIM:
         return f"input dimension D={input_dim(module)} < {MIN_INPUT_DIM}: nothing to hash"
     return None
@@ -45,7 +50,7 @@ def candidate_layers(model: nn.Module) -> tuple[list[str], list[dict[str, Any]]]
     """Names of replaceable conv/linear layers, and rows for the ones that are not."""
     names, skipped = [], []
     for name, module in named_leaf_layers(model):
-        if type(module) not in (nn.Linear, nn.Conv2d):
+        if not isinstance(module, nn.Linear | nn.Conv2d):
             continue
         reason = unsupported_reason(module)
         if reason:

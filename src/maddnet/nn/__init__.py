@@ -3,29 +3,40 @@
 from .config import MaddConfig, default_codebooks
 from .convert import (
     calibrate,
-    conversion_plan,
     convert,
     convert_layer,
     learn_layer,
-    load_converted,
-    madd_layers,
     prepare,
-    rebuild,
     record_inputs,
-    save_converted,
     summary,
     unprepare,
 )
-from .functional import madd_lut
-from .layers import MaddConv2d, MaddLayer, MaddLinear
+from .encoders import EncoderModule, TreeEncoderModule, register_encoder_module
+from .functional import madd_lut, madd_lut_encoded
+from .layers import MaddConv2d, MaddLayer, MaddLinear, register_fast_path
+from .mapping import DEFAULT_MAPPING, madd_type_for, unsupported_reason
+from .plan import (
+    conversion_plan,
+    load_converted,
+    madd_layers,
+    rebuild,
+    record_pass,
+    register_pass,
+    save_converted,
+)
 from .recording import RowRecorder
+from .spec import LayerSpec
 
 __all__ = [
+    "DEFAULT_MAPPING",
+    "EncoderModule",
+    "LayerSpec",
     "MaddConfig",
     "MaddConv2d",
     "MaddLayer",
     "MaddLinear",
     "RowRecorder",
+    "TreeEncoderModule",
     "calibrate",
     "conversion_plan",
     "convert",
@@ -35,10 +46,17 @@ __all__ = [
     "load_converted",
     "madd_layers",
     "madd_lut",
+    "madd_lut_encoded",
+    "madd_type_for",
     "prepare",
     "rebuild",
     "record_inputs",
+    "record_pass",
+    "register_encoder_module",
+    "register_fast_path",
+    "register_pass",
     "save_converted",
     "summary",
     "unprepare",
+    "unsupported_reason",
 ]

@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from .functional import SURROGATES
-from .layers import DEFAULT_TEMPERATURE
+from .mapping import input_dim, madd_type_for, unsupported_reason
+from .spec import LayerSpec
 
 LayerFilter = Callable[[str, nn.Module], bool]
 CodebookRule = Callable[[str, nn.Module], int]
-SUPPORTED_TYPES = (nn.Linear, nn.Conv2d)
 
 
 @dataclass
 class MaddConfig:
     """Conversion settings (the per-model counterpart of a torch.ao ``QConfig``).
 
+    Which layers, how many codebooks each, how rows are recorded; how each layer is
+    built, learned and trained is ``spec`` (a :class:`~maddnet.nn.LayerSpec`, passed whole
+    to every layer).
+
     Attributes:
         layers: which layers to convert: a filter ``f(name, module) -> bool``, a sequence
             of ``fnmatch`` name patterns (e.g. ``["layer*.conv2", "fc"]``), or ``None``
-            for every ``nn.Linear`` and every ``nn.Conv2d`` with ``groups == 1``.
+            for every layer that :mod:`maddnet.nn.mapping` can convert (``nn.Linear``,
+            ``nn.Conv2d`` with ``groups == 1`` and zero padding; see :meth:`skipped`).
         exclude: name patterns never converted (applied after ``layers``).
         ncodebooks: C: one int for all layers, a ``{name: C}`` mapping (names missing
             from it use the rule), a function ``f(name, module) -> C``, or ``None`` for the
@@ -33,16 +37,7 @@ class MaddConfig:
             ``C = D // codebook_width``
             (at least 1, so D/C lies in [codebook_width, 2 codebook_width)).
         codebook_width: target D/C for linear and 1x1 layers.
-        nprototypes: K, leaves per tree (16 in MADDness).
-        lut_bits: integer LUT bits (8), or ``None`` for float LUTs.
-        lut_granularity: "codebook" or "column" (see ``maddnet.amm.lut.quantize_lut``).
-        ridge: prototype ridge lambda, ``None`` keeps leaf means.
-        ncandidates: columns tried per tree level.
-        qat: read the integer LUT in training forward passes too (straight-through).
-        temperature: surrogate tau per tree level, as a multiple of the standard
-            deviation of that level's split column on the calibration rows.
-        surrogate: threshold / input gradient: "soft" (soft decision tree over all
-            nodes) or "path" (only the nodes on each row's hard path; cheaper).
+        spec: the per-layer settings (K, encoder, LUT bits, QAT, surrogate, ...).
         max_rows: rows kept per layer while recording (uniform reservoir sample).
         max_bytes_per_layer: CPU memory bound of one layer's recorded rows; a layer keeps
             ``min(max_rows, max_bytes_per_layer // (4 D))`` rows of D float32 values, so a
@@ -55,14 +50,7 @@ class MaddConfig:
     exclude: Sequence[str] = ()
     ncodebooks: int | Mapping[str, int] | CodebookRule | None = None
     codebook_width: int = 8
-    nprototypes: int = 16
-    lut_bits: int | None = 8
-    lut_granularity: str = "codebook"
-    ridge: float | None = 1.0
-    ncandidates: int = 4
-    qat: bool = True
-    temperature: float = DEFAULT_TEMPERATURE
-    surrogate: str = "soft"
+    spec: LayerSpec = field(default_factory=LayerSpec)
     max_rows: int = 16384
     max_bytes_per_layer: int = 64 << 20
     min_rows: int = 256
@@ -77,10 +65,8 @@ class MaddConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MaddConfig.{name} must be a positive int, got {value!r}")
-        if self.surrogate not in SURROGATES:
-            raise ValueError(f"MaddConfig.surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"MaddConfig.temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.spec, LayerSpec):
+            raise TypeError(f"MaddConfig.spec must be a LayerSpec, got {type(self.spec).__name__}")
 
     # ------------------------------------------------------------------ selection
     def selects(self, name: str, module: nn.Module) -> bool:
@@ -88,9 +74,7 @@ class MaddConfig:
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
             return False
         if self.layers is None:
-            # Exact types: subclasses such as MultiheadAttention's out_proj are used by
-            # their owner through .weight, not called, so swapping them would break it.
-            return type(module) is nn.Linear or (type(module) is nn.Conv2d and module.groups == 1)
+            return unsupported_reason(module) is None
         if callable(self.layers):
             return bool(self.layers(name, module))
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.layers)
@@ -101,10 +85,13 @@ class MaddConfig:
         for name, module in named_leaf_layers(model):
             if not self.selects(name, module):
                 continue
-            if type(module) not in SUPPORTED_TYPES:
-                raise TypeError(
-                    f"layer {name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d "
-                    "can be converted to MADD layers (adjust MaddConfig.layers / exclude)"
+            reason = unsupported_reason(module)
+            if reason is not None:
+                # a wrong type is a TypeError; a convertible type in an unsupported setting a ValueError
+                error = ValueError if madd_type_for(module) is not None else TypeError
+                raise error(
+                    f"layer {name!r} cannot be converted to a MADD layer: {reason} "
+                    "(adjust MaddConfig.layers / exclude)"
                 )
             chosen[name] = module
         if not chosen:
@@ -114,6 +101,17 @@ class MaddConfig:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name in chosen):
                     raise ValueError(f"layer pattern {pattern!r} matches no convertible layer")
         return chosen
+
+    def skipped(self, model: nn.Module) -> dict[str, str]:
+        """``{name: reason}`` of the dense conv/linear layers the default selection
+        (``layers=None``) leaves out because they cannot be converted."""
+        return {
+            name: reason
+            for name, module in named_leaf_layers(model)
+            if isinstance(module, nn.Linear | nn.Conv2d)
+            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
+            and (reason := unsupported_reason(module)) is not None
+        }
 
     # ------------------------------------------------------------------ codebooks
     def codebooks_for(self, name: str, module: nn.Module) -> int:
@@ -137,16 +135,6 @@ def named_leaf_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if name and not any(True for _ in module.children()):
             yield name, module
-
-
-def input_dim(module: nn.Module) -> int:
-    """D of a Linear (in_features) or Conv2d (Cin kh kw / groups)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return module.in_channels // module.groups * kh * kw
-    raise TypeError(f"only nn.Linear and nn.Conv2d have a MADD input dimension, got {type(module).__name__}")
 
 
 def default_codebooks(module: nn.Module, codebook_width: int = 8) -> int:

@@ -16,13 +16,16 @@ what the partly converted network produces)::
     convert_layer(model, "layer1.0.conv1", rows, config)
 
 Saving: ``save_converted(model, path)`` stores the conversion plan (each MADD layer's
-config) with the state_dict; ``load_converted(build_dense_model(), path)`` rebuilds the
-skeleton from the plan (no data) and loads the weights.
+config and the structural passes applied, :mod:`maddnet.nn.plan`) with the state_dict;
+``load_converted(build_dense_model(), path)`` rebuilds the skeleton from the plan (no
+data) and loads the weights.
+
+Which dense type becomes which MADD type, and which instances cannot be converted, is
+:mod:`maddnet.nn.mapping`; every function here asks it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,12 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import MaddConfig, input_dim
-from .layers import MaddConv2d, MaddLinear, _MaddLayer
+from .config import MaddConfig
+from .layers import _MaddLayer
+from .mapping import input_dim, madd_type_for, unsupported_reason
+from .plan import madd_layers, set_submodule
 from .recording import RowRecorder, capacity_for, record_hook
 
 _PREPARED_ATTR = "_maddnet_prepared"
-LAYER_TYPES: dict[str, type[_MaddLayer]] = {"linear": MaddLinear, "conv2d": MaddConv2d}
 ForwardFn = Callable[[nn.Module, Any], Any]
 
 
@@ -127,13 +131,19 @@ def convert(
         )
     if config is not None and config is not prepared.config:
         raise ValueError("convert() got a config different from the one the model was prepared with")
-    # Check every layer before changing any, so a failure leaves the model as it was.
+    # Check and learn every layer before changing any, so a failure leaves the model as it
+    # was (still prepared, its recorded rows kept: fix the cause and call convert again).
     for name, recorder in prepared.recorders.items():
         _check_rows(name, recorder.rows(), prepared.config)
+    learned = {
+        name: learn_layer(name, model.get_submodule(name), recorder.rows(), prepared.config)
+        for name, recorder in prepared.recorders.items()
+    }
     prepared.remove_hooks()
     object.__delattr__(model, _PREPARED_ATTR)
-    for name, recorder in prepared.recorders.items():
-        convert_layer(model, name, recorder.rows(), prepared.config)
+    for name, layer in learned.items():
+        layer.train(model.get_submodule(name).training)
+        set_submodule(model, name, layer)
     return model
 
 
@@ -143,7 +153,7 @@ def _check_rows(name: str, rows: torch.Tensor | None, config: MaddConfig) -> Non
             f"no calibration data recorded for layer {name!r}: run batches through the "
             "prepared model (or pass calibration_loader) before convert()"
         )
-    needed = max(config.min_rows, config.nprototypes)
+    needed = max(config.min_rows, config.spec.nprototypes)
     if rows.shape[0] < needed:
         raise ValueError(
             f"layer {name!r} has {rows.shape[0]} recorded rows, fewer than the {needed} needed "
@@ -152,27 +162,22 @@ def _check_rows(name: str, rows: torch.Tensor | None, config: MaddConfig) -> Non
 
 
 def learn_layer(name: str, module: nn.Module, rows: torch.Tensor, config: MaddConfig) -> _MaddLayer:
-    """A MADD layer learned from dense ``module`` and its input ``rows`` (N, D)."""
+    """A MADD layer learned from dense ``module`` and its input ``rows`` (N, D).
+
+    Raises ``ValueError`` / ``TypeError`` whose message starts with the layer's name.
+    """
     _check_rows(name, rows, config)
-    kwargs = {
-        "ncodebooks": config.codebooks_for(name, module),
-        "nprototypes": config.nprototypes,
-        "lut_bits": config.lut_bits,
-        "lut_granularity": config.lut_granularity,
-        "ridge": config.ridge,
-        "ncandidates": config.ncandidates,
-        "qat": config.qat,
-        "temperature": config.temperature,
-        "surrogate": config.surrogate,
-    }
-    if type(module) is nn.Linear:
-        return MaddLinear.from_dense(module, rows, **kwargs)
-    if type(module) is nn.Conv2d:
-        return MaddConv2d.from_dense(module, rows, **kwargs)
-    raise TypeError(
-        f"layer {name!r} is a {type(module).__name__}; only nn.Linear and nn.Conv2d can be "
-        "converted to MADD layers"
-    )
+    madd_type = madd_type_for(module)
+    reason = unsupported_reason(module)
+    if reason is not None:
+        error = ValueError if madd_type is not None else TypeError
+        raise error(f"layer {name!r} cannot be converted to a MADD layer: {reason}")
+    try:
+        return madd_type.from_dense(module, rows, config.codebooks_for(name, module), config.spec)
+    except (ValueError, TypeError) as error:
+        if str(error).startswith(f"layer {name!r}"):
+            raise
+        raise type(error)(f"layer {name!r}: {error}") from error
 
 
 def convert_layer(
@@ -189,13 +194,6 @@ def convert_layer(
     layer.train(module.training)
     set_submodule(model, name, layer)
     return layer
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule called ``name`` (dotted path) with ``module``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def record_inputs(
@@ -217,8 +215,9 @@ def record_inputs(
     try:
         for index, name in enumerate(names):
             module = model.get_submodule(name)
-            if type(module) not in (nn.Linear, nn.Conv2d):
-                raise TypeError(f"layer {name!r} is a {type(module).__name__}, not nn.Linear / nn.Conv2d")
+            reason = unsupported_reason(module)
+            if reason is not None:
+                raise TypeError(f"layer {name!r} cannot be recorded for a MADD layer: {reason}")
             capacity = capacity_for(input_dim(module), max_rows, config.max_bytes_per_layer)
             recorders[name] = RowRecorder(capacity, seed=config.seed + index)
             handles.append(module.register_forward_pre_hook(record_hook(recorders[name], module)))
@@ -235,12 +234,7 @@ def record_inputs(
     return result
 
 
-# ---------------------------------------------------------------------- inspect / save
-def madd_layers(model: nn.Module) -> dict[str, _MaddLayer]:
-    """``{name: layer}`` of the MADD layers in ``model``."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, _MaddLayer)}
-
-
+# ---------------------------------------------------------------------- inspect
 def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> str:
     """Table of the MADD layers (name, kind, D, M, C, K, LUT bits/bytes, encoder reads)."""
     header = ("name", "kind", "D", "M", "C", "K", "D/C", "lut_bits", "lut_bytes", "reads")
@@ -268,60 +262,3 @@ def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> 
     if print_fn is not None:
         print_fn(text)
     return text
-
-
-def conversion_plan(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """``{name: {"kind": ..., "config": ...}}`` of every MADD layer: enough to rebuild them."""
-    return {name: {"kind": m.kind, "config": m.get_config()} for name, m in madd_layers(model).items()}
-
-
-def rebuild(model: nn.Module, plan: dict[str, dict[str, Any]]) -> nn.Module:
-    """Swap zero-initialised MADD layers into a dense ``model`` following ``plan`` (in place).
-
-    Each named layer must exist and match the plan's shapes; load the saved state_dict next.
-    """
-    for name, entry in plan.items():
-        kind = entry.get("kind")
-        if kind not in LAYER_TYPES:
-            raise ValueError(
-                f"plan entry {name!r} has unknown kind {kind!r}; expected one of {sorted(LAYER_TYPES)}"
-            )
-        dense = model.get_submodule(name)
-        config = dict(entry["config"])
-        _check_matches(name, dense, kind, config)
-        device = next(iter(dense.parameters()), torch.empty(0)).device
-        layer = LAYER_TYPES[kind].from_config(config, device=device)
-        layer.train(dense.training)
-        set_submodule(model, name, layer)
-    return model
-
-
-def _check_matches(name: str, dense: nn.Module, kind: str, config: dict[str, Any]) -> None:
-    if kind == "linear":
-        ok = isinstance(dense, nn.Linear) and (dense.in_features, dense.out_features) == (
-            config["in_features"], config["out_features"])
-    else:
-        ok = isinstance(dense, nn.Conv2d) and (
-            dense.in_channels,
-            dense.out_channels,
-            list(dense.kernel_size),
-        ) == (config["in_channels"], config["out_channels"], list(config["kernel_size"]))
-    if not ok:
-        raise ValueError(
-            f"layer {name!r} of the model ({dense}) does not match the saved {kind} layer {config}"
-        )
-
-
-def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
-    """``torch.save`` the conversion plan and the state_dict of a converted model."""
-    torch.save({"plan": conversion_plan(model), "state_dict": model.state_dict()}, path)
-
-
-def load_converted(
-    model: nn.Module, path: str | os.PathLike, map_location: str | torch.device | None = None
-) -> nn.Module:
-    """Load :func:`save_converted` output into a freshly built dense ``model`` (in place)."""
-    saved = torch.load(path, map_location=map_location, weights_only=True)
-    rebuild(model, saved["plan"])
-    model.load_state_dict(saved["state_dict"])
-    return model

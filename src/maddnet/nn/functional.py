@@ -1,12 +1,14 @@
-"""The MADD product on gathered split values, with a training-friendly backward pass.
+"""The MADD product on gathered values, with a training-friendly backward pass.
 
-A MADD layer reads only the ``L = log2 K`` split columns of each codebook's tree, so the
-layers gather those values first (``values`` (N, C, L): ``values[n, c, t]`` is
-``x_n[split_dims[c, t]]``) and hand them here. The forward pass is the exact hard
-encoding (``maddnet.amm.hashing.encode``) followed by the LUT sum
-(``maddnet.amm.lut.lut_sum``), so training sees what inference does.
+A MADD layer reads only the input columns its encoder reads (for the tree, the
+``L = log2 K`` split columns of each codebook), so the layers gather those values first
+(``values`` (N, C, R): ``values[n, c, r]`` is ``x_n[read_columns[c, r]]``) and hand them
+here. The forward pass is the exact hard encoding followed by the LUT sum
+(``maddnet.amm.lut.lut_sum``), so training sees what inference does. :class:`MaddLutFunction`
+is the one autograd function for every encoder (:class:`maddnet.nn.encoders.EncoderModule`);
+this module also holds the tree encoder's surrogate maths.
 
-Backward (DESIGN §1.7):
+Backward (docs/design.md, "Training through the hard encoding"):
 
 * the LUT gets its exact gradient, ``dL/dT[c, k] = sum of dL/dY[n] over rows n with
   code k in codebook c``;
@@ -31,6 +33,7 @@ import torch
 from ..amm import hashing
 from ..amm.lut import QuantizedLut, lut_sum, quantized_lut_sum
 from . import _kernels
+from .spec import SURROGATES
 
 # Elements of one (rows, C, K) temporary in the surrogate backward; bounds its memory.
 _SURROGATE_CHUNK_ELEMENTS = 1 << 25
@@ -171,9 +174,6 @@ def _surrogate_cpu(values, thresholds, flat_table, inv_tau, grad_out, chunk, nee
     return grad_values, grad_thr
 
 
-SURROGATES = ("soft", "path")
-
-
 def path_surrogate_grads(
     values: torch.Tensor,
     thresholds: torch.Tensor,
@@ -245,15 +245,50 @@ def _path_torch(values, thresholds, inv_tau, table, grad_out, codes, need_values
     return (grad_values if need_values else None), (grad_thresholds if need_thresholds else None)
 
 
+def tree_backward(surrogate, values, codes, tensors, table, grad_out, needs):
+    """The tree encoder's surrogate backward (``EncoderModule.surrogate_backward`` contract):
+    tensors = (thresholds, temperature); "soft" or "path" surrogate."""
+    thresholds, temperature = tensors
+    need_values, need_thresholds = needs[0], needs[1]
+    if surrogate == "path":
+        grad_values, grad_thresholds = path_surrogate_grads(
+            values, thresholds, table, temperature, grad_out, codes, need_values, need_thresholds
+        )
+    else:
+        grad_values, grad_thresholds = tree_surrogate_grads(
+            values, thresholds, table, temperature, grad_out, need_values, need_thresholds
+        )
+    if grad_thresholds is not None:
+        grad_thresholds = grad_thresholds.to(thresholds.dtype)
+    return grad_values, (grad_thresholds, None)
+
+
+class _TreeRule:
+    """The tree's encode / surrogate on raw tensors (what :func:`madd_lut` hands to
+    :class:`MaddLutFunction` in place of an encoder module)."""
+
+    def __init__(self, thresholds: torch.Tensor, surrogate: str) -> None:
+        self.thresholds, self.surrogate = thresholds, surrogate
+
+    def encode_values(self, values: torch.Tensor) -> torch.Tensor:
+        return encode_values(values, self.thresholds)
+
+    def surrogate_backward(self, values, codes, tensors, table, grad_out, needs):
+        return tree_backward(self.surrogate, values, codes, tensors, table, grad_out, needs)
+
+
 class MaddLutFunction(torch.autograd.Function):
-    """Hard encode + LUT read forward; exact LUT / surrogate tree gradients backward."""
+    """Hard encode + LUT read forward; exact LUT gradient and the encoder's surrogate backward.
+
+    ``encoder`` is an :class:`~maddnet.nn.encoders.EncoderModule` (or anything with its
+    ``encode_values`` / ``surrogate_backward``); ``tensors`` are its ``surrogate_tensors()``,
+    passed through so that autograd hands their gradients to them.
+    """
 
     @staticmethod
-    def forward(
-        ctx, values, thresholds, lut, temperature, q_values, q_offsets, q_scale, bits, codes, surrogate
-    ):
+    def forward(ctx, values, lut, q_values, q_offsets, q_scale, bits, codes, encoder, *tensors):
         if codes is None:
-            codes = encode_values(values, thresholds)
+            codes = encoder.encode_values(values)
         if q_values is None:
             table = lut.detach()
             out = lut_sum(codes, table)
@@ -261,32 +296,44 @@ class MaddLutFunction(torch.autograd.Function):
             qlut = QuantizedLut(q_values, q_offsets, q_scale, bits)
             table = qlut.dequantize()
             out = quantized_lut_sum(codes, qlut)
-        ctx.save_for_backward(values, thresholds, table, temperature, codes)
+        ctx.save_for_backward(values, table, codes, *tensors)
         ctx.lut_dtype = lut.dtype
-        ctx.surrogate = surrogate
+        ctx.encoder = encoder
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        values, thresholds, table, temperature, codes = ctx.saved_tensors
-        need_values, need_thresholds, need_lut = ctx.needs_input_grad[:3]
+        values, table, codes, *tensors = ctx.saved_tensors
+        need_values, need_lut = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_tensors = ctx.needs_input_grad[8:]
         grad_out = grad_out.contiguous()
         grad_lut = None
         if need_lut:
             grad_lut = lut_gradient(codes, grad_out, table.shape[1]).to(ctx.lut_dtype)
-        grad_values = grad_thresholds = None
-        if need_values or need_thresholds:
-            if ctx.surrogate == "path":
-                grad_values, grad_thresholds = path_surrogate_grads(
-                    values, thresholds, table, temperature, grad_out, codes, need_values, need_thresholds
-                )
-            else:
-                grad_values, grad_thresholds = tree_surrogate_grads(
-                    values, thresholds, table, temperature, grad_out, need_values, need_thresholds
-                )
-            if grad_thresholds is not None:
-                grad_thresholds = grad_thresholds.to(thresholds.dtype)
-        return grad_values, grad_thresholds, grad_lut, None, None, None, None, None, None, None
+        grad_values, grad_tensors = None, (None,) * len(tensors)
+        if need_values or any(need_tensors):
+            grad_values, grad_tensors = ctx.encoder.surrogate_backward(
+                values, codes, tuple(tensors), table, grad_out, (need_values, *need_tensors)
+            )
+        return (grad_values, grad_lut, None, None, None, None, None, None, *grad_tensors)
+
+
+def madd_lut_encoded(
+    values: torch.Tensor,
+    encoder,
+    lut: torch.Tensor,
+    quantized: QuantizedLut | None = None,
+    codes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Differentiable MADD product of values gathered for ``encoder`` (an
+    :class:`~maddnet.nn.encoders.EncoderModule`): (N, C, R) -> (N, M).
+
+    With ``quantized`` (the integer version of ``lut``) the forward pass sums the integer
+    LUT and the gradient goes straight through to the float ``lut`` (QAT). ``codes`` (N, C),
+    if the caller has them already, must be ``encoder.encode_values(values)``.
+    """
+    q = (None, None, None, 0) if quantized is None else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
+    return MaddLutFunction.apply(values, lut, *q, codes, encoder, *encoder.surrogate_tensors())
 
 
 def madd_lut(
@@ -298,21 +345,15 @@ def madd_lut(
     codes: torch.Tensor | None = None,
     surrogate: str = "soft",
 ) -> torch.Tensor:
-    """Differentiable MADD product of gathered split values: (N, C, L) -> (N, M).
+    """Differentiable MADD product of the tree encoder on gathered split values: (N, C, L) -> (N, M).
 
-    With ``quantized`` (the integer version of ``lut``) the forward pass sums the integer
-    LUT, and the gradient goes straight through to the float ``lut`` (QAT). ``codes``
-    (N, C), if the caller has them already, must be ``encode_values(values, thresholds)``.
-    ``surrogate`` picks the threshold / input gradient: "soft" (the soft decision tree,
-    :func:`tree_surrogate_grads`) or "path" (:func:`path_surrogate_grads`, cheaper).
+    The tree's tensors given directly (thresholds (C, K-1), temperature (C, L)); see
+    :func:`madd_lut_encoded` for ``quantized`` and ``codes``. ``surrogate`` picks the
+    threshold / input gradient: "soft" (the soft decision tree, :func:`tree_surrogate_grads`)
+    or "path" (:func:`path_surrogate_grads`, cheaper).
     """
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-    if quantized is None:
-        return MaddLutFunction.apply(
-            values, thresholds, lut, temperature, None, None, None, 0, codes, surrogate
-        )
-    q = quantized
-    return MaddLutFunction.apply(
-        values, thresholds, lut, temperature, q.values, q.offsets, q.scale, q.bits, codes, surrogate
-    )
+    rule = _TreeRule(thresholds, surrogate)
+    q = (None, None, None, 0) if quantized is None else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
+    return MaddLutFunction.apply(values, lut, *q, codes, rule, thresholds, temperature)

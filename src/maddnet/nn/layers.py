@@ -1,94 +1,126 @@
 """Drop-in MADD layers: ``MaddLinear`` and ``MaddConv2d``.
 
-A MADD layer holds a learned MADDness encoder and the LUTs of its weight:
+A MADD layer holds an encoder and the LUTs of its weight:
 
-* ``split_dims`` (buffer, (C, L) int64): the input column read at each tree level
-  (global column of the layer's rows; for a conv, a column of the unfolded patch, in
-  ``F.unfold`` order). Not trained (DESIGN §1.7).
-* ``thresholds`` (Parameter, (C, K-1) float32, heap order).
+* ``encoder`` (an :class:`~maddnet.nn.encoders.EncoderModule` submodule): maps the layer's
+  rows to codes; for the MADDness tree (:class:`~maddnet.nn.encoders.TreeEncoderModule`)
+  ``encoder.split_dims`` (C, L) (columns of the layer's rows; for a conv, columns of the
+  unfolded patch in ``F.unfold`` order; not trained), ``encoder.thresholds`` (Parameter,
+  (C, K-1), heap order) and ``encoder.temperature`` (the surrogate's tau per tree level).
+  ``layer.split_dims`` / ``layer.thresholds`` / ``layer.temperature`` are aliases.
 * ``lut`` (Parameter, (C, K, M) float32): ``lut[c, k] = prototype[c, k] @ weight``.
 * ``bias`` (Parameter (M,) or None).
-* ``temperature`` (buffer, (C, L)): tau of the straight-through threshold surrogate per
-  tree level, in the units of that split column.
 * when ``lut_bits`` is set: ``lut_q_values`` (uint8 (C, K, M)), ``lut_q_offsets`` (C, M)
   and ``lut_q_scale`` (M,) buffers, the integer LUT inference uses
   (see :class:`maddnet.amm.lut.QuantizedLut`). They are re-derived from ``lut`` whenever
   ``lut`` changed (e.g. after training steps) before they are used or saved.
+* ``spec``: the :class:`~maddnet.nn.LayerSpec` it was built with (K, encoder, LUT bits, QAT,
+  surrogate, ...), saved in its config.
 
 Which LUT the forward pass reads: the integer one in eval mode (when ``lut_bits`` is
 set), and in train mode too when ``qat`` is on (fake quantisation with a straight-through
 gradient to ``lut``); otherwise the float ``lut``. Without gradients (``torch.no_grad``
-or nothing requiring grad) the fast path runs: ``encode`` + ``embedding_bag``. With
-gradients, :func:`maddnet.nn.functional.madd_lut` runs the same encoding and LUT sum and
-adds the backward pass.
+or nothing requiring grad) the fast path runs: encode + LUT sum. With gradients,
+:func:`maddnet.nn.functional.madd_lut_encoded` runs the same encoding and LUT sum and adds
+the backward pass (exact LUT gradient, the encoder's surrogate for the rest). Where a
+fused kernel exists for a (layer type, encoder type) pair it is registered with
+:func:`register_fast_path` and used instead (the CPU conv kernels for the tree).
 
-A layer is built from its config alone (``MaddLinear(**config)``; zeros until learned or
-loaded), so a saved converted model loads into a freshly built skeleton.
+A layer is built from its config alone (``type(layer).from_config(layer.get_config())``;
+zeros until learned or loaded), so a saved converted model loads into a freshly built
+skeleton. Checkpoints written before the encoder became a submodule (flat
+``split_dims``/``thresholds``/``temperature`` keys, flat configs) load unchanged.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from ..amm import MaddnessMatmul, NotFittedError
-from ..amm.checks import check_nprototypes
-from ..amm.lut import GRANULARITIES, QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum
-from .functional import SURROGATES, encode_values, madd_lut
+from ..amm.lut import QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum
+from .encoders import TreeEncoderModule, encoder_module_class
+from .functional import madd_lut_encoded
 from .patches import ConvGeometry, MaddConvFunction, conv_lut_forward, encode_patches, gather_patch_columns
+from .spec import DEFAULT_TEMPERATURE, LayerSpec, spec_with
 
-DEFAULT_TEMPERATURE = 0.5
+__all__ = ["DEFAULT_TEMPERATURE", "MaddConv2d", "MaddLayer", "MaddLinear", "register_fast_path"]
+
+# the layer-level state of the encoder before it became a submodule (format 1 checkpoints)
+_LEGACY_ENCODER_KEYS = ("split_dims", "thresholds", "temperature")
+# the flat config keys of format 1 plans that now live in the spec
+_LEGACY_SPEC_KEYS = ("nprototypes", "lut_bits", "lut_granularity", "qat", "surrogate")
 
 
 def _keep_out_of_fused_paths(module: nn.Module, args: tuple) -> None:
     return None
 
 
+class FastPath(Protocol):
+    """Fused kernels for one (layer type, encoder type) pair; each method returns None
+    where it does not apply (device, dtype, shape), and the general path runs instead."""
+
+    def forward(self, layer: _MaddLayer, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        """The whole no-grad forward (bias included)."""
+
+    def codes(self, layer: _MaddLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """(N, C) codes straight from the input."""
+
+    def train_forward(self, layer: _MaddLayer, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        """The differentiable forward (bias included)."""
+
+
+_FAST_PATHS: dict[tuple[type, type], FastPath] = {}
+
+
+def register_fast_path(layer_type: type, encoder_type: type, path: FastPath) -> None:
+    """Use ``path`` for layers of ``layer_type`` whose encoder is an ``encoder_type``."""
+    _FAST_PATHS[(layer_type, encoder_type)] = path
+
+
+def fast_path_for(layer: _MaddLayer) -> FastPath | None:
+    """The registered fast path of the most specific matching (layer, encoder) types."""
+    for layer_type in type(layer).__mro__:
+        for encoder_type in type(layer.encoder).__mro__:
+            path = _FAST_PATHS.get((layer_type, encoder_type))
+            if path is not None:
+                return path
+    return None
+
+
 class _MaddLayer(nn.Module):
-    """Shared state and forward logic; subclasses gather the split values of their input."""
+    """Shared state and forward logic; subclasses gather the encoder's values from their input."""
 
     kind = "madd"
+    # the dense layer type this MADD type replaces (see maddnet.nn.mapping)
+    DENSE_TYPE: ClassVar[type[nn.Module]] = nn.Module
 
     def __init__(
         self,
         in_dim: int,
         out_dim: int,
         ncodebooks: int,
-        nprototypes: int = 16,
+        spec: LayerSpec,
         bias: bool = True,
-        lut_bits: int | None = 8,
-        lut_granularity: str = "codebook",
-        qat: bool = True,
         device: torch.device | str | None = None,
-        surrogate: str = "soft",
     ) -> None:
         super().__init__()
-        depth = check_nprototypes(nprototypes)
-        if surrogate not in SURROGATES:
-            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), ("ncodebooks", ncodebooks)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if ncodebooks > in_dim:
             raise ValueError(f"ncodebooks (C={ncodebooks}) cannot exceed the input dimension (D={in_dim})")
-        if lut_bits is not None and not (isinstance(lut_bits, int) and 1 <= lut_bits <= 8):
-            raise ValueError(f"lut_bits must be None (float LUT) or an int in 1..8, got {lut_bits!r}")
-        if lut_granularity not in GRANULARITIES:
-            raise ValueError(f"lut_granularity must be one of {GRANULARITIES}, got {lut_granularity!r}")
-        self.in_dim, self.out_dim = in_dim, out_dim
-        self.ncodebooks, self.nprototypes, self.depth = ncodebooks, nprototypes, depth
-        self.lut_bits, self.lut_granularity, self.qat = lut_bits, lut_granularity, bool(qat)
-        self.surrogate = surrogate
+        self.in_dim, self.out_dim, self.ncodebooks = in_dim, out_dim, ncodebooks
+        self._spec = spec
         kw = {"device": device}
-        self.register_buffer("split_dims", torch.zeros(ncodebooks, depth, dtype=torch.int64, **kw))
-        self.thresholds = nn.Parameter(torch.zeros(ncodebooks, nprototypes - 1, **kw))
+        self.encoder = encoder_module_class(spec.encoder).from_spec(ncodebooks, spec, device=device)
+        nprototypes = spec.nprototypes
         self.lut = nn.Parameter(torch.zeros(ncodebooks, nprototypes, out_dim, **kw))
         self.bias = nn.Parameter(torch.zeros(out_dim, **kw)) if bias else None
-        self.register_buffer("temperature", torch.ones(ncodebooks, depth, **kw))
-        if lut_bits is not None:
+        if spec.lut_bits is not None:
             self.register_buffer(
                 "lut_q_values", torch.zeros(ncodebooks, nprototypes, out_dim, dtype=torch.uint8, **kw)
             )
@@ -101,28 +133,86 @@ class _MaddLayer(nn.Module):
         # MADD layer in the computation.
         self.register_forward_pre_hook(_keep_out_of_fused_paths)
 
+    # ------------------------------------------------------------------ settings
+    @property
+    def spec(self) -> LayerSpec:
+        """The :class:`~maddnet.nn.LayerSpec` of this layer (K, encoder, LUT bits, QAT, ...)."""
+        return self._spec
+
+    @property
+    def nprototypes(self) -> int:
+        return self._spec.nprototypes
+
+    @property
+    def depth(self) -> int:
+        return self.encoder.depth
+
+    @property
+    def lut_granularity(self) -> str:
+        return self._spec.lut_granularity
+
+    @property
+    def lut_bits(self) -> int | None:
+        return self._spec.lut_bits
+
+    @lut_bits.setter
+    def lut_bits(self, bits: int | None) -> None:
+        if bits is not None and not hasattr(self, "lut_q_values"):
+            raise ValueError("this layer was built with float LUTs (lut_bits=None): it has no integer LUT buffers")
+        self._spec = self._spec.replace(lut_bits=bits)
+        self._quantized_from = None
+
+    @property
+    def qat(self) -> bool:
+        return self._spec.qat
+
+    @qat.setter
+    def qat(self, value: bool) -> None:
+        self._spec = self._spec.replace(qat=bool(value))
+
+    @property
+    def surrogate(self) -> str:
+        return self._spec.surrogate
+
+    @surrogate.setter
+    def surrogate(self, value: str) -> None:
+        self._spec = self._spec.replace(surrogate=value)
+        self.encoder.surrogate = value
+
+    # the tree encoder's tensors under the names they had on the layer
+    @property
+    def split_dims(self) -> torch.Tensor:
+        return self.encoder.split_dims
+
+    @property
+    def thresholds(self) -> nn.Parameter:
+        return self.encoder.thresholds
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.encoder.temperature
+
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
-        """Constructor arguments (JSON-friendly); ``type(self)(**config)`` rebuilds the skeleton."""
-        return {
-            "ncodebooks": self.ncodebooks,
-            "nprototypes": self.nprototypes,
-            "bias": self.bias is not None,
-            "lut_bits": self.lut_bits,
-            "lut_granularity": self.lut_granularity,
-            "qat": self.qat,
-            "surrogate": self.surrogate,
-        }
+        """Constructor arguments (JSON-friendly); ``from_config`` rebuilds the skeleton."""
+        return {"ncodebooks": self.ncodebooks, "bias": self.bias is not None, "spec": self._spec.to_dict()}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], device: torch.device | str | None = None):
-        """A zero-initialised layer of the given config (load a state_dict into it)."""
-        return cls(**config, device=device)
+        """A zero-initialised layer of the given config (load a state_dict into it).
+
+        Flat configs of plans saved before ``LayerSpec`` existed are migrated."""
+        config = dict(config)
+        if "spec" in config:
+            spec = LayerSpec.from_dict(config.pop("spec"))
+        else:
+            spec = LayerSpec(**{key: config.pop(key) for key in _LEGACY_SPEC_KEYS if key in config})
+        return cls(**config, spec=spec, device=device)
 
     @property
     def encoder_reads(self) -> int:
-        """Input values read per row: L per codebook (4 C for K = 16)."""
-        return self.ncodebooks * self.depth
+        """Input values the encoder reads per row (4 C for the tree with K = 16)."""
+        return self.encoder.cost().reads
 
     @property
     def lut_bytes(self) -> int:
@@ -131,41 +221,48 @@ class _MaddLayer(nn.Module):
         return math.ceil(self.ncodebooks * self.nprototypes * self.out_dim * bits / 8)
 
     # ------------------------------------------------------------------ learning
-    def load_fitted(
-        self,
-        amm: MaddnessMatmul,
-        bias: torch.Tensor | None = None,
-        rows: torch.Tensor | None = None,
-        temperature: float = DEFAULT_TEMPERATURE,
-    ) -> _MaddLayer:
-        """Take encoder and LUT from a fitted ``MaddnessMatmul`` (D, M and C must match).
+    @staticmethod
+    def _dense_weight(dense: nn.Module) -> torch.Tensor:
+        """The dense layer's weight as the (D, M) matrix its rows multiply."""
+        raise NotImplementedError
 
-        ``rows`` (N, D), if given, set the surrogate temperature per tree level to
-        ``temperature`` times the standard deviation of that split column; otherwise
-        ``temperature`` is used as is.
+    @classmethod
+    def _skeleton_of(cls, dense: nn.Module, ncodebooks: int, spec: LayerSpec) -> _MaddLayer:
+        """A zero-initialised MADD layer of ``dense``'s shape."""
+        raise NotImplementedError
+
+    @classmethod
+    def _learn_from_dense(
+        cls, dense: nn.Module, rows: torch.Tensor, ncodebooks: int, spec: LayerSpec
+    ) -> _MaddLayer:
+        weight = cls._dense_weight(dense)
+        amm = learn_amm(rows, weight, ncodebooks, spec)
+        layer = cls._skeleton_of(dense, ncodebooks, spec)
+        return layer.load_fitted(amm.to(weight.device), dense.bias, rows)
+
+    def load_fitted(
+        self, amm: MaddnessMatmul, bias: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> _MaddLayer:
+        """Take encoder and LUT from a fitted ``MaddnessMatmul`` (D, M, C, K and encoder must match).
+
+        ``rows`` (N, D), if given, are the rows it was learned from; the tree encoder sets
+        its surrogate temperature per level from their spread (see
+        :meth:`maddnet.nn.encoders.TreeEncoderModule.load_encoder`).
         """
         if amm.lut_ is None:
             raise NotFittedError("the MaddnessMatmul has no LUT: call fit(A, B) first")
-        expected = (self.ncodebooks, self.nprototypes, self.in_dim, self.out_dim)
-        got = (amm.ncodebooks, amm.nprototypes, amm.input_dim, amm.output_dim)
+        expected = (self.ncodebooks, self.nprototypes, self.in_dim, self.out_dim, self._spec.encoder)
+        got = (amm.ncodebooks, amm.nprototypes, amm.input_dim, amm.output_dim, amm.encoder)
         if expected != got:
-            raise ValueError(f"MaddnessMatmul has (C, K, D, M) = {got}, this layer needs {expected}")
+            raise ValueError(f"MaddnessMatmul has (C, K, D, M, encoder) = {got}, this layer needs {expected}")
+        self.encoder.load_encoder(amm.encoder_, rows, self._spec)
         with torch.no_grad():
-            self.split_dims.copy_(amm.split_dims_)
-            self.thresholds.copy_(amm.thresholds_)
             self.lut.copy_(amm.lut_)
             if self.bias is not None:
                 if bias is None:
                     self.bias.zero_()
                 else:
                     self.bias.copy_(bias.detach().reshape(-1))
-            tau = torch.full_like(self.temperature, float(temperature))
-            if rows is not None:
-                spread = rows.float().index_select(1, amm.split_dims_.reshape(-1).to(rows.device))
-                spread = spread.std(0).reshape(tau.shape).to(tau.device)
-                spread = torch.where(torch.isfinite(spread) & (spread > 0), spread, 1.0)
-                tau = tau * spread
-            self.temperature.copy_(tau)
         self._quantized_from = None
         self.refresh_quantized_lut()
         return self
@@ -202,59 +299,53 @@ class _MaddLayer(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # format 1: the tree's tensors sat on the layer; they now belong to its encoder
+        for key in _LEGACY_ENCODER_KEYS:
+            if prefix + key in state_dict and prefix + "encoder." + key not in state_dict:
+                state_dict[prefix + "encoder." + key] = state_dict.pop(prefix + key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # The loaded integer buffers belong to the loaded float LUT: use them as they are.
         self._quantized_from = self._lut_key()
 
     # ------------------------------------------------------------------ forward
     def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """(values (N, C, L), context for :meth:`_restore`)."""
+        """(values (N, C, R) the encoder reads, context for :meth:`_restore`)."""
         raise NotImplementedError
 
     def _restore(self, out: torch.Tensor, context: Any) -> torch.Tensor:
         raise NotImplementedError
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """(codes (N, C) uint8, context) without gradients; subclasses may fuse this."""
+        """(codes (N, C) uint8, context) without gradients."""
         values, context = self._gather(x.detach())
-        return encode_values(values.to(self.lut.dtype), self.thresholds), context
-
-    def _fused_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
-        """The whole no-grad forward in one kernel where a subclass has one, else None."""
-        return None
-
-    def _fused_codes(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Codes straight from the input where a subclass has a kernel for it, else None."""
-        return None
-
-    def _fused_train_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
-        """The differentiable forward (bias included) in one fused function where a subclass
-        has one for this input, else None."""
-        return None
+        return self.encoder.encode_values(values.to(self.lut.dtype)), context
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes of the layer's rows (N = rows of :meth:`_gather`)."""
         return self._encode(x)[0]
 
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or self.lut.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantized = self.reads_quantized_lut
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or self.thresholds.requires_grad or self.lut.requires_grad
-        )
-        if needs_grad:
-            fused = self._fused_train_forward(x, quantized)
-            if fused is not None:
-                return fused
+        fast = fast_path_for(self)
+        if self._needs_grad(x):
+            out = None if fast is None else fast.train_forward(self, x, quantized)
+            if out is not None:
+                return out
             values, context = self._gather(x)
             if values.dtype != self.lut.dtype:
                 values = values.to(self.lut.dtype)
+            codes = None if fast is None else fast.codes(self, x)
             qlut = self.quantized_lut() if quantized else None
-            codes = self._fused_codes(x)
-            out = madd_lut(values, self.thresholds, self.lut, self.temperature, qlut, codes, self.surrogate)
+            out = madd_lut_encoded(values, self.encoder, self.lut, qlut, codes)
         else:
-            fused = self._fused_forward(x, quantized)
-            if fused is not None:
-                return fused
+            out = None if fast is None else fast.forward(self, x, quantized)
+            if out is not None:
+                return out
             codes, context = self._encode(x)
             if quantized:
                 q = self.quantized_lut()
@@ -266,10 +357,11 @@ class _MaddLayer(nn.Module):
         return self._restore(out, context)
 
     def extra_repr(self) -> str:
+        encoder = "" if self._spec.encoder == "tree" else f", encoder={self._spec.encoder!r}"
         return (
             f"D={self.in_dim}, M={self.out_dim}, C={self.ncodebooks}, K={self.nprototypes}, "
             f"lut_bits={self.lut_bits}, qat={self.qat}, bias={self.bias is not None}, "
-            f"surrogate={self.surrogate!r}"
+            f"surrogate={self.surrogate!r}{encoder}"
         )
 
 
@@ -277,16 +369,9 @@ class _MaddLayer(nn.Module):
 MaddLayer = _MaddLayer
 
 
-def _learn(
-    rows: torch.Tensor,
-    weight: torch.Tensor,
-    ncodebooks: int,
-    nprototypes: int,
-    lut_bits: int | None,
-    lut_granularity: str,
-    ridge: float | None,
-    ncandidates: int,
-) -> MaddnessMatmul:
+def learn_amm(rows: torch.Tensor, weight: torch.Tensor, ncodebooks: int, spec: LayerSpec) -> MaddnessMatmul:
+    """A ``MaddnessMatmul`` of ``spec`` with C = ``ncodebooks`` fitted on ``rows`` (N, D) and
+    ``weight`` (D, M), on the rows' device."""
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
         raise ValueError(f"rows must be a 2-D (N, D) tensor, got {getattr(rows, 'shape', rows)}")
     if rows.shape[1] != weight.shape[0]:
@@ -295,45 +380,40 @@ def _learn(
         )
     amm = MaddnessMatmul(
         ncodebooks=ncodebooks,
-        nprototypes=nprototypes,
-        lut_bits=lut_bits,
-        ridge=ridge,
-        ncandidates=ncandidates,
-        lut_granularity=lut_granularity,
+        nprototypes=spec.nprototypes,
+        lut_bits=spec.lut_bits,
+        ridge=spec.ridge,
+        ncandidates=spec.ncandidates,
+        lut_granularity=spec.lut_granularity,
+        hash_objective=spec.hash_objective,
+        encoder=spec.encoder,
+        encoder_options=spec.encoder_options,
     )
     return amm.fit(rows.detach().float(), weight.detach().float().to(rows.device))
 
 
 class MaddLinear(_MaddLayer):
-    """MADD replacement of ``nn.Linear``: input (..., D) -> (..., M)."""
+    """MADD replacement of ``nn.Linear``: input (..., D) -> (..., M).
+
+    ``MaddLinear(in_features, out_features, ncodebooks, spec=None, bias=True, device=None,
+    **spec_fields)``: ``spec`` (default ``LayerSpec()``) with any ``LayerSpec`` field given
+    by keyword replaced (e.g. ``lut_bits=None``).
+    """
 
     kind = "linear"
+    DENSE_TYPE = nn.Linear
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
         ncodebooks: int,
-        nprototypes: int = 16,
+        spec: LayerSpec | None = None,
         bias: bool = True,
-        lut_bits: int | None = 8,
-        lut_granularity: str = "codebook",
-        qat: bool = True,
         device: torch.device | str | None = None,
-        surrogate: str = "soft",
+        **spec_fields: Any,
     ) -> None:
-        super().__init__(
-            in_features,
-            out_features,
-            ncodebooks,
-            nprototypes,
-            bias,
-            lut_bits,
-            lut_granularity,
-            qat,
-            device,
-            surrogate,
-        )
+        super().__init__(in_features, out_features, ncodebooks, spec_with(spec, **spec_fields), bias, device)
         self.in_features, self.out_features = in_features, out_features
 
     def get_config(self) -> dict[str, Any]:
@@ -345,41 +425,35 @@ class MaddLinear(_MaddLayer):
         linear: nn.Linear,
         rows: torch.Tensor,
         ncodebooks: int,
-        nprototypes: int = 16,
-        lut_bits: int | None = 8,
-        lut_granularity: str = "codebook",
-        ridge: float | None = 1.0,
-        ncandidates: int = 4,
-        qat: bool = True,
-        temperature: float = DEFAULT_TEMPERATURE,
-        surrogate: str = "soft",
+        spec: LayerSpec | None = None,
+        **spec_fields: Any,
     ) -> MaddLinear:
-        """Learn a MADD layer from ``linear`` and its input ``rows`` (N, in_features)."""
+        """Learn a MADD layer from ``linear`` and its input ``rows`` (N, in_features).
+
+        ``spec`` and ``spec_fields`` as in the constructor; the layer lands on the device
+        of ``linear``'s weight, learning runs on the rows' device.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MaddLinear.from_dense needs an nn.Linear, got {type(linear).__name__}")
-        amm = _learn(
-            rows, linear.weight.T, ncodebooks, nprototypes, lut_bits, lut_granularity, ridge, ncandidates
+        return cls._learn_from_dense(linear, rows, ncodebooks, spec_with(spec, **spec_fields))
+
+    @staticmethod
+    def _dense_weight(dense: nn.Linear) -> torch.Tensor:
+        return dense.weight.T
+
+    @classmethod
+    def _skeleton_of(cls, dense: nn.Linear, ncodebooks: int, spec: LayerSpec) -> MaddLinear:
+        return cls(
+            dense.in_features, dense.out_features, ncodebooks, spec, dense.bias is not None, dense.weight.device
         )
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            ncodebooks,
-            nprototypes,
-            linear.bias is not None,
-            lut_bits,
-            lut_granularity,
-            qat,
-            device=linear.weight.device,
-            surrogate=surrogate,
-        )
-        return layer.load_fitted(amm.to(linear.weight.device), linear.bias, rows, temperature)
 
     def _gather(self, x: torch.Tensor):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dim, expected {self.in_features}")
         rows = x.reshape(-1, self.in_features)
-        values = rows.index_select(1, self.split_dims.reshape(-1))
-        return values.reshape(rows.shape[0], self.ncodebooks, self.depth), x.shape[:-1]
+        columns = self.encoder.read_columns
+        values = rows.index_select(1, columns.reshape(-1))
+        return values.reshape(rows.shape[0], *columns.shape), x.shape[:-1]
 
     def _restore(self, out: torch.Tensor, lead_shape) -> torch.Tensor:
         return out.reshape(*lead_shape, self.out_features)
@@ -419,11 +493,13 @@ class MaddConv2d(_MaddLayer):
     """MADD replacement of ``nn.Conv2d`` (groups = 1, zero padding).
 
     Rows are the im2col patches (D = Cin kh kw, columns in ``F.unfold`` order); the layer
-    reads the 4 C split columns straight from the padded input, never unfolding it.
-    Input (B, Cin, H, W) or (Cin, H, W); output (B, Cout, Hout, Wout) contiguous.
+    reads only the columns its encoder reads (4 C for the tree) straight from the padded
+    input, never unfolding it. Input (B, Cin, H, W) or (Cin, H, W); output
+    (B, Cout, Hout, Wout) contiguous. ``spec`` / ``spec_fields`` as in :class:`MaddLinear`.
     """
 
     kind = "conv2d"
+    DENSE_TYPE = nn.Conv2d
 
     def __init__(
         self,
@@ -435,13 +511,10 @@ class MaddConv2d(_MaddLayer):
         padding: int | tuple[int, int] = 0,
         dilation: int | tuple[int, int] = 1,
         groups: int = 1,
-        nprototypes: int = 16,
+        spec: LayerSpec | None = None,
         bias: bool = True,
-        lut_bits: int | None = 8,
-        lut_granularity: str = "codebook",
-        qat: bool = True,
         device: torch.device | str | None = None,
-        surrogate: str = "soft",
+        **spec_fields: Any,
     ) -> None:
         if groups != 1:
             raise ValueError(
@@ -449,18 +522,8 @@ class MaddConv2d(_MaddLayer):
                 "convs are not converted — exclude them from the conversion"
             )
         kernel = _pair(kernel_size, "kernel_size")
-        super().__init__(
-            in_channels * kernel[0] * kernel[1],
-            out_channels,
-            ncodebooks,
-            nprototypes,
-            bias,
-            lut_bits,
-            lut_granularity,
-            qat,
-            device,
-            surrogate,
-        )
+        spec = spec_with(spec, **spec_fields)
+        super().__init__(in_channels * kernel[0] * kernel[1], out_channels, ncodebooks, spec, bias, device)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.geometry = ConvGeometry(
             kernel, _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -488,14 +551,8 @@ class MaddConv2d(_MaddLayer):
         conv: nn.Conv2d,
         rows: torch.Tensor,
         ncodebooks: int | None = None,
-        nprototypes: int = 16,
-        lut_bits: int | None = 8,
-        lut_granularity: str = "codebook",
-        ridge: float | None = 1.0,
-        ncandidates: int = 4,
-        qat: bool = True,
-        temperature: float = DEFAULT_TEMPERATURE,
-        surrogate: str = "soft",
+        spec: LayerSpec | None = None,
+        **spec_fields: Any,
     ) -> MaddConv2d:
         """Learn a MADD conv from ``conv`` and its patch ``rows`` (N, Cin kh kw).
 
@@ -508,28 +565,29 @@ class MaddConv2d(_MaddLayer):
                 f"MaddConv2d supports groups=1 only (got groups={conv.groups}); grouped and "
                 "depthwise convs are not converted — exclude them from the conversion"
             )
-        padding = conv_padding(conv)
+        conv_padding(conv)  # refuses other padding modes before anything is learned
         ncodebooks = conv.in_channels if ncodebooks is None else ncodebooks
-        weight = conv.weight.reshape(conv.out_channels, -1).T  # (D, M), D in unfold order
-        amm = _learn(rows, weight, ncodebooks, nprototypes, lut_bits, lut_granularity, ridge, ncandidates)
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
+        return cls._learn_from_dense(conv, rows, ncodebooks, spec_with(spec, **spec_fields))
+
+    @staticmethod
+    def _dense_weight(dense: nn.Conv2d) -> torch.Tensor:
+        return dense.weight.reshape(dense.out_channels, -1).T  # (D, M), D in unfold order
+
+    @classmethod
+    def _skeleton_of(cls, dense: nn.Conv2d, ncodebooks: int, spec: LayerSpec) -> MaddConv2d:
+        return cls(
+            dense.in_channels,
+            dense.out_channels,
+            dense.kernel_size,
             ncodebooks,
-            conv.stride,
-            padding,
-            conv.dilation,
+            dense.stride,
+            conv_padding(dense),
+            dense.dilation,
             1,
-            nprototypes,
-            conv.bias is not None,
-            lut_bits,
-            lut_granularity,
-            qat,
-            device=conv.weight.device,
-            surrogate=surrogate,
+            spec,
+            dense.bias is not None,
+            dense.weight.device,
         )
-        return layer.load_fitted(amm.to(conv.weight.device), conv.bias, rows, temperature)
 
     def _check_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         unbatched = x.dim() == 3
@@ -547,60 +605,14 @@ class MaddConv2d(_MaddLayer):
 
     def _gather(self, x: torch.Tensor):
         x, context = self._check_input(x)
-        return gather_patch_columns(x, self.geometry, self.split_dims), context
-
-    def _fused_codes(self, x: torch.Tensor) -> torch.Tensor | None:
-        images, _ = self._check_input(x.detach())
-        if images.dtype != self.lut.dtype:
-            return None
-        return encode_patches(images, self.geometry, self.split_dims, self.thresholds)
+        return gather_patch_columns(x, self.geometry, self.encoder.read_columns), context
 
     def _encode(self, x: torch.Tensor):
-        images, context = self._check_input(x.detach())
-        # CPU: one fused pass reads the 4 C taps of each patch and walks the trees.
-        codes = encode_patches(images.to(self.lut.dtype), self.geometry, self.split_dims, self.thresholds)
+        fast = fast_path_for(self)
+        codes = None if fast is None else fast.codes(self, x.detach())
         if codes is None:
             return super()._encode(x)
-        return codes, context
-
-    def _fused_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
-        images, (_, _, _, unbatched) = self._check_input(x)
-        out = conv_lut_forward(
-            images.to(self.lut.dtype),
-            self.geometry,
-            self.split_dims,
-            self.thresholds,
-            self.lut,
-            self.quantized_lut() if quantized else None,
-            self.bias,
-        )
-        if out is None:
-            return None
-        return out[0] if unbatched else out
-
-    def _fused_train_forward(self, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
-        # CPU float32 with the soft surrogate: the fused function reads taps from the image and
-        # writes the input gradient directly (no (N, C, L) gathered values).
-        images, (_, out_h, out_w, unbatched) = self._check_input(x)
-        on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (images, self.lut))
-        # below ~16 output positions per image the per-image work is too small to pay for the
-        # per-image kernel; the gathered-values path batches all rows instead (measured: 3x3
-        # outputs 1.7x faster unfused, 7x7 1.2x faster fused)
-        if not on_cpu or self.surrogate != "soft" or out_h * out_w < _FUSED_MIN_POSITIONS:
-            return None
-        q = self.quantized_lut() if quantized else None
-        q_args = (None, None, None, 0) if q is None else (q.values, q.offsets, q.scale, q.bits)
-        out = MaddConvFunction.apply(
-            images,
-            self.thresholds,
-            self.lut,
-            self.temperature,
-            self.bias,
-            *q_args,
-            self.geometry,
-            self.split_dims,
-        )
-        return out[0] if unbatched else out
+        return codes, self._check_input(x)[1]
 
     def _restore(self, out: torch.Tensor, context) -> torch.Tensor:
         batch, out_h, out_w, unbatched = context
@@ -613,3 +625,54 @@ class MaddConv2d(_MaddLayer):
             f"{self.in_channels}, {self.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
             f"padding={g.padding}, dilation={g.dilation}, " + super().extra_repr()
         )
+
+
+class TreeConvFastPath:
+    """The fused numba CPU kernels of a tree-encoded MADD conv (:mod:`maddnet.nn._conv_kernels`):
+    taps read straight from the image, no gathered (N, C, L) values (float32 CPU tensors)."""
+
+    def codes(self, layer: MaddConv2d, x: torch.Tensor) -> torch.Tensor | None:
+        images, _ = layer._check_input(x.detach())
+        return encode_patches(images.to(layer.lut.dtype), layer.geometry, layer.split_dims, layer.thresholds)
+
+    def forward(self, layer: MaddConv2d, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        images, (_, _, _, unbatched) = layer._check_input(x)
+        out = conv_lut_forward(
+            images.to(layer.lut.dtype),
+            layer.geometry,
+            layer.split_dims,
+            layer.thresholds,
+            layer.lut,
+            layer.quantized_lut() if quantized else None,
+            layer.bias,
+        )
+        if out is None:
+            return None
+        return out[0] if unbatched else out
+
+    def train_forward(self, layer: MaddConv2d, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        # CPU float32 with the soft surrogate: the fused function reads taps from the image and
+        # writes the input gradient directly (no (N, C, L) gathered values).
+        images, (_, out_h, out_w, unbatched) = layer._check_input(x)
+        on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (images, layer.lut))
+        # below ~16 output positions per image the per-image work is too small to pay for the
+        # per-image kernel; the gathered-values path batches all rows instead (measured: 3x3
+        # outputs 1.7x faster unfused, 7x7 1.2x faster fused)
+        if not on_cpu or layer.surrogate != "soft" or out_h * out_w < _FUSED_MIN_POSITIONS:
+            return None
+        q = layer.quantized_lut() if quantized else None
+        q_args = (None, None, None, 0) if q is None else (q.values, q.offsets, q.scale, q.bits)
+        out = MaddConvFunction.apply(
+            images,
+            layer.thresholds,
+            layer.lut,
+            layer.temperature,
+            layer.bias,
+            *q_args,
+            layer.geometry,
+            layer.split_dims,
+        )
+        return out[0] if unbatched else out
+
+
+register_fast_path(MaddConv2d, TreeEncoderModule, TreeConvFastPath())

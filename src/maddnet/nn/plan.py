@@ -1,0 +1,151 @@
+"""Conversion plans: what it takes to rebuild a converted model's structure without data.
+
+A plan (JSON-friendly, saved beside the state_dict) has
+
+* ``"format"``: :data:`PLAN_FORMAT`;
+* ``"passes"``: the structural passes applied to the model after (or besides) the MADD
+  swaps, in order, each ``{"pass": name, ...record}``: a registered replay function redoes
+  the pass's structural change (e.g. a BatchNorm replaced by ``nn.Identity``, a conv
+  rebuilt with fewer channels) on a fresh model; values come from the state_dict;
+* ``"layers"``: ``{name: {"kind": ..., "config": ...}}`` of every MADD layer as it is at
+  save time (configs taken from the live layers, so later changes of a layer are kept).
+
+:func:`rebuild` replays the passes in order, then swaps zero-initialised MADD layers in.
+A pass registers its replay with :func:`register_pass` and logs itself on the model with
+:func:`record_pass`. Plans of format 1 (a bare ``{name: {"kind", "config"}}``) load as
+plans with no passes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import _MaddLayer
+from .mapping import LAYER_TYPES
+
+PLAN_FORMAT = 2
+_PASS_LOG_ATTR = "_maddnet_passes"  # list of pass records on the model object (not state)
+PassReplay = Callable[[nn.Module, dict[str, Any]], None]
+_PASSES: dict[str, PassReplay] = {}
+
+
+def register_pass(name: str, replay: PassReplay) -> None:
+    """Make the structural pass ``name`` replayable: ``replay(model, record)`` redoes it."""
+    if not name or name in ("layers", "format"):
+        raise ValueError(f"invalid pass name {name!r}")
+    _PASSES[name] = replay
+
+
+def record_pass(model: nn.Module, name: str, record: dict[str, Any]) -> None:
+    """Log that pass ``name`` (registered) changed ``model``'s structure as ``record`` says."""
+    if name not in _PASSES:
+        raise ValueError(f"pass {name!r} is not registered (maddnet.nn.plan.register_pass)")
+    log = getattr(model, _PASS_LOG_ATTR, None)
+    if log is None:
+        log = []
+        object.__setattr__(model, _PASS_LOG_ATTR, log)  # not a submodule, not state
+    log.append({"pass": name, **record})
+
+
+def madd_layers(model: nn.Module) -> dict[str, _MaddLayer]:
+    """``{name: layer}`` of the MADD layers in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _MaddLayer)}
+
+
+def conversion_plan(model: nn.Module) -> dict[str, Any]:
+    """The plan of ``model`` (see the module docstring): enough to rebuild it from a fresh one."""
+    return {
+        "format": PLAN_FORMAT,
+        "passes": [dict(record) for record in getattr(model, _PASS_LOG_ATTR, [])],
+        "layers": {name: {"kind": m.kind, "config": m.get_config()} for name, m in madd_layers(model).items()},
+    }
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) with ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _normalise(plan: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(plan, dict):
+        raise ValueError(f"a conversion plan is a dict, got {type(plan).__name__}")
+    if "format" not in plan:  # format 1: {name: {"kind", "config"}}
+        return {"format": 1, "passes": [], "layers": plan}
+    if plan["format"] > PLAN_FORMAT:
+        raise ValueError(f"plan format {plan['format']} is newer than this maddnet reads ({PLAN_FORMAT})")
+    return plan
+
+
+def rebuild(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    """Apply ``plan`` to a freshly built dense ``model`` (in place): replay its passes, then
+    swap zero-initialised MADD layers in. Load the saved state_dict next.
+
+    Raises ``ValueError`` naming the layer or pass that does not fit the model.
+    """
+    plan = _normalise(plan)
+    for record in plan["passes"]:
+        name = record.get("pass")
+        if name not in _PASSES:
+            raise ValueError(f"plan has pass {name!r}, which this maddnet does not know; known: {sorted(_PASSES)}")
+        _PASSES[name](model, record)
+        record_pass(model, name, {k: v for k, v in record.items() if k != "pass"})
+    for name, entry in plan["layers"].items():
+        kind = entry.get("kind")
+        if kind not in LAYER_TYPES:
+            raise ValueError(
+                f"plan entry {name!r} has unknown kind {kind!r}; expected one of {sorted(LAYER_TYPES)}"
+            )
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError as error:
+            raise ValueError(f"plan entry {name!r} names no module of the model") from error
+        config = dict(entry["config"])
+        _check_matches(name, dense, kind, config)
+        layer = LAYER_TYPES[kind].from_config(config, device=next(iter(dense.parameters()), torch.empty(0)).device)
+        layer.train(dense.training)
+        set_submodule(model, name, layer)
+    return model
+
+
+def _check_matches(name: str, dense: nn.Module, kind: str, config: dict[str, Any]) -> None:
+    """The saved layer's shape (plan config) against the fresh model's dense module."""
+    if kind == "linear":
+        ok = isinstance(dense, nn.Linear) and (dense.in_features, dense.out_features) == (
+            config.get("in_features"),
+            config.get("out_features"),
+        )
+    else:
+        ok = isinstance(dense, nn.Conv2d) and (
+            dense.in_channels,
+            dense.out_channels,
+            list(dense.kernel_size),
+        ) == (config.get("in_channels"), config.get("out_channels"), list(config.get("kernel_size", ())))
+    if not ok:
+        raise ValueError(f"layer {name!r} of the model ({dense}) does not match the saved {kind} layer {config}")
+
+
+def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
+    """``torch.save`` the conversion plan and the state_dict of a converted model."""
+    torch.save({"plan": conversion_plan(model), "state_dict": model.state_dict()}, path)
+
+
+def load_converted(
+    model: nn.Module, path: str | os.PathLike, map_location: str | torch.device | None = None
+) -> nn.Module:
+    """Load :func:`save_converted` output into a freshly built dense ``model`` (in place).
+
+    Files written by earlier maddnet versions (format 1 plans, the tree's tensors on the
+    layer) load too."""
+    saved = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(saved, dict) or "plan" not in saved or "state_dict" not in saved:
+        raise ValueError(f"{path} is not a converted model saved by maddnet.nn.save_converted")
+    rebuild(model, saved["plan"])
+    model.load_state_dict(saved["state_dict"])
+    return model

@@ -1,0 +1,139 @@
+"""``LayerSpec``: every setting of one MADD layer, declared once and passed whole.
+
+The spec goes unchanged from the CLI / config file / Python API through
+:class:`~maddnet.nn.MaddConfig` (which adds layer selection, C per layer and recording
+bounds) and :func:`~maddnet.nn.learn_layer` to the layer, which keeps it (``layer.spec``)
+and saves it in its config. Field metadata ``help`` is the text the CLI shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..amm.checks import check_nprototypes
+from ..amm.encoders import HASH_OBJECTIVES, encoder_class
+from ..amm.lut import GRANULARITIES
+
+SURROGATES = ("soft", "path")
+DEFAULT_TEMPERATURE = 0.5
+# fields that configure the tree encoder (its learning and its training surrogate)
+TREE_FIELDS = ("ncandidates", "hash_objective", "surrogate")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How a MADD layer is built, learned and trained (C is chosen per layer, elsewhere).
+
+    Raises ``ValueError`` on construction for any value out of range, naming the field.
+    """
+
+    nprototypes: int = _help("K, codes per codebook (leaves per tree): a power of two, 4..256", default=16)
+    encoder: str = _help("encoder registry name (maddnet.amm.encoders.ENCODERS); 'tree' is MADDness", default="tree")
+    encoder_options: Mapping[str, Any] = _help(
+        "further constructor arguments of a non-tree encoder", default_factory=dict
+    )
+    ridge: float | None = _help(
+        "lambda of the joint prototype ridge regression; None keeps the encoder's prototypes (leaf means)",
+        default=1.0,
+    )
+    ncandidates: int = _help("tree: columns tried per tree level when learning", default=4)
+    hash_objective: str = _help(
+        "tree: 'input' (thresholds fit the rows, MADDness) or 'output' (fit the block's product)",
+        default="input",
+    )
+    lut_bits: int | None = _help("bits per integer LUT entry (1..8); None: float LUTs", default=8)
+    lut_granularity: str = _help(
+        "LUT quantisation scale: 'codebook' (one for the LUT) or 'column' (per output column)",
+        default="codebook",
+    )
+    qat: bool = _help("training forward passes read the integer LUT too (straight-through)", default=True)
+    surrogate: str = _help(
+        "tree: threshold/input gradient, 'soft' (soft decision tree) or 'path' (hard path only)",
+        default="soft",
+    )
+    temperature: float = _help(
+        "surrogate tau per tree level, in standard deviations of that level's split column",
+        default=DEFAULT_TEMPERATURE,
+    )
+
+    def __post_init__(self) -> None:
+        check_nprototypes(self.nprototypes)
+        encoder_class(self.encoder)  # raises for an unknown name
+        if not isinstance(self.encoder_options, Mapping):
+            raise ValueError(f"LayerSpec.encoder_options must be a mapping, got {self.encoder_options!r}")
+        object.__setattr__(self, "encoder_options", dict(self.encoder_options))
+        if self.ridge is not None and not (float(self.ridge) > 0 and float(self.ridge) < float("inf")):
+            raise ValueError(f"LayerSpec.ridge must be a positive number or None, got {self.ridge!r}")
+        if isinstance(self.ncandidates, bool) or not isinstance(self.ncandidates, int) or self.ncandidates < 1:
+            raise ValueError(f"LayerSpec.ncandidates must be a positive int, got {self.ncandidates!r}")
+        if self.hash_objective not in HASH_OBJECTIVES:
+            raise ValueError(f"LayerSpec.hash_objective must be one of {HASH_OBJECTIVES}, got {self.hash_objective!r}")
+        bits = self.lut_bits
+        if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8):
+            raise ValueError(f"LayerSpec.lut_bits must be None (float LUT) or an int in 1..8, got {bits!r}")
+        if self.lut_granularity not in GRANULARITIES:
+            raise ValueError(
+                f"LayerSpec.lut_granularity must be one of {GRANULARITIES}, got {self.lut_granularity!r}"
+            )
+        if not isinstance(self.qat, bool):
+            raise ValueError(f"LayerSpec.qat must be a bool, got {self.qat!r}")
+        if self.surrogate not in SURROGATES:
+            raise ValueError(f"LayerSpec.surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
+        if isinstance(self.temperature, bool) or not (
+            isinstance(self.temperature, int | float) and 0 < self.temperature < float("inf")
+        ):
+            raise ValueError(f"LayerSpec.temperature must be a positive number, got {self.temperature!r}")
+        if self.encoder != "tree":
+            defaults = LayerSpec()
+            changed = [name for name in TREE_FIELDS if getattr(self, name) != getattr(defaults, name)]
+            if changed:
+                raise ValueError(
+                    f"LayerSpec fields {changed} configure the tree encoder; encoder {self.encoder!r} "
+                    "takes its options in encoder_options"
+                )
+
+    # ------------------------------------------------------------------ helpers
+    def replace(self, **changes: Any) -> LayerSpec:
+        """A copy with ``changes`` (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly fields."""
+        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LayerSpec:
+        """Inverse of :meth:`to_dict`; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LayerSpec keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """``{field: help text}`` (what the CLI prints for each setting)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    def encoder_config(self, ncodebooks: int) -> dict[str, Any]:
+        """Constructor arguments of this spec's :class:`~maddnet.amm.encoders.Encoder` for C codebooks."""
+        config: dict[str, Any] = {"ncodebooks": ncodebooks, "nprototypes": self.nprototypes, "ridge": self.ridge}
+        if self.encoder == "tree":
+            config.update(ncandidates=self.ncandidates, hash_objective=self.hash_objective)
+        return {**config, **self.encoder_options}
+
+
+def spec_with(spec: LayerSpec | None, **changes: Any) -> LayerSpec:
+    """``spec`` (default: ``LayerSpec()``) with ``changes`` applied: the one place where
+    keyword settings given to a layer constructor or ``from_dense`` become a spec."""
+    spec = LayerSpec() if spec is None else spec
+    if not isinstance(spec, LayerSpec):
+        raise TypeError(f"spec must be a LayerSpec, got {type(spec).__name__}")
+    return spec.replace(**changes) if changes else spec

@@ -100,8 +100,9 @@ def quantized_lut_sum(codes: torch.Tensor, qlut: QuantizedLut, table: torch.Tens
     ``embedding_bag`` sums ``qlut.sum_table()`` (pass it as ``table`` to avoid re-making
     it): its entries are the integers times a power of two, so the float32 sums hold
     exactly what an integer adder followed by the de-quantising shift would; only the
-    final ``+ offsets`` rounds. On CPU this measured faster than a dedicated uint16 numba
-    kernel (benchmarks/README.md).
+    final ``+ offsets`` rounds. Runs on any device (the MADD layers use it); on CPU,
+    ``MaddnessMatmul`` uses :func:`packed_lut_sum`, a uint16 numba kernel with the same
+    result bit for bit that measured faster (docs/amm.md, "LUTs and 8-bit quantisation").
     """
     if table is None:
         table = qlut.sum_table()

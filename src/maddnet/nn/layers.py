@@ -116,7 +116,7 @@ class _MaddLayer(nn.Module):
         self.in_dim, self.out_dim, self.ncodebooks = in_dim, out_dim, ncodebooks
         self._spec = spec
         kw = {"device": device}
-        self.encoder = encoder_module_class(spec.encoder).from_spec(ncodebooks, spec, device=device)
+        self.encoder = encoder_module_class(spec.encoder).from_spec(in_dim, ncodebooks, spec, device=device)
         nprototypes = spec.nprototypes
         self.lut = nn.Parameter(torch.zeros(ncodebooks, nprototypes, out_dim, **kw))
         self.bias = nn.Parameter(torch.zeros(out_dim, **kw)) if bias else None

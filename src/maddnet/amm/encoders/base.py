@@ -85,7 +85,10 @@ class Encoder(ABC):
 
     @property
     def fitted(self) -> bool:
-        return self.prototypes_ is not None
+        """Whether the encoding is learned (its own state; prototypes may come later, so
+        ``encode`` works inside ``_fit_codes`` once the encoding state is set)."""
+        own = [name for name in self.STATE if name != "prototypes_"] or ["prototypes_"]
+        return all(getattr(self, name) is not None for name in own)
 
     @property
     def input_dim(self) -> int | None:

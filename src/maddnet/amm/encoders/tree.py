@@ -59,10 +59,6 @@ class TreeEncoder(Encoder):
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "ncandidates": self.ncandidates, "hash_objective": self.hash_objective}
 
-    @property
-    def fitted(self) -> bool:
-        return self.split_dims_ is not None
-
     # ------------------------------------------------------------------ learning
     def fit(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> TreeEncoder:
         if self.hash_objective == "output" and weight is None:

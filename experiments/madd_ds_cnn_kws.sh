@@ -11,7 +11,7 @@ base=results/baselines/ds_cnn_s_kws_espeak/checkpoint.pt
 out=results/ds_cnn_s_kws_espeak
 what=${1:-all}
 common=(--model ds_cnn_s --data speech_commands --data-root data/kws_espeak --checkpoint "$base"
-        --threads 1 --no-progress)
+        --threads 1 --no-progress --device cpu)
 
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli analyze "${common[@]}" --widths 8 16 --batch-size 100 --out "$out/single_layer"

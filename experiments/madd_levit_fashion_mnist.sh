@@ -12,7 +12,7 @@ out=results/levit_tiny_fashion_mnist
 what=${1:-all}
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli analyze --model levit_tiny --data fashion_mnist --checkpoint "$base" \
-        --widths 8 --eval-samples 2000 --threads 2 --no-progress --out "$out/single_layer"
+        --widths 8 --eval-samples 2000 --threads 2 --no-progress --device cpu --out "$out/single_layer"
 fi
 if [ "$what" = retrain ] || [ "$what" = all ]; then
     # all 34 conv/linear layers, D/C = 8 by the default rule except the first stem conv
@@ -20,18 +20,18 @@ if [ "$what" = retrain ] || [ "$what" = all ]; then
     # 40 fine-tuning steps per layer, 400 final steps; intermediate evaluations on 1,000 test images
     "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
         --ncodebooks stem.conv1.linear=9 --steps-per-layer 40 --final-steps 400 --batch-size 128 \
-        --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --out "$out/retrain"
+        --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --device cpu --out "$out/retrain"
 fi
 if [ "$what" = dense_control ] || [ "$what" = all ]; then
     # control for retrain: the same loss, optimiser and total budget (34 x 40 + 400 = 1,760
     # steps) spent fine-tuning the dense model, nothing replaced
     "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
         --steps-per-layer 40 --final-steps 400 --batch-size 128 --distill 0.5 --eval-samples 1000 \
-        --threads 1 --no-progress --dense-control --out "$out/dense_control"
+        --threads 1 --no-progress --device cpu --dense-control --out "$out/dense_control"
 fi
 if [ "$what" = retrain_wide ] || [ "$what" = all ]; then
     # as retrain with twice the codebooks (D/C = 4; stem.conv1 C = 9 as before)
     "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
         --ncodebooks stem.conv1.linear=9 --codebook-width 4 --steps-per-layer 40 --final-steps 400 \
-        --batch-size 128 --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --out "$out/retrain_wide"
+        --batch-size 128 --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --device cpu --out "$out/retrain_wide"
 fi

@@ -9,7 +9,7 @@ PY=${PYTHON:-.venv/bin/python}
 base=results/baselines/resnet9_fashion_mnist/checkpoint.pt
 out=results/resnet9_fashion_mnist
 what=${1:-all}
-common=(--model resnet9 --model-kw width=16 --data fashion_mnist --checkpoint "$base" --threads 1 --no-progress)
+common=(--model resnet9 --model-kw width=16 --data fashion_mnist --checkpoint "$base" --threads 1 --no-progress --device cpu)
 
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     # every conv/linear layer alone, D/C = 9 (one codebook per 3x3 input channel) and 18 (half),

@@ -7,6 +7,15 @@ import argparse
 import numpy as np
 import torch
 
+from ..cli_args import (
+    add_execution_arguments,
+    lut_bits_type,
+    nprototypes_type,
+    positive_int,
+    ridge_type,
+    set_threads_from,
+)
+from ..nn.spec import LayerSpec
 from .amm_sweep import MatmulTask, sweep, train_linear_classifier, write_report
 
 
@@ -57,14 +66,23 @@ TASKS = {"digits": digits_task, "fashion-mnist": fashion_mnist_task}
 
 
 def run(args: argparse.Namespace) -> int:
+    set_threads_from(args.threads)
     task = TASKS[args.data]()
-    valid = [c for c in args.ncodebooks if c <= task.B.shape[0]]
+    ndims = task.B.shape[0]
+    valid = sorted({c for c in args.ncodebooks if c <= ndims})
+    if not valid:
+        raise ValueError(f"--ncodebooks: every C exceeds D = {ndims} of the {args.data} task")
+    dropped = sorted({c for c in args.ncodebooks if c > ndims})
+    if dropped:
+        print(f"skipping C = {dropped}: above D = {ndims}")
     rows = sweep(
         task,
         valid,
         nprototypes=args.nprototypes,
-        lut_bits=None if args.lut_bits == 0 else args.lut_bits,
+        lut_bits=args.lut_bits,
+        ridge=args.ridge,
         measure_speed=not args.no_speed,
+        progress=args.progress,
     )
     paths = write_report(rows, args.out, f"amm_{args.data}", notes=task.description)
     print(paths["md"].read_text())
@@ -77,7 +95,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "amm",
         help="approximate a classifier's matrix product with MaddnessMatmul, sweeping C",
         description="Fit MaddnessMatmul to the rows of a data set times a trained logistic-regression "
-        "classifier and report NMSE, accuracy, fit time and speed against torch.matmul for each C.",
+        "classifier and report NMSE, accuracy, fit time and speed against torch.matmul for each C. "
+        "Runs on the CPU (it times the CPU kernels), so it has no --device.",
     )
     parser.add_argument(
         "--data",
@@ -88,14 +107,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ncodebooks",
         "-C",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[4, 8, 16, 32],
-        help="values of C to sweep (default: 4 8 16 32)",
+        metavar="C",
+        help="values of C to sweep; those above D are skipped (default: 4 8 16 32)",
     )
-    parser.add_argument("--nprototypes", "-K", type=int, default=16)
-    parser.add_argument("--lut-bits", type=int, default=8, help="LUT bits (0: float LUT)")
+    spec_help = LayerSpec.field_help()
+    parser.add_argument("--nprototypes", "-K", type=nprototypes_type, default=16, metavar="K",
+                        help=f"{spec_help['nprototypes']} (default: 16)")
+    parser.add_argument("--lut-bits", type=lut_bits_type, default=8, metavar="BITS",
+                        help="bits per integer LUT entry (1..8); 0 or none: float LUTs (default: 8)")
+    parser.add_argument("--ridge", type=ridge_type, default=1.0, metavar="LAMBDA|none",
+                        help="lambda of the joint prototype ridge regression; none keeps the leaf means "
+                        "(default: 1.0)")
     parser.add_argument("--no-speed", action="store_true", help="skip the timing against torch.matmul")
     parser.add_argument("--out", default="runs/amm", help="folder for the JSON/CSV/Markdown/PNG report")
+    add_execution_arguments(parser, device=False)
     parser.set_defaults(func=run)
     return parser

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..data.registry import SPLITS
 from ..nn import MaddConfig
+from ..nn.spec import DEFAULT_TEMPERATURE, LayerSpec
 from ..train.config import JsonConfig
+from ..train.distributed import pick_device
 
 
 @dataclass
@@ -26,8 +32,10 @@ class RetrainConfig(JsonConfig):
             included.
         exclude: name patterns kept dense.
         ncodebooks: C per layer name (others follow the MaddConfig rule), or one int.
-        codebook_width, nprototypes, lut_bits, lut_granularity, ridge, qat, temperature:
-            MADD layer settings (see :class:`maddnet.nn.MaddConfig`).
+        codebook_width: target D/C of linear and 1x1 layers (see :class:`maddnet.nn.MaddConfig`).
+        spec: the MADD layer settings (K, encoder, ridge, LUT bits, QAT, surrogate, ...), a
+            :class:`maddnet.nn.spec.LayerSpec` passed whole to every layer; saved as the
+            ``spec`` section of config.json (a mapping of its fields is accepted too).
         calib_batches: training batches whose activations a layer is learned from.
         max_rows: rows kept per layer while recording.
         steps_per_layer: fine-tuning steps after each replacement.
@@ -48,6 +56,11 @@ class RetrainConfig(JsonConfig):
             the replacement costs.
         eval_samples: evaluate the intermediate steps on the first N samples of the eval
             split only (the dense, last-replacement and final steps always use all of it).
+        device, threads, progress: how the run executes (may change on resume); device
+            ``"auto"`` becomes ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+
+    ``from_dict``/``load`` also read the flat config.json of runs made before the ``spec``
+    section, so their folders still resume and compare.
     """
 
     model: str
@@ -62,12 +75,7 @@ class RetrainConfig(JsonConfig):
     exclude: list[str] = field(default_factory=list)
     ncodebooks: dict[str, int] | int | None = None
     codebook_width: int = 8
-    nprototypes: int = 16
-    lut_bits: int | None = 8
-    lut_granularity: str = "codebook"
-    ridge: float | None = 1.0
-    qat: bool = True
-    temperature: float | None = None
+    spec: LayerSpec = field(default_factory=LayerSpec)
     calib_batches: int = 8
     max_rows: int = 16384
     steps_per_layer: int = 200
@@ -101,35 +109,118 @@ class RetrainConfig(JsonConfig):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.spec, Mapping):
+            self.spec = LayerSpec.from_dict(self.spec)
+        if not isinstance(self.spec, LayerSpec):
+            raise ValueError(f"spec must be a LayerSpec or a mapping of its fields, got {self.spec!r}")
+        if self.device == "auto":
+            self.device = str(pick_device("auto"))
+        self._check_numbers()
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must lie in [0, 1], got {self.distill}")
-        if self.recon < 0:
-            raise ValueError(f"recon must be >= 0, got {self.recon}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        for name in ("steps_per_layer", "final_steps", "baseline_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.calib_batches < 1:
-            raise ValueError(f"calib_batches must be >= 1, got {self.calib_batches}")
+        if self.eval_split not in SPLITS:
+            raise ValueError(f"eval_split must be one of {SPLITS}, got {self.eval_split!r}")
+        self._check_ncodebooks()
         if self.checkpoint is None and self.baseline_steps == 0:
             raise ValueError(
-                "give the trained dense model as checkpoint=..., or baseline_steps > 0 to train it here"
+                "give the trained dense model as checkpoint=... (--checkpoint), or baseline_steps > 0 "
+                "(--baseline-steps) to train it here"
             )
 
+    def _check_numbers(self) -> None:
+        """Counts are ints (positive, or >= 0 where 0 means none), rates are finite and >= 0."""
+        for names, minimum in ((_POSITIVE_INTS, 1), (_NON_NEGATIVE_INTS, 0)):
+            for name in names:
+                value = getattr(self, name)
+                if value is None and name in _OPTIONAL:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        for name in _NON_NEGATIVE_FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+
+    def _check_ncodebooks(self) -> None:
+        values = self.ncodebooks.values() if isinstance(self.ncodebooks, Mapping) else [self.ncodebooks]
+        for value in values:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ncodebooks must be None, a positive int or {{layer: positive int}}, "
+                                 f"got {self.ncodebooks!r}")
+
     def madd_config(self) -> MaddConfig:
-        extra = {} if self.temperature is None else {"temperature": self.temperature}
         return MaddConfig(
             layers=self.layers,
             exclude=list(self.exclude),
             ncodebooks=self.ncodebooks,
             codebook_width=self.codebook_width,
-            nprototypes=self.nprototypes,
-            lut_bits=self.lut_bits,
-            lut_granularity=self.lut_granularity,
-            ridge=self.ridge,
-            qat=self.qat,
+            spec=self.spec,
             max_rows=self.max_rows,
             seed=self.seed,
-            **extra,
         )
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        values = super().to_dict()
+        values["spec"] = self.spec.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> RetrainConfig:
+        """Inverse of :meth:`to_dict`; also reads the flat ``config.json`` of runs made before
+        the ``spec`` section (see :func:`migrate_flat_spec`)."""
+        return super().from_dict(migrate_flat_spec(values))
+
+    def differences(self, other: JsonConfig) -> dict[str, tuple[Any, Any]]:
+        """As :meth:`JsonConfig.differences`, with the spec compared field by field
+        (keys ``spec.<field>``)."""
+        mine, theirs = _flat_spec(self.to_dict()), _flat_spec(other.to_dict())
+        return {
+            key: (mine.get(key), theirs.get(key))
+            for key in sorted(set(mine) | set(theirs))
+            if key not in self.EXECUTION_KEYS and mine.get(key) != theirs.get(key)
+        }
+
+
+# counts checked by RetrainConfig._check_numbers (None allowed for those in _OPTIONAL)
+_POSITIVE_INTS = ("codebook_width", "calib_batches", "max_rows", "batch_size", "eval_batch_size",
+                  "eval_samples", "threads")
+_NON_NEGATIVE_INTS = ("baseline_steps", "steps_per_layer", "final_steps", "seed")
+_OPTIONAL = frozenset({"eval_samples", "threads"})
+_NON_NEGATIVE_FLOATS = ("lr_dense", "lr_norm", "lr_lut", "lr_threshold", "weight_decay", "momentum", "recon")
+
+# LayerSpec settings that config.json files of older runs held as top-level keys
+LEGACY_SPEC_KEYS = ("nprototypes", "lut_bits", "lut_granularity", "ridge", "qat", "temperature")
+
+
+def migrate_flat_spec(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with top-level LayerSpec keys (the flat layout of older ``config.json``
+    files: nprototypes, lut_bits, lut_granularity, ridge, qat, temperature, or any other
+    LayerSpec field) moved into the ``spec`` section. A flat ``temperature: null`` meant
+    "the default" and is dropped. A key given both flat and in ``spec`` is an error."""
+    values = dict(values)
+    spec_fields = {f.name for f in dataclasses.fields(LayerSpec)}
+    flat = {key: values.pop(key) for key in list(values) if key in spec_fields}
+    if not flat:
+        return values
+    if flat.get("temperature", DEFAULT_TEMPERATURE) is None:
+        del flat["temperature"]
+    spec = values.get("spec") or {}
+    if isinstance(spec, LayerSpec):
+        spec = spec.to_dict()
+    both = sorted(set(flat) & set(spec))
+    if both:
+        raise ValueError(f"settings {both} are given both at the top level and in the spec section")
+    values["spec"] = {**spec, **flat}
+    return values
+
+
+def _flat_spec(values: dict[str, Any]) -> dict[str, Any]:
+    spec = values.pop("spec", {}) or {}
+    return {**values, **{f"spec.{key}": value for key, value in spec.items()}}

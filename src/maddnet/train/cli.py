@@ -6,51 +6,62 @@ import argparse
 import json
 from typing import Any
 
+from maddnet.cli_args import (
+    DEFAULT_DEVICE,
+    DEVICE_HELP,
+    add_execution_arguments,
+    device_type,
+    fraction_below_one,
+    load_config_file,
+    non_negative_float,
+    non_negative_int,
+    parse_key_values,
+    positive_float,
+    positive_int,
+    run_parsed,
+    set_threads_from,
+)
+from maddnet.data.registry import SPLITS
 from maddnet.train.config import TrainConfig, make_config
 
+__all__ = ["add_parser", "config_from_args", "main", "parse_key_values"]
 
-def parse_key_values(pairs: list[str] | None) -> dict[str, Any]:
-    """``["width=16", "small_input=true"]`` → {"width": 16, "small_input": True}; values are
-    read as JSON where possible, else kept as strings."""
-    result: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {pair!r}")
-        try:
-            result[key] = json.loads(value)
-        except json.JSONDecodeError:
-            result[key] = value
-    return result
-
-
-# CLI flag → TrainConfig field, for the flags that map one to one
-_FLAGS = {
-    "data_root": str, "out_dir": str, "init_checkpoint": str, "epochs": float,
-    "batch_size": int, "eval_batch_size": int, "optimizer": str, "lr": float,
-    "weight_decay": float, "label_smoothing": float, "warmup_epochs": float, "seed": int,
-    "device": str, "num_workers": int, "threads": int, "checkpoint_every": int,
-    "log_every": int, "max_steps": int, "eval_split": str, "grad_clip": float,
+# CLI flag -> TrainConfig field, for the flags that map one to one: (type, help, extra options)
+_FLAGS: dict[str, tuple[Any, str, dict[str, Any]]] = {
+    "epochs": (positive_float, "training epochs (fractions allowed)", {}),
+    "batch_size": (positive_int, "batch size per process", {}),
+    "eval_batch_size": (positive_int, "evaluation batch size", {}),
+    "optimizer": (str, "optimiser", {"choices": ["sgd", "adamw"]}),
+    "lr": (non_negative_float, "peak learning rate", {}),
+    "weight_decay": (non_negative_float, "weight decay (not on biases and norms)", {}),
+    "label_smoothing": (fraction_below_one, "label smoothing in [0, 1)", {}),
+    "warmup_epochs": (non_negative_float, "linear warm-up epochs before the cosine decay", {}),
+    "grad_clip": (positive_float, "clip the gradient norm to this value", {}),
+    "eval_split": (str, "split evaluated after each epoch", {"choices": list(SPLITS)}),
+    "seed": (non_negative_int, "seed of initialisation, data order and augmentation", {}),
+    "num_workers": (non_negative_int, "data loader worker processes", {}),
+    "checkpoint_every": (positive_int, "write checkpoint.pt every N steps (and at each epoch end)", {}),
+    "log_every": (positive_int, "log training metrics every N steps", {}),
+    "max_steps": (positive_int, "stop this invocation after N steps in total (resume later)", {}),
 }
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < recipe < --config file < explicit flags."""
+    """Defaults < recipe < --config file (JSON or YAML) < explicit flags."""
     overrides: dict[str, Any] = {}
     if args.config:
-        with open(args.config) as handle:
-            overrides.update(json.load(handle))
+        overrides.update(load_config_file(args.config))
     overrides = {k: v for k, v in overrides.items() if k not in ("model", "dataset")}
-    for name in _FLAGS:
+    for name in (*_FLAGS, "data_root", "out_dir", "init_checkpoint", "device", "threads"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    model_kwargs = {**overrides.get("model_kwargs", {}), **parse_key_values(args.model_arg)}
-    dataset_kwargs = {**overrides.get("dataset_kwargs", {}), **parse_key_values(args.data_arg)}
+    model_kwargs = {**overrides.get("model_kwargs", {}), **parse_key_values(args.model_kw, "--model-kw")}
+    dataset_kwargs = {**overrides.get("dataset_kwargs", {}), **parse_key_values(args.data_kw, "--data-kw")}
     overrides.update(model_kwargs=model_kwargs, dataset_kwargs=dataset_kwargs)
     if args.no_augment:
         overrides["augment"] = False
-    if args.no_progress:
+    if not args.progress:
         overrides["progress"] = False
     if "out_dir" not in overrides:
         overrides["out_dir"] = f"runs/{args.model}-{args.data}"
@@ -60,11 +71,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="registered model name (resnet9, ...)")
     parser.add_argument("--data", required=True, help="registered data set name")
-    parser.add_argument("--data-root", dest="data_root", help="folder of the data set")
-    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                        help="extra model argument, e.g. width=16 (repeatable)")
-    parser.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
-                        help="extra data set argument, e.g. subset=1000 (repeatable)")
+    parser.add_argument("--data-root", dest="data_root", metavar="DIR", help="folder of the data set")
+    parser.add_argument("--model-kw", "--model-arg", dest="model_kw", nargs="+", action="extend",
+                        metavar="KEY=VALUE", help="model builder arguments, JSON values, e.g. width=16")
+    parser.add_argument("--data-kw", "--data-arg", dest="data_kw", nargs="+", action="extend",
+                        metavar="KEY=VALUE", help="data set builder arguments, JSON values, e.g. subset=1000")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -86,59 +97,70 @@ def run_eval(args: argparse.Namespace) -> int:
     from maddnet.train.loops import evaluate
     from maddnet.train.runner import model_kwargs_for
 
-    device = pick_device(args.device or "auto")
-    dataset = create_dataset(args.data, args.split, args.data_root,
-                             **parse_key_values(args.data_arg))
+    set_threads_from(args.threads)
+    device = pick_device(args.device)
+    data_kwargs = parse_key_values(args.data_kw, "--data-kw")
+    dataset = create_dataset(args.data, args.split, args.data_root, **data_kwargs)
     info = dataset.info
-    kwargs = model_kwargs_for(args.model, info, parse_key_values(args.model_arg))
+    kwargs = model_kwargs_for(args.model, info, parse_key_values(args.model_kw, "--model-kw"))
     model = create_model(args.model, info.num_classes, info.in_chans,
                          checkpoint=args.checkpoint, **kwargs).to(device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     with torch.inference_mode():
-        result = evaluate(model, loader, device=device, progress=True)
+        result = evaluate(model, loader, device=device, progress=args.progress)
     print(json.dumps({"model": args.model, "data": args.data, "split": args.split, **result},
                      sort_keys=True))
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``train`` and ``eval``; returns the ``train`` parser."""
+def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     train = subparsers.add_parser(
         "train", help="train a model on a data set (resumes an interrupted run)",
-        description="Train with the recipe for the model/data pair; flags override it. "
-                    "Re-running the same command continues from OUT_DIR/checkpoint.pt. "
+        description="Train with the recipe for the model/data pair; a --config file and flags "
+                    "override it. Re-running the same command continues from OUT_DIR/checkpoint.pt. "
                     "Under torchrun it uses DistributedDataParallel.")
     _add_common(train)
-    train.add_argument("--config", help="JSON file with TrainConfig fields")
-    train.add_argument("--out", dest="out_dir", help="run folder (default runs/MODEL-DATA)")
-    train.add_argument("--init-checkpoint", dest="init_checkpoint",
+    train.add_argument("--config", metavar="FILE", help="JSON or YAML file with TrainConfig fields")
+    train.add_argument("--out", dest="out_dir", metavar="DIR", help="run folder (default runs/MODEL-DATA)")
+    train.add_argument("--init-checkpoint", dest="init_checkpoint", metavar="FILE",
                        help="start from these weights (shape-mismatched tensors are skipped)")
-    for name, kind in _FLAGS.items():
-        if name in ("data_root", "out_dir", "init_checkpoint"):
-            continue
-        train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    for name, (kind, text, extra) in _FLAGS.items():
+        train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
+                           help=f"{text} (default: the recipe's, else TrainConfig's)", **extra)
     train.add_argument("--no-augment", action="store_true", help="switch augmentation off")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # None: the config file's or TrainConfig's device (auto)
+    train.add_argument("--device", type=device_type, default=None, help=f"{DEVICE_HELP} (default: auto)")
+    add_execution_arguments(train, device=False)
     train.set_defaults(func=run_train)
+    return train
 
-    ev = subparsers.add_parser("eval", help="top-1/top-5 of a model checkpoint on a data set")
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``train`` and ``eval``; returns the ``train`` parser."""
+    train = _add_train_parser(subparsers)
+    ev = subparsers.add_parser("eval", help="top-1/top-5 of a model checkpoint on a data set",
+                               description="Evaluate trained weights on a split and print the "
+                                           "metrics as one JSON line.")
     _add_common(ev)
-    ev.add_argument("--checkpoint", required=True, help="weights (state dict or checkpoint)")
-    ev.add_argument("--split", default="test")
-    ev.add_argument("--batch-size", type=int, default=512)
-    ev.add_argument("--num-workers", type=int, default=0)
-    ev.add_argument("--device", default=None)
+    ev.add_argument("--checkpoint", required=True, metavar="FILE", help="weights (state dict or checkpoint)")
+    ev.add_argument("--split", choices=list(SPLITS), default="test", help="split to evaluate (default: test)")
+    ev.add_argument("--batch-size", type=positive_int, default=512, help="batch size (default: 512)")
+    ev.add_argument("--num-workers", type=non_negative_int, default=0,
+                    help="data loader worker processes (default: 0)")
+    ev.add_argument("--device", type=device_type, default=DEFAULT_DEVICE,
+                    help=f"{DEVICE_HELP} (default: auto)")
+    add_execution_arguments(ev, device=False)
     ev.set_defaults(func=run_eval)
     return train
 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m maddnet.train.cli train ...``: the same sub-commands without the rest of
-    the ``maddnet`` command."""
+    the ``maddnet`` command (bad input: one error line, exit code 2)."""
     parser = argparse.ArgumentParser(prog="python -m maddnet.train.cli")
-    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                     help="train or eval (COMMAND --help lists its options)"))
+    return run_parsed(parser, argv)
 
 
 if __name__ == "__main__":

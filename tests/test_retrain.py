@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
+from torch import nn
 
-from maddnet.nn import madd_layers, rebuild
+from maddnet.nn import MaddConfig, MaddLayer, convert_layer, madd_layers, rebuild
 from maddnet.retrain import RetrainConfig, Retrainer, parameter_groups, run_retrain, write_report
 from maddnet.retrain import pipeline as pipeline_module
+from maddnet.retrain.pipeline import RetrainLoss
 
 pytest.importorskip("sklearn")
 
@@ -185,3 +188,54 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MADDNET_TRACEBACK", "1")
     with pytest.raises(KeyError, match="unknown model"):
         main(argv)
+
+
+def test_distillation_loss_is_ce_mixed_with_t2_kl_against_the_teacher_on_the_same_inputs(tmp_path):
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(6, 5), nn.Linear(6, 5).eval()
+    x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    alpha, tau, eps = 0.3, 2.0, 0.1
+    config = tiny_config(tmp_path, distill=alpha, distill_temperature=tau, label_smoothing=eps)
+    loss, logits = RetrainLoss(config, teacher)(student, x, y)
+
+    s, t = student(x).detach().double(), teacher(x).detach().double()
+    assert torch.equal(logits, student(x))
+    target = (1 - eps) * torch.nn.functional.one_hot(y, 5) + eps / 5  # label smoothing
+    log_p = s - s.logsumexp(1, keepdim=True)
+    ce = -(target * log_p).sum(1).mean()
+    p_t = (t / tau).softmax(1)
+    kl = (p_t * (p_t.log() - (s / tau).log_softmax(1))).sum(1).mean()
+    expected = (1 - alpha) * ce + alpha * tau**2 * kl
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert teacher.weight.grad is None and student.weight.grad is not None
+    # without a teacher (the dense step) the loss is the cross-entropy alone
+    assert RetrainLoss(config)(student, x, y)[0].item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_recon_term_is_the_relative_error_of_the_madd_layer_on_its_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    dense = copy.deepcopy(model[0]).requires_grad_(False)
+    layer = convert_layer(model, "0", torch.randn(512, 16), MaddConfig())
+    assert isinstance(layer, MaddLayer) and model[0] is layer
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    config = tiny_config(tmp_path, distill=0.0, recon=0.25)
+    loss_fn = RetrainLoss(config, layer=layer, dense_layer=dense)
+    loss, logits = loss_fn(model, x, y)
+
+    with torch.no_grad():
+        madd, exact = layer(x).double(), dense(x).double()
+        ce = torch.nn.functional.cross_entropy(model(x), y)
+    recon = ((madd - exact) ** 2).sum() / (exact**2).sum()
+    assert 0 < recon.item() < 1  # an approximation, not the dense layer itself
+    assert loss.item() == pytest.approx((ce + 0.25 * recon).item(), rel=1e-6)
+    assert torch.equal(logits, model(x))
+    assert not layer._forward_hooks  # nothing left behind between calls
+    # repeated calls give the same loss (no state carried from one call to the next)
+    assert torch.equal(loss_fn(model, x, y)[0], loss)
+    loss.backward()
+    assert dense.weight.grad is None and any(p.grad is not None for p in layer.parameters())
+    # recon 0 (or no layer) leaves the cross-entropy alone
+    plain = RetrainLoss(tiny_config(tmp_path, distill=0.0), layer=layer, dense_layer=dense)
+    assert plain(model, x, y)[0].item() == pytest.approx(ce.item(), rel=1e-6)

@@ -157,6 +157,41 @@ def test_train_steps_learns_and_counts_steps():
         train_steps(model, loader, opt, progress=False)
 
 
+
+def test_train_steps_compute_loss_matches_loss_fn_and_sees_the_inputs():
+    """compute_loss(model, inputs, labels) -> (loss, logits) trains exactly like the
+    loss_fn short form, gets each batch's inputs, and its logits give StepInfo.correct."""
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(1))
+    y = (x[:, 0] > 0).long()
+
+    def run(**loss):
+        torch.manual_seed(0)
+        loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,
+                            generator=torch.Generator().manual_seed(2))
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        opt = build_optimizer(model, "sgd", 0.1, 0.0)
+        infos = []
+        stats = train_steps(model, loader, opt, steps=7, progress=False, callback=infos.append,
+                            **loss)
+        return stats, [(i.loss, i.correct) for i in infos], model.state_dict()
+
+    seen = []
+
+    def compute_loss(model, inputs, labels):
+        seen.append(inputs)
+        logits = model(inputs)
+        return nn.functional.cross_entropy(logits, labels, label_smoothing=0.1), logits
+
+    a = run(loss_fn=nn.CrossEntropyLoss(label_smoothing=0.1))
+    b = run(compute_loss=compute_loss)
+    assert a[0] == b[0] and a[1] == b[1]
+    assert all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    assert len(seen) == 7 and all(s.shape == (32, 8) for s in seen)
+    assert any(correct > 0 for _, correct in b[1])
+    with pytest.raises(ValueError, match="at most one"):
+        run(loss_fn=nn.CrossEntropyLoss(), compute_loss=compute_loss)
+
+
 def tiny_config(out_dir: Path, **overrides):
     settings = dict(out_dir=str(out_dir), model_kwargs={"width": 4}, epochs=3, batch_size=64,
                     lr=0.1, checkpoint_every=4, log_every=2, progress=False, seed=7)

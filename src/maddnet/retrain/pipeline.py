@@ -10,11 +10,14 @@ killed run started again with the same command continues at the step it was in.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +125,7 @@ def parameter_groups(
         if isinstance(module, MaddLayer):
             if index == current or final or (config.train_replaced and index < current):
                 groups["lut"].append(module.lut)
-                groups["threshold"].append(module.thresholds)
+                groups["threshold"].extend(module.encoder.parameters())
                 if module.bias is not None:
                     groups["dense_no_decay"].append(module.bias)
         elif index > current or final:
@@ -161,58 +164,74 @@ def make_optimizer(groups: list[dict], config: RetrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=groups[0]["lr"])
 
 
+@dataclass(frozen=True, eq=False)
 class RetrainLoss:
-    """Cross-entropy, optional distillation from the dense teacher, optional recon term."""
+    """The ``compute_loss(model, inputs, labels) -> (loss, logits)`` of a retraining step.
 
-    def __init__(self, config: RetrainConfig, teacher: nn.Module | None):
-        self.config = config
-        self.teacher = teacher
-        self.inputs: torch.Tensor | None = None
-        self.recon_terms: list[torch.Tensor] = []
+    Cross-entropy (with ``config.label_smoothing``); with a ``teacher`` and
+    ``config.distill`` = a > 0, ``(1 - a) CE + a T^2 KL(teacher || student)`` at
+    temperature T = ``config.distill_temperature``, the teacher run on the same inputs;
+    with ``layer`` (the MADD layer being replaced), its dense original ``dense_layer``
+    and ``config.recon`` = w > 0, plus ``w ||layer(x) - dense_layer(x)||^2 /
+    ||dense_layer(x)||^2`` on the inputs x the layer gets in this forward pass (summed
+    over its calls if it runs more than once). Nothing is kept between calls.
+    """
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    config: RetrainConfig
+    teacher: nn.Module | None = None
+    layer: nn.Module | None = None
+    dense_layer: nn.Module | None = None
+
+    def __call__(
+        self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
+        recon = cfg.recon > 0 and self.layer is not None and self.dense_layer is not None
+        with _layer_calls(self.layer if recon else None) as calls:
+            logits = model(inputs)
         loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-        if cfg.distill > 0 and self.teacher is not None and self.inputs is not None:
+        if cfg.distill > 0 and self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(self.inputs)
-            tau = cfg.distill_temperature
-            kd = (
-                F.kl_div(
-                    F.log_softmax(logits / tau, 1),
-                    F.log_softmax(teacher_logits / tau, 1),
-                    reduction="batchmean",
-                    log_target=True,
-                )
-                * tau
-                * tau
-            )
+                teacher_logits = self.teacher(inputs)
+            kd = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
             loss = (1 - cfg.distill) * loss + cfg.distill * kd
-        if self.recon_terms:
-            loss = loss + cfg.recon * torch.stack(self.recon_terms).sum()
-            self.recon_terms = []
-        return loss
+        if calls:
+            terms = [recon_error(output, self.dense_layer, x) for x, output in calls]
+            loss = loss + cfg.recon * torch.stack(terms).sum()
+        return loss, logits
 
 
-def _capture_inputs(loss: RetrainLoss, model: nn.Module):
-    """Forward pre-hook on the model that hands each batch's inputs to the loss (for KD)."""
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """``T^2 KL(softmax(teacher / T) || softmax(logits / T))``, batch mean."""
+    kl = F.kl_div(
+        F.log_softmax(logits / tau, 1),
+        F.log_softmax(teacher_logits / tau, 1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return kl * tau * tau
 
-    def hook(_module, args):
-        loss.inputs = args[0]
 
-    return model.register_forward_pre_hook(hook)
+def recon_error(output: torch.Tensor, dense_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``||output - dense_layer(x)||^2 / ||dense_layer(x)||^2`` (no gradient into the dense layer)."""
+    with torch.no_grad():
+        target = dense_layer(x)
+    return ((output - target) ** 2).sum() / (target**2).sum().clamp_min(1e-12)
 
 
-def _recon_hook(loss: RetrainLoss, dense_layer: nn.Module):
-    """Forward hook on a MADD layer adding ||madd(x) - dense(x)||^2 / ||dense(x)||^2."""
-
-    def hook(module, args, output):
-        if module.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                target = dense_layer(args[0])
-            loss.recon_terms.append(((output - target) ** 2).sum() / (target**2).sum().clamp_min(1e-12))
-
-    return hook
+@contextlib.contextmanager
+def _layer_calls(layer: nn.Module | None) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A list that gets (input, output) of every call of ``layer`` inside the block (the
+    hook is removed when the block ends); stays empty for ``layer=None``."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if layer is None:
+        yield calls
+        return
+    handle = layer.register_forward_hook(lambda _m, args, output: calls.append((args[0], output)))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------------------- the run
@@ -279,21 +298,17 @@ class Retrainer:
             return {}
         optimizer = make_optimizer(groups, self.config)
         scheduler = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
-        handle = _capture_inputs(loss, model)
-        try:
-            return train_steps(
-                model,
-                self.train_loader,
-                optimizer,
-                scheduler,
-                steps=steps,
-                loss_fn=loss,
-                device=self.device,
-                progress=self.config.progress,
-                desc=desc,
-            )
-        finally:
-            handle.remove()
+        return train_steps(
+            model,
+            self.train_loader,
+            optimizer,
+            scheduler,
+            steps=steps,
+            compute_loss=loss,
+            device=self.device,
+            progress=self.config.progress,
+            desc=desc,
+        )
 
     def _reseed(self, step: int) -> None:
         """Seed every RNG a step uses from the step number alone, so a resumed step repeats exactly."""
@@ -304,74 +319,55 @@ class Retrainer:
 
     # -- steps
     def run(self) -> dict[str, Any]:
-        cfg = self.config
+        """Run the steps not done yet; returns the metrics rows, layer order and model."""
         self._check_config()
         start = time.time()
-        checkpoint_path = self.out / CHECKPOINT
-        if checkpoint_path.exists():
-            saved = load_checkpoint(checkpoint_path, map_location=self.device)
-            next_step, order = saved["next_step"], saved["order"]
-            model = rebuild(self._fresh_model(), saved["plan"])
-            model.load_state_dict(saved["state_dict"])
-            dense_state = saved["dense_state"]
-            self.metrics.truncate_after(next_step - 1)
-        else:
-            model, next_step, dense_state, order = None, 0, None, []
-            self.metrics.truncate_after(-1)  # rows of a run killed before its first checkpoint
-
+        model, next_step, dense_state, order = self._load_checkpoint()
         if next_step == 0:
-            self._reseed(0)
-            model = self._dense_step()
-            dense_state = copy.deepcopy(model.state_dict())
-            order = self._layer_order(model)
-            self._save(model, 1, order, dense_state)
+            model, dense_state, order = self._dense_step()
             next_step = 1
-        teacher = self._fresh_model()
-        teacher.load_state_dict(dense_state)
-        teacher.eval().requires_grad_(False)
-        loss = RetrainLoss(cfg, teacher)
+        loss = RetrainLoss(self.config, self._teacher(dense_state))
 
         # the dense control replaces nothing and spends the whole budget in the final step
-        replace_steps = [] if cfg.dense_control else range(next_step - 1, len(order))
+        replace_steps = [] if self.config.dense_control else range(next_step - 1, len(order))
         for index in replace_steps:
             self._reseed(index + 1)
-            self._replace_step(model, order, index, loss, teacher)
+            self._replace_step(model, order, index, loss, loss.teacher)
             self._save(model, index + 2, order, dense_state)
 
-        final_step = len(order) + 1
-        if next_step <= final_step:
-            self._reseed(final_step)
-            t0 = time.time()
-            groups = parameter_groups(model, order, len(order), cfg, final=True)
-            steps = cfg.final_steps + (len(order) * cfg.steps_per_layer if cfg.dense_control else 0)
-            train_stats = self._train(
-                model, groups, steps, loss, "dense control" if cfg.dense_control else "final fine-tune"
-            )
-            metrics = self._evaluate(model)
-            self.metrics.write(
-                {
-                    "step": final_step,
-                    "phase": "final",
-                    "layer": None,
-                    **_prefixed(metrics),
-                    "train_loss": train_stats.get("loss"),
-                    "train_steps": steps,
-                    "seconds": time.time() - t0,
-                    "replaced": len(madd_layers(model)),
-                }
-            )
-            self._save(model, final_step + 1, order, dense_state)
-        rows = self.metrics.read()
-        summary = {
-            "rows": rows,
+        if next_step <= len(order) + 1:
+            self._final_step(model, order, loss, dense_state)
+        return {
+            "rows": self.metrics.read(),
             "order": order,
             "seconds_this_invocation": time.time() - start,
             "model": model,
         }
-        return summary
 
-    def _dense_step(self) -> nn.Module:
+    def _load_checkpoint(self) -> tuple[nn.Module | None, int, dict | None, list[str]]:
+        """(model, next step, dense state dict, layer order) of the checkpoint, or
+        (None, 0, None, []) for a new run; metric rows after the checkpoint are dropped."""
+        checkpoint_path = self.out / CHECKPOINT
+        if not checkpoint_path.exists():
+            self.metrics.truncate_after(-1)  # rows of a run killed before its first checkpoint
+            return None, 0, None, []
+        saved = load_checkpoint(checkpoint_path, map_location=self.device)
+        model = rebuild(self._fresh_model(), saved["plan"])
+        model.load_state_dict(saved["state_dict"])
+        self.metrics.truncate_after(saved["next_step"] - 1)
+        return model, saved["next_step"], saved["dense_state"], saved["order"]
+
+    def _teacher(self, dense_state: dict) -> nn.Module:
+        """The dense model of step 0, frozen in eval mode (the distillation teacher)."""
+        teacher = self._fresh_model()
+        teacher.load_state_dict(dense_state)
+        return teacher.eval().requires_grad_(False)
+
+    def _dense_step(self) -> tuple[nn.Module, dict, list[str]]:
+        """Step 0: load (or train) and evaluate the dense model, find the layer order,
+        checkpoint; returns (model, a copy of its state dict, layer order)."""
         cfg = self.config
+        self._reseed(0)
         t0 = time.time()
         if cfg.checkpoint is not None:
             model = build_dense_model(cfg, self.info).to(self.device)
@@ -386,8 +382,8 @@ class Retrainer:
                     "weight_decay": cfg.weight_decay,
                 }
             ]
-            loss = RetrainLoss(dataclasses.replace(cfg, distill=0.0), None)
-            train_stats = self._train(model, groups, cfg.baseline_steps, loss, "dense baseline")
+            # no teacher: plain cross-entropy
+            train_stats = self._train(model, groups, cfg.baseline_steps, RetrainLoss(cfg), "dense baseline")
         metrics = self._evaluate(model)
         self.metrics.write(
             {
@@ -400,7 +396,37 @@ class Retrainer:
                 "replaced": 0,
             }
         )
-        return model
+        dense_state = copy.deepcopy(model.state_dict())
+        order = self._layer_order(model)
+        self._save(model, 1, order, dense_state)
+        return model, dense_state, order
+
+    def _final_step(self, model: nn.Module, order: list[str], loss: RetrainLoss, dense_state: dict) -> None:
+        """Step n + 1: fine-tune everything still trainable (the dense control: for the
+        whole budget), evaluate, checkpoint."""
+        cfg = self.config
+        final_step = len(order) + 1
+        self._reseed(final_step)
+        t0 = time.time()
+        groups = parameter_groups(model, order, len(order), cfg, final=True)
+        steps = cfg.final_steps + (len(order) * cfg.steps_per_layer if cfg.dense_control else 0)
+        train_stats = self._train(
+            model, groups, steps, loss, "dense control" if cfg.dense_control else "final fine-tune"
+        )
+        metrics = self._evaluate(model)
+        self.metrics.write(
+            {
+                "step": final_step,
+                "phase": "final",
+                "layer": None,
+                **_prefixed(metrics),
+                "train_loss": train_stats.get("loss"),
+                "train_steps": steps,
+                "seconds": time.time() - t0,
+                "replaced": len(madd_layers(model)),
+            }
+        )
+        self._save(model, final_step + 1, order, dense_state)
 
     def _layer_order(self, model: nn.Module) -> list[str]:
         selected = list(self.config.madd_config().select(model))
@@ -410,6 +436,9 @@ class Retrainer:
     def _replace_step(
         self, model: nn.Module, order: list[str], index: int, loss: RetrainLoss, teacher: nn.Module
     ) -> None:
+        """Step index + 1: learn layer ``order[index]`` from the current network's
+        activations, swap it in, evaluate, fine-tune (with the recon term on this layer
+        when ``recon`` > 0), evaluate again. ``loss`` carries the ``teacher``."""
         cfg = self.config
         name = order[index]
         t0 = time.time()
@@ -424,15 +453,11 @@ class Retrainer:
         dense_layer = copy.deepcopy(model.get_submodule(name)).requires_grad_(False)
         layer = convert_layer(model, name, rows.to(self.device), cfg.madd_config())
         after_replace = self._evaluate(model, full=False)
-        handle = layer.register_forward_hook(_recon_hook(loss, dense_layer)) if cfg.recon > 0 else None
-        try:
-            groups = parameter_groups(model, order, index, cfg)
-            train_stats = self._train(
-                model, groups, cfg.steps_per_layer, loss, f"step {index + 1}/{len(order)} {name}"
-            )
-        finally:
-            if handle is not None:
-                handle.remove()
+        groups = parameter_groups(model, order, index, cfg)
+        step_loss = dataclasses.replace(loss, teacher=teacher, layer=layer, dense_layer=dense_layer)
+        train_stats = self._train(
+            model, groups, cfg.steps_per_layer, step_loss, f"step {index + 1}/{len(order)} {name}"
+        )
         metrics = self._evaluate(model, full=index + 1 == len(order))
         self.metrics.write(
             {

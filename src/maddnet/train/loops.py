@@ -1,13 +1,16 @@
 """Reusable train and evaluation loops (plain PyTorch objects in, numbers out).
 
 ``train_steps`` runs a fixed budget of optimiser steps over a loader, counting steps from
-the start of a run so that it can continue a run in the middle of an epoch;
-``evaluate`` returns top-1/top-5 accuracy and mean loss.
+the start of a run so that it can continue a run in the middle of an epoch; the loss of a
+batch comes from ``compute_loss(model, inputs, labels) -> (loss, logits)`` (or, for losses
+of the logits alone, ``loss_fn(logits, labels)``). ``evaluate`` returns top-1/top-5
+accuracy and mean loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,21 @@ from maddnet.train.distributed import all_reduce_sum
 from maddnet.train.metrics import topk_correct
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# compute_loss(model, inputs, labels) -> (loss, logits): runs the model itself
+ComputeLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def logits_loss(loss_fn: LossFn | None = None) -> ComputeLoss:
+    """The ``compute_loss`` of a plain ``loss_fn(logits, labels)`` (cross-entropy by default):
+    one forward pass of the model, then ``loss_fn`` on its logits."""
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+
+    def compute_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(inputs)
+        return loss_fn(logits, labels), logits
+
+    return compute_loss
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,7 @@ def train_steps(
     epochs: float | None = None,
     start_step: int = 0,
     loss_fn: LossFn | None = None,
+    compute_loss: ComputeLoss | None = None,
     device: torch.device | None = None,
     grad_clip: float | None = None,
     callback: StepCallback | None = None,
@@ -78,69 +97,96 @@ def train_steps(
 ) -> dict[str, float]:
     """Train until ``steps`` optimiser steps (or ``epochs`` passes) have been done in total.
 
+    The loss of a batch: ``compute_loss(model, inputs, labels) -> (loss, logits)`` runs
+    the model on the batch itself (so it can add terms that need the inputs, such as
+    distillation from a teacher, or a layer's activations), returning the scalar loss to
+    minimise and the model's logits (used for the accuracy in :class:`StepInfo`).
+    ``loss_fn(logits, labels)`` is the short form for losses of the logits alone; give at
+    most one of the two (default: cross-entropy).
+
     ``start_step`` steps are taken as done already (resume): the loader is positioned
     at that step's epoch and batch. With a :class:`~maddnet.train.sampler.ResumableSampler`
     the skipped batches are never loaded; with other samplers they are loaded and dropped.
     ``scheduler.step()`` is called after every optimiser step (schedules are per step).
     Returns the mean loss and top-1 accuracy over the steps run in this call.
     """
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise ValueError("the loader yields no batches (data set smaller than one batch?)")
-    if (steps is None) == (epochs is None):
-        raise ValueError("give exactly one of steps= or epochs=")
-    total = steps if steps is not None else int(round(epochs * steps_per_epoch))
+    if loss_fn is not None and compute_loss is not None:
+        raise ValueError("give at most one of loss_fn= and compute_loss=")
+    steps_per_epoch, total = _step_budget(loader, steps, epochs)
     device = device or model_device(model)
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    compute_loss = compute_loss or logits_loss(loss_fn)
     model.train()
-    step = start_step
+    step, stop = start_step, False
     loss_sum, correct_sum, sample_sum = 0.0, 0, 0
     bar = tqdm(total=total, initial=start_step, disable=not progress, desc=desc,
                dynamic_ncols=True, mininterval=1.0)
-    stop = False
     while step < total and not stop:
-        epoch, offset = divmod(step, steps_per_epoch)
-        set_loader_epoch(loader, epoch)
-        batches_to_drop = 0
-        if offset:
-            if hasattr(loader.sampler, "set_start") and loader.batch_size is not None:
-                loader.sampler.set_start(offset * loader.batch_size)
-            else:
-                batches_to_drop = offset
-        for inputs, labels in loader:
-            if batches_to_drop:
-                batches_to_drop -= 1
-                continue
-            inputs = inputs.to(device, non_blocking=True)
+        epoch = step // steps_per_epoch
+        for inputs, labels in _batches_from(loader, step, steps_per_epoch):
             labels = labels.to(device, non_blocking=True)
-            logits = model(inputs)
-            loss = loss_fn(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
-                scheduler.step()
+            loss_value, correct, lr = _optimizer_step(
+                model, optimizer, scheduler, compute_loss,
+                inputs.to(device, non_blocking=True), labels, grad_clip)
             step += 1
-            with torch.no_grad():
-                correct = int((logits.argmax(dim=1) == labels).sum())
-            loss_value = float(loss.detach())
-            loss_sum += loss_value * labels.shape[0]
-            correct_sum += correct
-            sample_sum += labels.shape[0]
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", epoch=epoch, refresh=False)
             info = StepInfo(step=step, epoch=epoch, steps_per_epoch=steps_per_epoch,
                             loss=loss_value, correct=correct, samples=labels.shape[0], lr=lr)
-            if callback is not None and callback(info):
-                stop = True
+            loss_sum += info.loss * info.samples
+            correct_sum += info.correct
+            sample_sum += info.samples
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", epoch=epoch, refresh=False)
+            stop = callback is not None and bool(callback(info))
             if stop or step >= total or step % steps_per_epoch == 0:
                 break
     bar.close()
     return {"loss": loss_sum / max(sample_sum, 1), "top1": correct_sum / max(sample_sum, 1),
             "steps": step - start_step}
+
+
+def _step_budget(loader: DataLoader, steps: int | None, epochs: float | None) -> tuple[int, int]:
+    """(batches per epoch, total steps) for ``steps=`` or ``epochs=`` (exactly one given)."""
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("the loader yields no batches (data set smaller than one batch?)")
+    if (steps is None) == (epochs is None):
+        raise ValueError("give exactly one of steps= or epochs=")
+    return steps_per_epoch, steps if steps is not None else int(round(epochs * steps_per_epoch))
+
+
+def _batches_from(loader: DataLoader, step: int, steps_per_epoch: int) -> Iterator:
+    """The loader's batches from ``step`` (counted from the start of the run) to the end
+    of that step's epoch. A ResumableSampler starts at the batch; other samplers load the
+    batches before it, which are dropped."""
+    epoch, offset = divmod(step, steps_per_epoch)
+    set_loader_epoch(loader, epoch)
+    if offset and hasattr(loader.sampler, "set_start") and loader.batch_size is not None:
+        loader.sampler.set_start(offset * loader.batch_size)
+        offset = 0
+    return itertools.islice(loader, offset, None)
+
+
+def _optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    compute_loss: ComputeLoss,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    grad_clip: float | None,
+) -> tuple[float, int, float]:
+    """One optimiser (and scheduler) step on a batch: (loss, correct top-1, lr used)."""
+    loss, logits = compute_loss(model, inputs, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    if scheduler is not None:
+        scheduler.step()
+    with torch.no_grad():
+        correct = int((logits.argmax(dim=1) == labels).sum())
+    return float(loss.detach()), correct, lr
 
 
 @torch.no_grad()

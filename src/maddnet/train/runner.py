@@ -112,6 +112,9 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
     When ``max_steps`` stops the run early the returned dict has ``finished: False``.
     ``config.threads`` applies during the run only (the caller's setting is restored)."""
     threads_before = (torch.get_num_threads(), numba.get_num_threads())
+    # the first numba.get_num_threads() of a process starts numba's thread pool, which
+    # (OpenMP layer) can reset torch's count to all cores: keep the caller's setting
+    torch.set_num_threads(threads_before[0])
     if config.threads:
         set_threads(config.threads)
     try:
@@ -122,11 +125,26 @@ def run_training(config: TrainConfig) -> dict[str, Any]:
 
 
 def _run_training(config: TrainConfig) -> dict[str, Any]:
+    device, dist_info = _start_process(config)
+    changed_settings = _prepare_out_dir(Path(config.out_dir), config, dist_info)
+    run = _TrainingRun(config, device, dist_info)
+    run.resume(changed_settings)
+    run.train()
+    return run.finish()
+
+
+def _start_process(config: TrainConfig) -> tuple[torch.device, DistInfo]:
+    """The device of this process, after joining the process group under torchrun."""
     device = pick_device(config.device)
     dist_info = init_distributed(device)
     if dist_info.enabled and config.device == "auto" and device.type == "cuda":
         device = pick_device("auto", dist_info.local_rank)
-    out_dir = Path(config.out_dir)
+    return device, dist_info
+
+
+def _prepare_out_dir(out_dir: Path, config: TrainConfig, dist_info: DistInfo) -> dict[str, Any]:
+    """Check that a run in ``out_dir`` may be continued, write config.json if it is new;
+    returns the changed execution settings (see :func:`_check_resumable`)."""
     # every process checks (reading only), so a refused resume stops all of them
     changed_settings = _check_resumable(out_dir, config)
     if dist_info.is_main:
@@ -134,97 +152,129 @@ def _run_training(config: TrainConfig) -> dict[str, Any]:
         if not (out_dir / "config.json").exists():
             config.save(out_dir / "config.json")  # the first piece's config stays
     barrier()
+    return changed_settings
 
-    seed_everything(config.seed)
-    train_loader, eval_loader, info = build_loaders(config, dist_info, device)
-    model = build_model(config, info).to(device)
-    optimizer = build_optimizer(model, config.optimizer, config.lr, config.weight_decay,
-                                config.momentum, config.nesterov)
-    steps_per_epoch = len(train_loader)
-    total_steps = int(round(config.epochs * steps_per_epoch))
-    scheduler = warmup_cosine_schedule(optimizer, total_steps,
-                                       int(round(config.warmup_epochs * steps_per_epoch)),
-                                       config.min_lr_ratio)
-    metrics = JsonlWriter(out_dir / "metrics.jsonl")
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "epoch_sums": [0.0, 0.0, 0.0],
-                             "last_eval": None}
-    if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        restore_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        if dist_info.is_main:
-            metrics.truncate_after(state["step"])
-            metrics.write({"kind": "resume", "step": state["step"], "time": time.time(),
-                           "changed_settings": changed_settings})
-    if dist_info.enabled:
-        model = nn.parallel.DistributedDataParallel(model)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    eval_loss_fn = nn.CrossEntropyLoss()
-    started = time.perf_counter()
-    elapsed_before = state["elapsed"]
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - started
+class _TrainingRun:
+    """This process's part of a run: what it trains, and the state a checkpoint keeps
+    (``state``: step, elapsed seconds, the epoch's running train sums, the last eval)."""
 
-    def checkpoint() -> None:
-        state["elapsed"] = elapsed()
-        if dist_info.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": capture_rng_state(),
-                "state": state, "config": config.to_dict()})
+    def __init__(self, config: TrainConfig, device: torch.device, dist_info: DistInfo):
+        self.config, self.device, self.dist_info = config, device, dist_info
+        self.out_dir = Path(config.out_dir)
+        seed_everything(config.seed)
+        self.train_loader, self.eval_loader, info = build_loaders(config, dist_info, device)
+        self.model = build_model(config, info).to(device)
+        self.optimizer = build_optimizer(self.model, config.optimizer, config.lr,
+                                         config.weight_decay, config.momentum, config.nesterov)
+        steps_per_epoch = len(self.train_loader)
+        self.total_steps = int(round(config.epochs * steps_per_epoch))
+        self.scheduler = warmup_cosine_schedule(
+            self.optimizer, self.total_steps, int(round(config.warmup_epochs * steps_per_epoch)),
+            config.min_lr_ratio)
+        self.metrics = JsonlWriter(self.out_dir / "metrics.jsonl")
+        self.ckpt_path = self.out_dir / CHECKPOINT_NAME
+        self.state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "epoch_sums": [0.0, 0.0, 0.0],
+                                      "last_eval": None}
+        self.eval_loss_fn = nn.CrossEntropyLoss()
+        self.elapsed_before, self.started = 0.0, time.perf_counter()
+
+    def resume(self, changed_settings: dict[str, Any]) -> None:
+        """Load checkpoint.pt if there is one (and log the resume); then wrap the model
+        for DistributedDataParallel when distributed and start the clock."""
+        if self.ckpt_path.exists():
+            ckpt = load_checkpoint(self.ckpt_path, map_location=self.device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            restore_rng_state(ckpt["rng"])
+            self.state = ckpt["state"]
+            if self.dist_info.is_main:
+                self.metrics.truncate_after(self.state["step"])
+                self.metrics.write({"kind": "resume", "step": self.state["step"],
+                                    "time": time.time(), "changed_settings": changed_settings})
+        if self.dist_info.enabled:
+            self.model = nn.parallel.DistributedDataParallel(self.model)
+        self.elapsed_before, self.started = self.state["elapsed"], time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds of training summed over this piece and the pieces before it."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def checkpoint(self) -> None:
+        self.state["elapsed"] = self.elapsed()
+        if self.dist_info.is_main:
+            save_checkpoint(self.ckpt_path, {
+                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(),
+                "state": self.state, "config": self.config.to_dict()})
         barrier()
 
-    def on_step(info_: StepInfo) -> bool:
-        state["step"] = info_.step
-        sums = state["epoch_sums"]
-        sums[0] += info_.loss * info_.samples
-        sums[1] += info_.correct
-        sums[2] += info_.samples
-        if dist_info.is_main and info_.step % config.log_every == 0:
-            metrics.write({"kind": "train", "step": info_.step, "epoch": info_.epoch,
-                           "loss": info_.loss, "lr": info_.lr, "elapsed": elapsed()})
-        if info_.epoch_done:
-            loss_sum, correct, samples = all_reduce_sum(sums, device)
-            result = evaluate(model, eval_loader, device=device, loss_fn=eval_loss_fn)
-            record = {"kind": "eval", "split": config.eval_split, "step": info_.step,
-                      "epoch": info_.epoch + 1, **result,
-                      "train_loss": loss_sum / max(samples, 1),
-                      "train_top1": correct / max(samples, 1), "elapsed": elapsed()}
-            state["last_eval"] = record
-            state["epoch_sums"] = [0.0, 0.0, 0.0]
-            if dist_info.is_main:
-                metrics.write(record)
-                if config.progress:
-                    print(json.dumps(record), flush=True)
-        if info_.epoch_done or info_.step % config.checkpoint_every == 0:
-            checkpoint()
-        return config.max_steps is not None and info_.step >= config.max_steps
+    def on_step(self, info: StepInfo) -> bool:
+        """train_steps' callback: sums, train/eval metrics, checkpoints; True stops (max_steps)."""
+        config = self.config
+        self.state["step"] = info.step
+        sums = self.state["epoch_sums"]
+        sums[0] += info.loss * info.samples
+        sums[1] += info.correct
+        sums[2] += info.samples
+        if self.dist_info.is_main and info.step % config.log_every == 0:
+            self.metrics.write({"kind": "train", "step": info.step, "epoch": info.epoch,
+                                "loss": info.loss, "lr": info.lr, "elapsed": self.elapsed()})
+        if info.epoch_done:
+            self._end_epoch(info)
+        if info.epoch_done or info.step % config.checkpoint_every == 0:
+            self.checkpoint()
+        return config.max_steps is not None and info.step >= config.max_steps
 
-    if state["step"] < total_steps:
-        train_steps(model, train_loader, optimizer, scheduler, steps=total_steps,
-                    start_step=state["step"], loss_fn=loss_fn, device=device,
-                    grad_clip=config.grad_clip, callback=on_step,
-                    progress=config.progress and dist_info.is_main,
+    def _end_epoch(self, info: StepInfo) -> None:
+        """Evaluate, and log the evaluation with the epoch's train loss/accuracy."""
+        loss_sum, correct, samples = all_reduce_sum(self.state["epoch_sums"], self.device)
+        result = evaluate(self.model, self.eval_loader, device=self.device,
+                          loss_fn=self.eval_loss_fn)
+        record = {"kind": "eval", "split": self.config.eval_split, "step": info.step,
+                  "epoch": info.epoch + 1, **result,
+                  "train_loss": loss_sum / max(samples, 1),
+                  "train_top1": correct / max(samples, 1), "elapsed": self.elapsed()}
+        self.state["last_eval"] = record
+        self.state["epoch_sums"] = [0.0, 0.0, 0.0]
+        if self.dist_info.is_main:
+            self.metrics.write(record)
+            if self.config.progress:
+                print(json.dumps(record), flush=True)
+
+    def train(self) -> None:
+        """Train from the current step to the end (or to max_steps), then checkpoint."""
+        config = self.config
+        if self.state["step"] >= self.total_steps:
+            return
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        train_steps(self.model, self.train_loader, self.optimizer, self.scheduler,
+                    steps=self.total_steps, start_step=self.state["step"], loss_fn=loss_fn,
+                    device=self.device, grad_clip=config.grad_clip, callback=self.on_step,
+                    progress=config.progress and self.dist_info.is_main,
                     desc=f"{config.model}/{config.dataset}")
-        checkpoint()
-    finished = state["step"] >= total_steps
-    final = state["last_eval"] if finished and state["last_eval"] else None
-    if final is None or final["step"] != state["step"]:
-        final = {"kind": "eval", "step": state["step"], "split": config.eval_split,
-                 **evaluate(model, eval_loader, device=device, loss_fn=eval_loss_fn)}
-    results = {**{k: final[k] for k in ("top1", "top5", "loss", "samples", "split")},
-               "step": state["step"], "total_steps": total_steps, "epochs": config.epochs,
-               "finished": finished, "wall_time_s": elapsed(),
-               "world_size": dist_info.world_size, "device": str(device),
-               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-               "num_parameters": sum(p.numel() for p in unwrap(model).parameters())}
-    if dist_info.is_main and finished:
-        save_checkpoint(out_dir / "model.pt", unwrap(model).state_dict())
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    barrier()
-    return results
+        self.checkpoint()
+
+    def finish(self) -> dict[str, Any]:
+        """The final evaluation (the last epoch's, or a new one) and results.json; when
+        the run is finished, model.pt and results.json are written."""
+        config, state, model = self.config, self.state, self.model
+        finished = state["step"] >= self.total_steps
+        final = state["last_eval"] if finished and state["last_eval"] else None
+        if final is None or final["step"] != state["step"]:
+            final = {"kind": "eval", "step": state["step"], "split": config.eval_split,
+                     **evaluate(model, self.eval_loader, device=self.device,
+                                loss_fn=self.eval_loss_fn)}
+        results = {**{k: final[k] for k in ("top1", "top5", "loss", "samples", "split")},
+                   "step": state["step"], "total_steps": self.total_steps, "epochs": config.epochs,
+                   "finished": finished, "wall_time_s": self.elapsed(),
+                   "world_size": self.dist_info.world_size, "device": str(self.device),
+                   "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                   "num_parameters": sum(p.numel() for p in unwrap(model).parameters())}
+        if self.dist_info.is_main and finished:
+            save_checkpoint(self.out_dir / "model.pt", unwrap(model).state_dict())
+            (self.out_dir / "results.json").write_text(
+                json.dumps(results, indent=2, sort_keys=True) + "\n")
+        barrier()
+        return results

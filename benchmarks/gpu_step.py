@@ -135,7 +135,9 @@ def main() -> None:
             for _ in range(3):
                 fns["train_madd"]()
             sync(device)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60)
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

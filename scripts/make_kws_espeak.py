@@ -32,13 +32,11 @@ from tqdm import tqdm
 
 SAMPLE_RATE = 16000
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
-UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree",
-                 "wow")
-ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp",
-           "en-gb-x-gbcwmd", "en-029")
+UNKNOWN_WORDS = ("bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow")
+ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029")
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "f4", "klatt2")
-SPEEDS = (120, 160, 200)   # words per minute
-PITCHES = (30, 70)         # espeak pitch 0..99
+SPEEDS = (120, 160, 200)  # words per minute
+PITCHES = (30, 70)  # espeak pitch 0..99
 VALIDATION_PERCENT = 10
 TESTING_PERCENT = 10
 
@@ -46,10 +44,10 @@ TESTING_PERCENT = 10
 @dataclass(frozen=True)
 class Clip:
     word: str
-    speaker: str       # "accent+variant"
+    speaker: str  # "accent+variant"
     speed: int
     pitch: int
-    index: int         # n in <speaker>_nohash_<n>.wav
+    index: int  # n in <speaker>_nohash_<n>.wav
     seed: int
 
     @property
@@ -68,8 +66,9 @@ def assign_splits(speaker_ids: list[str]) -> dict[str, str]:
     ordered = sorted(set(speaker_ids), key=lambda s: hashlib.sha1(s.encode()).hexdigest())
     n_val = max(1, round(len(ordered) * VALIDATION_PERCENT / 100)) if len(ordered) >= 3 else 0
     n_test = max(1, round(len(ordered) * TESTING_PERCENT / 100)) if len(ordered) >= 3 else 0
-    return {s: "val" if i < n_val else "test" if i < n_val + n_test else "train"
-            for i, s in enumerate(ordered)}
+    return {
+        s: "val" if i < n_val else "test" if i < n_val + n_test else "train" for i, s in enumerate(ordered)
+    }
 
 
 def speak(text: str, voice: str, speed: int, pitch: int, workdir: Path) -> np.ndarray:
@@ -77,8 +76,11 @@ def speak(text: str, voice: str, speed: int, pitch: int, workdir: Path) -> np.nd
     import soundfile
 
     with tempfile.NamedTemporaryFile(suffix=".wav", dir=workdir) as tmp:
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch),
-                        "-w", tmp.name, text], check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", tmp.name, text],
+            check=True,
+            capture_output=True,
+        )
         audio, rate = soundfile.read(tmp.name, dtype="float32")
     if audio.ndim > 1:
         audio = audio.mean(axis=1)
@@ -109,8 +111,7 @@ def make_noises(seconds: float, rng: np.random.Generator) -> dict[str, np.ndarra
     return {name: (0.5 * x / np.abs(x).max()).astype(np.float32) for name, x in noises.items()}
 
 
-def render(clip: Clip, noises: list[np.ndarray], args: argparse.Namespace,
-           workdir: Path) -> np.ndarray:
+def render(clip: Clip, noises: list[np.ndarray], args: argparse.Namespace, workdir: Path) -> np.ndarray:
     """The 1 s clip: speech at a random offset and level plus background noise."""
     rng = np.random.default_rng(clip.seed)
     accent, variant = clip.speaker.split("+")
@@ -166,6 +167,7 @@ def build(args: argparse.Namespace) -> dict:
     split_of = assign_splits([clip.speaker_id for clip in clips])
     lists: dict[str, list[str]] = {"val": [], "test": [], "train": []}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+
         def work(clip: Clip) -> Clip:
             path = out / clip.relative_path
             path.parent.mkdir(exist_ok=True)
@@ -177,13 +179,20 @@ def build(args: argparse.Namespace) -> dict:
             lists[split_of[clip.speaker_id]].append(clip.relative_path)
     (out / "validation_list.txt").write_text("".join(p + "\n" for p in sorted(lists["val"])))
     (out / "testing_list.txt").write_text("".join(p + "\n" for p in sorted(lists["test"])))
-    summary = {"clips": len(clips), "speakers": len(args.accents) * len(args.variants),
-               **{f"{k}_clips": len(v) for k, v in lists.items()},
-               "keywords": list(args.keywords), "unknown_words": list(args.unknown_words),
-               "accents": list(args.accents), "variants": list(args.variants),
-               "speeds": list(args.speeds), "pitches": list(args.pitches), "seed": args.seed,
-               "noise_probability": args.noise_probability,
-               "snr_db": [args.min_snr, args.max_snr]}
+    summary = {
+        "clips": len(clips),
+        "speakers": len(args.accents) * len(args.variants),
+        **{f"{k}_clips": len(v) for k, v in lists.items()},
+        "keywords": list(args.keywords),
+        "unknown_words": list(args.unknown_words),
+        "accents": list(args.accents),
+        "variants": list(args.variants),
+        "speeds": list(args.speeds),
+        "pitches": list(args.pitches),
+        "seed": args.seed,
+        "noise_probability": args.noise_probability,
+        "snr_db": [args.min_snr, args.max_snr],
+    }
     (out / "README.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

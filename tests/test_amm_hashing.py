@@ -10,7 +10,7 @@ from maddnet.amm import hashing
 
 
 def naive_encode(rows: np.ndarray, split_dims: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """One row, one codebook, one level at a time: the definition in docs/design.md ("The algorithm", step 2)."""
+    """One row, one codebook, one level at a time: the definition (docs/design.md, the algorithm, 2)."""
     ncodebooks, depth = split_dims.shape
     codes = np.zeros((rows.shape[0], ncodebooks), dtype=np.int64)
     for n in range(rows.shape[0]):

@@ -48,7 +48,13 @@ def retrain_config(argv: list[str]) -> RetrainConfig:
 def test_key_values_are_json_with_string_fallback():
     pairs = ["a=1", "b=x", "c=[1,2]", "d=true", "e=null", "f=a=b", "g=", "a=2.5"]
     assert parse_key_values(pairs, "--model-kw") == {
-        "a": 2.5, "b": "x", "c": [1, 2], "d": True, "e": None, "f": "a=b", "g": ""
+        "a": 2.5,
+        "b": "x",
+        "c": [1, 2],
+        "d": True,
+        "e": None,
+        "f": "a=b",
+        "g": "",
     }
     assert parse_key_values(None) == {}
     for bad in ("width", "=3", " =3"):
@@ -72,8 +78,10 @@ def test_key_values_are_json_with_string_fallback():
         (ANALYZE + ["--model-kw", "width"], "--model-kw"),
         (ANALYZE + ["--encoder-option", "x"], "--encoder-option"),
         (["train", "--model", "resnet9", "--data", "digits", "--model-kw", "width"], "--model-kw"),
-        (["eval", "--model", "resnet9", "--data", "digits", "--checkpoint", "w.pt", "--data-arg", "x"],
-         "--data-kw"),
+        (
+            ["eval", "--model", "resnet9", "--data", "digits", "--checkpoint", "w.pt", "--data-arg", "x"],
+            "--data-kw",
+        ),
     ],
 )
 def test_malformed_pairs_end_in_one_error_line(argv, option, capsys):
@@ -105,8 +113,10 @@ def test_every_option_of_every_sub_command_has_help():
 NON_DEFAULT_SPEC = {
     "nprototypes": (["-K", "32"], 32),
     "encoder": (["--encoder", "tree"], "tree"),
-    "encoder_options": (["--encoder-option", "a=1", "b=x", "--encoder-option", "c=[2]"],
-                        {"a": 1, "b": "x", "c": [2]}),
+    "encoder_options": (
+        ["--encoder-option", "a=1", "b=x", "--encoder-option", "c=[2]"],
+        {"a": 1, "b": "x", "c": [2]},
+    ),
     "ridge": (["--ridge", "none"], None),
     "ncandidates": (["--ncandidates", "6"], 6),
     "hash_objective": (["--hash-objective", "output"], "output"),
@@ -186,8 +196,10 @@ def test_spec_values_argparse_cannot_check_are_checked_by_layerspec(capsys):
         (["amm", "-K", "5"], "--nprototypes/-K"),
         (["train", "--model", "resnet9", "--data", "digits", "--lr", "-1"], "--lr"),
         (["train", "--model", "resnet9", "--data", "digits", "--epochs", "0"], "--epochs"),
-        (["eval", "--model", "resnet9", "--data", "digits", "--checkpoint", "w", "--batch-size", "0"],
-         "--batch-size"),
+        (
+            ["eval", "--model", "resnet9", "--data", "digits", "--checkpoint", "w", "--batch-size", "0"],
+            "--batch-size",
+        ),
     ],
 )
 def test_bad_numbers_are_rejected_with_the_error_line(argv, flag, capsys):
@@ -199,8 +211,15 @@ def test_bad_numbers_are_rejected_with_the_error_line(argv, flag, capsys):
 
 
 def test_config_level_checks_catch_what_a_config_file_gives(tmp_path, capsys):
-    for bad in ({"lr_lut": -1.0}, {"calib_batches": 0}, {"eval_samples": 0}, {"seed": -1},
-                {"ncodebooks": {"fc": 0}}, {"momentum": float("inf")}, {"eval_split": "dev"}):
+    for bad in (
+        {"lr_lut": -1.0},
+        {"calib_batches": 0},
+        {"eval_samples": 0},
+        {"seed": -1},
+        {"ncodebooks": {"fc": 0}},
+        {"momentum": float("inf")},
+        {"eval_split": "dev"},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RetrainConfig(model="m", dataset="d", baseline_steps=1, **bad)
     path = tmp_path / "bad.yaml"
@@ -242,10 +261,25 @@ def test_config_file_yaml_and_json_with_flags_that_override(tmp_path):
         assert config.spec == LayerSpec(
             nprototypes=8, lut_bits=None, temperature=0.3, encoder_options={"a": 1}
         )
-    config = retrain_config([
-        "retrain", "--config", str(yaml_path), "--steps-per-layer", "7", "--model-kw", "depth=2",
-        "--lut-bits", "4", "--encoder-option", "b=2", "--ncodebooks", "layer2.0=4", "--out", "x",
-    ])
+    config = retrain_config(
+        [
+            "retrain",
+            "--config",
+            str(yaml_path),
+            "--steps-per-layer",
+            "7",
+            "--model-kw",
+            "depth=2",
+            "--lut-bits",
+            "4",
+            "--encoder-option",
+            "b=2",
+            "--ncodebooks",
+            "layer2.0=4",
+            "--out",
+            "x",
+        ]
+    )
     assert config.steps_per_layer == 7 and config.distill == 0.25 and config.out_dir == "x"
     assert config.model_kwargs == {"width": 4, "depth": 2}  # merged key by key
     assert config.ncodebooks == {"fc": 8, "layer2.0": 4}
@@ -288,11 +322,21 @@ OLD_RETRAIN_RUNS = [p for p in OLD_RUNS if "steps_per_layer" in json.loads(p.rea
 
 
 def test_old_flat_config_is_migrated_into_the_spec_section():
-    old = {"model": "m", "dataset": "d", "baseline_steps": 1, "nprototypes": 32, "lut_bits": None,
-           "lut_granularity": "column", "ridge": None, "qat": False, "temperature": None}
+    old = {
+        "model": "m",
+        "dataset": "d",
+        "baseline_steps": 1,
+        "nprototypes": 32,
+        "lut_bits": None,
+        "lut_granularity": "column",
+        "ridge": None,
+        "qat": False,
+        "temperature": None,
+    }
     config = RetrainConfig.from_dict(old)
-    assert config.spec == LayerSpec(nprototypes=32, lut_bits=None, lut_granularity="column", ridge=None,
-                                    qat=False)  # temperature None: the default, 0.5
+    assert config.spec == LayerSpec(
+        nprototypes=32, lut_bits=None, lut_granularity="column", ridge=None, qat=False
+    )  # temperature None: the default, 0.5
     assert config.spec.temperature == 0.5
     assert "nprototypes" not in config.to_dict() and config.to_dict()["spec"]["nprototypes"] == 32
     assert RetrainConfig.from_dict(config.to_dict()) == config
@@ -304,9 +348,13 @@ def test_old_flat_config_is_migrated_into_the_spec_section():
 def test_committed_run_configs_load_round_trip_and_compare(path, tmp_path):
     saved = json.loads(path.read_text())
     config = RetrainConfig.load(path)
-    assert config.spec == LayerSpec(nprototypes=saved["nprototypes"], lut_bits=saved["lut_bits"],
-                                    lut_granularity=saved["lut_granularity"], ridge=saved["ridge"],
-                                    qat=saved["qat"])
+    assert config.spec == LayerSpec(
+        nprototypes=saved["nprototypes"],
+        lut_bits=saved["lut_bits"],
+        lut_granularity=saved["lut_granularity"],
+        ridge=saved["ridge"],
+        qat=saved["qat"],
+    )
     config.save(tmp_path / "config.json")
     assert RetrainConfig.load(tmp_path / "config.json") == config
     assert config.differences(RetrainConfig.load(tmp_path / "config.json")) == {}
@@ -319,13 +367,45 @@ def test_the_experiment_command_still_matches_its_committed_run():
     path = ROOT / "results/resnet9_fashion_mnist/retrain_wide_long/config.json"
     if not path.exists():
         pytest.skip("results not checked out")
-    wide = ["prep.0=9", "layer1.0.0=32", "layer1.1.res1.0=64", "layer1.1.res2.0=64", "layer2.0=64",
-            "layer3.0.0=128", "layer3.1.res1.0=256", "layer3.1.res2.0=256", "fc=32"]
-    argv = ["retrain", "--model", "resnet9", "--model-kw", "width=16", "--data", "fashion_mnist",
-            "--checkpoint", "results/baselines/resnet9_fashion_mnist/checkpoint.pt", "--threads", "1",
-            "--no-progress", "--steps-per-layer", "400", "--final-steps", "2000", "--batch-size", "128",
-            "--eval-samples", "2000", "--distill", "0.5", "--ncodebooks", *wide,
-            "--out", "results/resnet9_fashion_mnist/retrain_wide_long"]
+    wide = [
+        "prep.0=9",
+        "layer1.0.0=32",
+        "layer1.1.res1.0=64",
+        "layer1.1.res2.0=64",
+        "layer2.0=64",
+        "layer3.0.0=128",
+        "layer3.1.res1.0=256",
+        "layer3.1.res2.0=256",
+        "fc=32",
+    ]
+    argv = [
+        "retrain",
+        "--model",
+        "resnet9",
+        "--model-kw",
+        "width=16",
+        "--data",
+        "fashion_mnist",
+        "--checkpoint",
+        "results/baselines/resnet9_fashion_mnist/checkpoint.pt",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--steps-per-layer",
+        "400",
+        "--final-steps",
+        "2000",
+        "--batch-size",
+        "128",
+        "--eval-samples",
+        "2000",
+        "--distill",
+        "0.5",
+        "--ncodebooks",
+        *wide,
+        "--out",
+        "results/resnet9_fashion_mnist/retrain_wide_long",
+    ]
     assert retrain_config(argv).differences(RetrainConfig.load(path)) == {}
     other = retrain_config(argv + ["--temperature", "0.3", "--seed", "1"])
     assert other.differences(RetrainConfig.load(path)) == {"seed": (1, 0), "spec.temperature": (0.3, 0.5)}
@@ -355,9 +435,26 @@ def test_train_cli_shares_the_pair_parser_and_config_files(tmp_path):
 
     path = tmp_path / "train.yaml"
     path.write_text("epochs: 2\nlr: 0.01\nmodel_kwargs: {width: 8}\n")
-    args = parse(["train", "--model", "resnet9", "--data", "digits", "--config", str(path),
-                  "--model-kw", "width=4", "--data-arg", "subset=10", "--lr", "0.02", "--no-progress",
-                  "--threads", "2"])
+    args = parse(
+        [
+            "train",
+            "--model",
+            "resnet9",
+            "--data",
+            "digits",
+            "--config",
+            str(path),
+            "--model-kw",
+            "width=4",
+            "--data-arg",
+            "subset=10",
+            "--lr",
+            "0.02",
+            "--no-progress",
+            "--threads",
+            "2",
+        ]
+    )
     config = train_config(args)
     assert (config.epochs, config.lr, config.threads, config.progress) == (2, 0.02, 2, False)
     assert config.model_kwargs == {"width": 4} and config.dataset_kwargs == {"subset": 10}
@@ -385,10 +482,38 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_analyze_end_to_end_with_spec_flags(tiny_checkpoint, tmp_path, capsys, one_torch_thread):
-    argv = ["analyze", "--model", "resnet9", "--model-kw", "width=4", "--data", "digits",
-            "--checkpoint", str(tiny_checkpoint), "--layers", "fc", "layer2*", "--exclude", "layer2.1*",
-            "--widths", "4", "8", "--calib-batches", "2", "--lut-bits", "0", "--surrogate", "path",
-            "--device", "cpu", "--threads", "1", "--no-progress", "--out", str(tmp_path / "out")]
+    argv = [
+        "analyze",
+        "--model",
+        "resnet9",
+        "--model-kw",
+        "width=4",
+        "--data",
+        "digits",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--layers",
+        "fc",
+        "layer2*",
+        "--exclude",
+        "layer2.1*",
+        "--widths",
+        "4",
+        "8",
+        "--calib-batches",
+        "2",
+        "--lut-bits",
+        "0",
+        "--surrogate",
+        "path",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     result = json.loads((tmp_path / "out" / "single_layer.json").read_text())
     assert {r["layer"] for r in result["rows"]} == {"fc", "layer2.0"}
@@ -397,11 +522,30 @@ def test_analyze_end_to_end_with_spec_flags(tiny_checkpoint, tmp_path, capsys, o
     assert "--layers pattern 'nothing*' matches no conv/linear layer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_analyze_zero_arguments_in_a_subprocess(tiny_checkpoint, tmp_path):
     """The field case: bad numbers end with the error line and exit code 2, no traceback."""
-    base = [sys.executable, "-m", "maddnet.cli", "analyze", "--model", "resnet9", "--model-kw", "width=4",
-            "--data", "digits", "--checkpoint", str(tiny_checkpoint), "--threads", "1", "--no-progress",
-            "--layers", "fc", "--out", str(tmp_path / "out")]
+    base = [
+        sys.executable,
+        "-m",
+        "maddnet.cli",
+        "analyze",
+        "--model",
+        "resnet9",
+        "--model-kw",
+        "width=4",
+        "--data",
+        "digits",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--layers",
+        "fc",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     for extra in (["--widths", "0"], ["--calib-batches", "0"], ["--widths", "-9"]):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -427,8 +571,29 @@ def test_retrain_end_to_end_from_a_config_file_with_flag_overrides(tmp_path, one
 
 def test_amm_sweep_end_to_end(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    assert main(["amm", "-C", "4", "999", "-K", "16", "--lut-bits", "0", "--ridge", "none", "--no-speed",
-                 "--threads", "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "amm",
+                "-C",
+                "4",
+                "999",
+                "-K",
+                "16",
+                "--lut-bits",
+                "0",
+                "--ridge",
+                "none",
+                "--no-speed",
+                "--threads",
+                "1",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "amm_digits.json").read_text())["results"]
     assert [r["C"] for r in rows] == [4] and rows[0]["lut_bits"] is None and rows[0]["ridge"] is None
     assert "skipping C = [999]" in capsys.readouterr().out

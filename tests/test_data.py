@@ -17,8 +17,9 @@ from maddnet.data.audio_features import FeatureConfig, clip_features
 
 
 def test_registry_and_errors():
-    assert {"fashion_mnist", "digits", "cifar10", "imagenet", "speech_commands",
-            "synthetic"} <= set(list_datasets())
+    assert {"fashion_mnist", "digits", "cifar10", "imagenet", "speech_commands", "synthetic"} <= set(
+        list_datasets()
+    )
     with pytest.raises(KeyError, match="fashion_mnist"):
         create_dataset("mnist-ish")
     with pytest.raises(ValueError, match="split"):
@@ -33,6 +34,7 @@ def test_missing_folders_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="train"):
         create_dataset("imagenet", "train", root=tmp_path)
 
+
 def test_missing_data_skips_or_fails_as_required(require_data, monkeypatch):
     monkeypatch.delenv("MADDNET_REQUIRE_DATA", raising=False)
     with pytest.raises(pytest.skip.Exception, match="no such data"):
@@ -42,12 +44,12 @@ def test_missing_data_skips_or_fails_as_required(require_data, monkeypatch):
         require_data(False, "no such data")
     require_data(True, "present: neither skips nor fails")
 
+
 # ---------------------------------------------------------------- real data sets
 
 
 def test_fashion_mnist(require_data):
-    require_data(fmnist.is_available(), "Fashion-MNIST not installed "
-                 "(apt-get install dataset-fashion-mnist)")
+    require_data(fmnist.is_available(), "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     train = create_dataset("fashion_mnist", "train")
     test = create_dataset("fashion_mnist", "test")
     assert (len(train), len(test)) == (60_000, 10_000)
@@ -96,10 +98,10 @@ def test_augmentation_is_seeded_per_epoch_and_index():
 
 
 def test_synthetic_is_learnable_shape():
-    data = create_dataset("synthetic", "train", num_samples=64, num_classes=4,
-                          input_shape=(2, 8, 8))
+    data = create_dataset("synthetic", "train", num_samples=64, num_classes=4, input_shape=(2, 8, 8))
     x, y = data[0]
     assert x.shape == (2, 8, 8) and 0 <= y < 4 and data.info.num_classes == 4
+
 
 # ---------------------------------------------------------------- CIFAR-10 (fake folder)
 
@@ -112,8 +114,7 @@ def make_fake_cifar(root, per_batch=6):
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, per_batch)]
         with open(folder / name, "wb") as handle:
-            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()},
-                        handle)
+            pickle.dump({b"data": data, b"labels": labels, b"batch_label": name.encode()}, handle)
     return folder
 
 
@@ -131,6 +132,7 @@ def test_cifar10_pickle_layout(tmp_path):
     assert np.allclose(x[0].numpy() * std + mean, expected_red, atol=1e-5)
     assert y == raw[b"labels"][2]
     assert create_dataset("cifar10", "train", root=tmp_path, augment=True)[0][0].shape == (3, 32, 32)
+
 
 # ---------------------------------------------------------------- ImageNet folders (fake)
 
@@ -153,6 +155,7 @@ def test_imagenet_class_folders(tmp_path):
     assert x.shape == (3, 32, 32) and y == 2
     train.set_epoch(4)
     assert torch.equal(train[1][0], train[1][0])  # seeded random crop
+
 
 # ---------------------------------------------------------------- Speech Commands (fake)
 
@@ -177,14 +180,20 @@ def make_fake_speech_commands(root):
     (root / "testing_list.txt").write_text("\n".join(test) + "\n")
     (root / "_background_noise_").mkdir()
     rng = np.random.default_rng(0)
-    soundfile.write(root / "_background_noise_" / "white_noise.wav",
-                    0.3 * rng.standard_normal(48000), 16000)
+    soundfile.write(root / "_background_noise_" / "white_noise.wav", 0.3 * rng.standard_normal(48000), 16000)
 
 
+@pytest.mark.slow
 def test_speech_commands_layout(tmp_path):
     make_fake_speech_commands(tmp_path)
-    train = create_dataset("speech_commands", "train", root=tmp_path,
-                           keywords="yes,no,up", silence_fraction=0.5, unknown_fraction=0.5)
+    train = create_dataset(
+        "speech_commands",
+        "train",
+        root=tmp_path,
+        keywords="yes,no,up",
+        silence_fraction=0.5,
+        unknown_fraction=0.5,
+    )
     val = create_dataset("speech_commands", "val", root=tmp_path, keywords=["yes", "no", "up"])
     assert train.info.classes == ("yes", "no", "up", "_unknown_", "_silence_")
     assert train.info.input_shape == (1, 49, 10)
@@ -194,15 +203,13 @@ def test_speech_commands_layout(tmp_path):
     assert len(val) == 6 + 1 + 1  # speaker a only; 10 % unknown/silence, at least one
     x, y = val[0]
     assert x.shape == (1, 49, 10) and y == 0
-    everything = create_dataset("speech_commands", "test", root=tmp_path, keywords="all",
-                                silence_fraction=0)
+    everything = create_dataset("speech_commands", "test", root=tmp_path, keywords="all", silence_fraction=0)
     assert everything.info.classes == ("cat", "no", "up", "yes") and len(everything) == 8
 
 
 def test_speech_augmentation_changes_clips_deterministically(tmp_path):
     make_fake_speech_commands(tmp_path)
-    data = create_dataset("speech_commands", "train", root=tmp_path, augment=True,
-                          keywords="yes,no")
+    data = create_dataset("speech_commands", "train", root=tmp_path, augment=True, keywords="yes,no")
     data.set_epoch(2)
     a = data[0][0]
     assert torch.equal(a, data[0][0])
@@ -215,8 +222,7 @@ def test_logmel_peaks_at_the_tone_frequency():
 
     config = FeatureConfig(kind="logmel", f_max=8000.0)
     t = np.arange(16000) / 16000
-    mel_centres = librosa.mel_frequencies(config.n_mels + 2, fmin=config.f_min,
-                                          fmax=config.f_max)[1:-1]
+    mel_centres = librosa.mel_frequencies(config.n_mels + 2, fmin=config.f_min, fmax=config.f_max)[1:-1]
     for freq in (300.0, 1000.0, 3000.0):
         features = clip_features(np.sin(2 * np.pi * freq * t), config)
         assert features.shape == (49, 40)
@@ -244,8 +250,9 @@ def test_mfcc_match_librosa_reference():
 
     rng = np.random.default_rng(2)
     audio = (rng.standard_normal(16000) * 0.1).astype(np.float32)
-    mel = librosa.feature.melspectrogram(y=audio, sr=16000, n_fft=640, hop_length=320,
-                                         center=False, n_mels=40, fmin=20.0, fmax=4000.0)
+    mel = librosa.feature.melspectrogram(
+        y=audio, sr=16000, n_fft=640, hop_length=320, center=False, n_mels=40, fmin=20.0, fmax=4000.0
+    )
     log_mel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
     expected = librosa.feature.mfcc(S=log_mel, n_mfcc=10).T
     assert np.allclose(clip_features(audio, FeatureConfig()), expected, atol=2e-3)

@@ -34,19 +34,27 @@ def _train_and_eval(rank: int, world_size: int, out_dir: str) -> None:
     """Worker: 10 SGD steps of batch 8 per process, then evaluate; rank 0 writes results."""
     torch.set_num_threads(1)
     if world_size > 1:
-        dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous",
-                                rank=rank, world_size=world_size)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world_size
+        )
     x, y = _data()
     per_process_batch = 16 // world_size
-    loader = DataLoader(TensorDataset(x, y), batch_size=per_process_batch, drop_last=True,
-                        sampler=ResumableSampler(len(x), seed=5, rank=rank, world_size=world_size))
+    loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=per_process_batch,
+        drop_last=True,
+        sampler=ResumableSampler(len(x), seed=5, rank=rank, world_size=world_size),
+    )
     model = _model()
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = build_optimizer(model, "sgd", 0.5, 0.0, momentum=0.9)
     train_steps(model, loader, optimizer, steps=10, progress=False)
-    eval_loader = DataLoader(TensorDataset(x[:91], y[:91]), batch_size=10, sampler=ResumableSampler(
-        91, shuffle=False, rank=rank, world_size=world_size, pad=False))
+    eval_loader = DataLoader(
+        TensorDataset(x[:91], y[:91]),
+        batch_size=10,
+        sampler=ResumableSampler(91, shuffle=False, rank=rank, world_size=world_size, pad=False),
+    )
     result = evaluate(model, eval_loader)
     state = {k: v.tolist() for k, v in getattr(model, "module", model).state_dict().items()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
@@ -59,8 +67,7 @@ def _single_process_reference(world_size: int) -> dict:
     """What 2 processes with batch 8 each must compute: one process, batch 16 made of
     the same samples (DDP averages the gradients, and the model has no BatchNorm)."""
     x, y = _data()
-    samplers = [ResumableSampler(len(x), seed=5, rank=r, world_size=world_size)
-                for r in range(world_size)]
+    samplers = [ResumableSampler(len(x), seed=5, rank=r, world_size=world_size) for r in range(world_size)]
     model = _model()
     optimizer = build_optimizer(model, "sgd", 0.5, 0.0, momentum=0.9)
     per = 16 // world_size
@@ -100,10 +107,34 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
 def test_torchrun_cli_two_processes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "maddnet.train.cli", "train", "--model", "resnet9", "--data", "digits",
-           "--model-arg", "width=4", "--epochs", "3", "--batch-size", "32", "--lr", "0.1",
-           "--threads", "1", "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "maddnet.train.cli",
+        "train",
+        "--model",
+        "resnet9",
+        "--data",
+        "digits",
+        "--model-arg",
+        "width=4",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -112,6 +143,7 @@ def test_torchrun_cli_two_processes(tmp_path):
     # 1438 training images, 2 × 32 per step → 22 steps per epoch
     assert results["total_steps"] == 3 * (1438 // 2 // 32)
     assert results["top1"] > 0.5  # chance is 0.1
-    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-             if '"eval"' in line]
+    evals = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
+    ]
     assert [e["epoch"] for e in evals] == [1, 2, 3]  # written once, by rank 0

@@ -18,8 +18,8 @@ from torch import nn
 
 from maddnet import MaddnessMatmul
 from maddnet.amm import Encoder, EncoderCost, TreeEncoder, register_encoder
-from maddnet.amm.lut import quantized_lut_sum
 from maddnet.amm.encoders import ENCODERS, create_encoder
+from maddnet.amm.lut import quantized_lut_sum
 from maddnet.nn import (
     EncoderModule,
     LayerSpec,
@@ -42,7 +42,9 @@ class NearestPrototypeEncoder(Encoder):
     name: ClassVar[str] = "test_nearest"
     STATE: ClassVar[tuple[str, ...]] = ("centroids_", "prototypes_")
 
-    def __init__(self, ncodebooks: int, nprototypes: int = 16, ridge: float | None = 1.0, iterations: int = 4):
+    def __init__(
+        self, ncodebooks: int, nprototypes: int = 16, ridge: float | None = 1.0, iterations: int = 4
+    ):
         super().__init__(ncodebooks, nprototypes, ridge)
         self.iterations = iterations
         self.centroids_: torch.Tensor | None = None
@@ -52,7 +54,9 @@ class NearestPrototypeEncoder(Encoder):
 
     def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
         if rows.shape[1] % self.ncodebooks:
-            raise ValueError(f"test_nearest needs D divisible by C, got D={rows.shape[1]}, C={self.ncodebooks}")
+            raise ValueError(
+                f"test_nearest needs D divisible by C, got D={rows.shape[1]}, C={self.ncodebooks}"
+            )
         return rows.float().reshape(rows.shape[0], self.ncodebooks, -1)  # (N, C, W)
 
     def _fit_codes(self, rows, weight):
@@ -123,7 +127,9 @@ class NearestPrototypeModule(EncoderModule):
             self.centroids.copy_(encoder.centroids_)
 
     def encode_values(self, values):
-        return ((values[:, :, None, :] - self.centroids[None].detach()) ** 2).sum(-1).argmin(-1).to(torch.uint8)
+        return (
+            ((values[:, :, None, :] - self.centroids[None].detach()) ** 2).sum(-1).argmin(-1).to(torch.uint8)
+        )
 
     def surrogate_tensors(self):
         return (self.centroids,)
@@ -139,7 +145,9 @@ class NearestPrototypeModule(EncoderModule):
         return grad_values, (grad_centroids,)
 
     def cost(self):
-        return EncoderCost(multiplies=self.ncodebooks * self.nprototypes * self.width, reads=self.ncodebooks * self.width)
+        return EncoderCost(
+            multiplies=self.ncodebooks * self.nprototypes * self.width, reads=self.ncodebooks * self.width
+        )
 
 
 # ---------------------------------------------------------------------- data
@@ -186,14 +194,18 @@ def test_hash_objective_reaches_the_layers():
     layer = MaddLinear.from_dense(linear, rows, ncodebooks=2, hash_objective="output", lut_bits=None)
     amm = MaddnessMatmul(ncodebooks=2, ncandidates=4, hash_objective="output", lut_bits=None)
     amm.fit(rows, linear.weight.detach().T)
-    assert torch.equal(layer.split_dims, amm.split_dims_) and torch.equal(layer.thresholds.detach(), amm.thresholds_)
+    assert torch.equal(layer.split_dims, amm.split_dims_) and torch.equal(
+        layer.thresholds.detach(), amm.thresholds_
+    )
     assert layer.spec.hash_objective == "output"
 
 
 # ---------------------------------------------------------------------- the second encoder
 def test_second_encoder_in_the_estimator():
     rows, weight = low_rank_rows(3000, 24), torch.randn(24, 7)
-    amm = MaddnessMatmul(ncodebooks=4, lut_bits=None, encoder="test_nearest", encoder_options={"iterations": 3})
+    amm = MaddnessMatmul(
+        ncodebooks=4, lut_bits=None, encoder="test_nearest", encoder_options={"iterations": 3}
+    )
     amm.fit(rows[:2500], weight)
     test = rows[2500:]
     out = amm(test)

@@ -49,8 +49,16 @@ def test_known_parameter_counts():
 
 def test_registry_lists_all_families():
     names = list_models()
-    for expected in ("resnet9", "resnet18", "resnet50", "levit_128s", "levit_tiny",
-                     "ds_cnn_s", "ds_cnn_m", "ds_cnn_l"):
+    for expected in (
+        "resnet9",
+        "resnet18",
+        "resnet50",
+        "levit_128s",
+        "levit_tiny",
+        "ds_cnn_s",
+        "ds_cnn_m",
+        "ds_cnn_l",
+    ):
         assert expected in names
 
 
@@ -81,8 +89,7 @@ def test_timm_levit_state_dict_loads_as_is(tmp_path):
 def test_maddnet_checkpoint_and_ddp_prefix_load(tmp_path):
     source = create_model("resnet9", 10, 1, width=8)
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()},
-                "step": 3}, path)
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}, "step": 3}, path)
     target = create_model("resnet9", 10, 1, width=8, checkpoint=path)
     assert torch.equal(target.fc.weight, source.fc.weight)
 

@@ -147,7 +147,11 @@ def test_named_parameters_and_buffers():
     layer = MaddConv2d(4, 8, 3, ncodebooks=4, padding=1)
     assert {n for n, _ in layer.named_parameters()} == {"encoder.thresholds", "lut", "bias"}
     assert {n for n, _ in layer.named_buffers()} == {
-        "encoder.split_dims", "encoder.temperature", "lut_q_values", "lut_q_offsets", "lut_q_scale"
+        "encoder.split_dims",
+        "encoder.temperature",
+        "lut_q_values",
+        "lut_q_offsets",
+        "lut_q_scale",
     }
     assert layer.thresholds is layer.encoder.thresholds
     assert layer.lut.shape == (4, 16, 8) and layer.thresholds.shape == (4, 15)
@@ -245,6 +249,7 @@ def test_cpu_kernels_equal_tensor_op_paths(stride, padding, dilation):
         torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fused_forward_wide_integer_accumulator():
     # C * 255 >= 2**16: the integer sums need int32 accumulators
     layer = random_conv_layer(300, 4, 1, 300, seed=1).eval()

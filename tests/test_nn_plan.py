@@ -32,8 +32,13 @@ DATA = Path(__file__).parent / "data"
 def fixture_model() -> nn.Module:
     """The model tests/data/converted_v0.pt was saved from (before the encoder submodule)."""
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
     )
 
 
@@ -59,7 +64,9 @@ register_pass("test_drop_relu", _drop_relu)
 def test_rebuild_replays_recorded_passes(tmp_path):
     torch.manual_seed(0)
     model = fixture_model()
-    convert(model, [(torch.randn(8, 3, 6, 6), None) for _ in range(4)], MaddConfig(layers=["0", "2"], min_rows=32))
+    convert(
+        model, [(torch.randn(8, 3, 6, 6), None) for _ in range(4)], MaddConfig(layers=["0", "2"], min_rows=32)
+    )
     _drop_relu(model, {"name": "1"})
     record_pass(model, "test_drop_relu", {"name": "1"})
     plan = conversion_plan(model)
@@ -86,14 +93,19 @@ def test_the_mapping_says_what_converts_and_why_not():
     # MultiheadAttention's out_proj is a Linear subclass its owner reads through .weight
     assert "NonDynamicallyQuantizableLinear" in unsupported_reason(nn.MultiheadAttention(8, 2).out_proj)
     assert "groups=1 only" in unsupported_reason(nn.Conv2d(4, 4, 3, groups=4))
-    assert "padding_mode='zeros' only" in unsupported_reason(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    assert "padding_mode='zeros' only" in unsupported_reason(
+        nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    )
     assert unsupported_reason(nn.Conv2d(2, 2, 3)) is None
 
 
 def test_default_selection_skips_unconvertible_layers_and_names_them():
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
-        nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(64, 2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 4, 3, groups=4),
+        nn.Flatten(),
+        nn.Linear(64, 2),
     )
     config = MaddConfig()
     assert set(config.skipped(model)) == {"1", "2"} and "reflect" in config.skipped(model)["1"]

@@ -70,15 +70,14 @@ def test_lut_gradient_equals_one_hot_autograd(backend):
     torch.testing.assert_close(lut_a.grad, lut_b.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_elements", [1 << 22, 3 * 16 * 64])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_surrogate_gradients_equal_soft_tree_autograd(monkeypatch, backend, chunk_elements, dtype):
     monkeypatch.setattr(functional, "_SURROGATE_CHUNK_ELEMENTS", chunk_elements)
     values, thresholds, lut, temperature = random_tree_inputs(nrows=1000, seed=2)
     if dtype == torch.float32:  # the layers' dtype: compare with the float64 reference
-        values, thresholds, lut, temperature = (
-            t.float() for t in (values, thresholds, lut, temperature)
-        )
+        values, thresholds, lut, temperature = (t.float() for t in (values, thresholds, lut, temperature))
     tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     weight = torch.randn(values.shape[0], lut.shape[2], dtype=dtype)
     va, ta = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
@@ -217,11 +216,18 @@ def test_path_surrogate_equals_reference(backend, monkeypatch, dtype):
     values, thresholds, lut, temperature = random_tree_inputs(nrows=60, ncodebooks=3, seed=7)
     values, thresholds, lut, temperature = (t.to(dtype) for t in (values, thresholds, lut, temperature))
     if backend == "torch":
+
         def torch_path(values, thresholds, table, temperature, grad_out, codes, need_values, need_thresholds):
             inv_tau = 1.0 / temperature.to(values.dtype)
             return functional._path_torch(
-                values.detach(), thresholds.detach().to(values.dtype), inv_tau, table.to(values.dtype),
-                grad_out.to(values.dtype), codes, need_values, need_thresholds,
+                values.detach(),
+                thresholds.detach().to(values.dtype),
+                inv_tau,
+                table.to(values.dtype),
+                grad_out.to(values.dtype),
+                codes,
+                need_values,
+                need_thresholds,
             )
 
         monkeypatch.setattr(functional, "path_surrogate_grads", torch_path)

@@ -179,8 +179,20 @@ def test_a_run_that_died_before_its_first_checkpoint_does_not_block_a_corrected_
 def test_cli_reports_bad_input_in_one_line(tmp_path, capsys, monkeypatch):
     from maddnet.cli import main
 
-    argv = ["retrain", "--model", "no_such_model", "--data", "digits", "--baseline-steps", "1",
-            "--threads", "1", "--no-progress", "--out", str(tmp_path)]
+    argv = [
+        "retrain",
+        "--model",
+        "no_such_model",
+        "--data",
+        "digits",
+        "--baseline-steps",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("maddnet retrain: error: unknown model 'no_such_model'; known models:")

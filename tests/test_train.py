@@ -40,9 +40,13 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_topk_correct_known_values():
-    logits = torch.tensor([[0.1, 0.9, 0.0, 0.2, 0.3, 0.4],   # top1 = 1
-                           [0.9, 0.1, 0.8, 0.7, 0.6, 0.5],   # label 5 is 6th → miss top5
-                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])  # label 1 is 5th → top5 hit
+    logits = torch.tensor(
+        [
+            [0.1, 0.9, 0.0, 0.2, 0.3, 0.4],  # top1 = 1
+            [0.9, 0.1, 0.8, 0.7, 0.6, 0.5],  # label 5 is 6th → miss top5
+            [0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
+        ]
+    )  # label 1 is 5th → top5 hit
     labels = torch.tensor([1, 1, 1])
     assert topk_correct(logits, labels, (1, 5)) == [1, 2]
     # fewer classes than k: top-5 of 3 classes is always right
@@ -84,6 +88,7 @@ def test_parameter_groups_exclude_norms_and_biases():
     with pytest.raises(ValueError, match="adamw"):
         build_optimizer(model, "lion", 0.1, 0.0)
 
+
 # ---------------------------------------------------------------- sampler and checkpoints
 
 
@@ -101,8 +106,7 @@ def test_resumable_sampler_shards_and_skips():
     assert list(again) == parts[1]  # start applies once
     again.set_epoch(3)
     assert list(again) != parts[1]
-    unpadded = [list(ResumableSampler(10, shuffle=False, rank=r, world_size=3, pad=False))
-                for r in range(3)]
+    unpadded = [list(ResumableSampler(10, shuffle=False, rank=r, world_size=3, pad=False)) for r in range(3)]
     assert sorted(sum(unpadded, [])) == list(range(10))
 
 
@@ -133,6 +137,7 @@ def test_jsonl_truncate_after(tmp_path):
     writer.truncate_after(20)
     assert [r["step"] for r in writer.read()] == [10, 20]
 
+
 # ---------------------------------------------------------------- loops
 
 
@@ -145,8 +150,14 @@ def test_train_steps_learns_and_counts_steps():
     opt = build_optimizer(model, "sgd", 0.1, 0.0)
     seen = []
     before = evaluate(model, loader)
-    stats = train_steps(model, loader, opt, steps=40, progress=False,
-                        callback=lambda info: seen.append((info.step, info.epoch)))
+    stats = train_steps(
+        model,
+        loader,
+        opt,
+        steps=40,
+        progress=False,
+        callback=lambda info: seen.append((info.step, info.epoch)),
+    )
     after = evaluate(model, loader)
     assert stats["steps"] == 40 and seen[0] == (1, 0) and seen[-1] == (40, 4)
     assert after["loss"] < before["loss"] and after["top1"] > 0.9
@@ -157,7 +168,6 @@ def test_train_steps_learns_and_counts_steps():
         train_steps(model, loader, opt, progress=False)
 
 
-
 def test_train_steps_compute_loss_matches_loss_fn_and_sees_the_inputs():
     """compute_loss(model, inputs, labels) -> (loss, logits) trains exactly like the
     loss_fn short form, gets each batch's inputs, and its logits give StepInfo.correct."""
@@ -166,13 +176,13 @@ def test_train_steps_compute_loss_matches_loss_fn_and_sees_the_inputs():
 
     def run(**loss):
         torch.manual_seed(0)
-        loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True,
-                            generator=torch.Generator().manual_seed(2))
+        loader = DataLoader(
+            TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(2)
+        )
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
         opt = build_optimizer(model, "sgd", 0.1, 0.0)
         infos = []
-        stats = train_steps(model, loader, opt, steps=7, progress=False, callback=infos.append,
-                            **loss)
+        stats = train_steps(model, loader, opt, steps=7, progress=False, callback=infos.append, **loss)
         return stats, [(i.loss, i.correct) for i in infos], model.state_dict()
 
     seen = []
@@ -193,8 +203,17 @@ def test_train_steps_compute_loss_matches_loss_fn_and_sees_the_inputs():
 
 
 def tiny_config(out_dir: Path, **overrides):
-    settings = dict(out_dir=str(out_dir), model_kwargs={"width": 4}, epochs=3, batch_size=64,
-                    lr=0.1, checkpoint_every=4, log_every=2, progress=False, seed=7)
+    settings = dict(
+        out_dir=str(out_dir),
+        model_kwargs={"width": 4},
+        epochs=3,
+        batch_size=64,
+        lr=0.1,
+        checkpoint_every=4,
+        log_every=2,
+        progress=False,
+        seed=7,
+    )
     settings.update(overrides)
     return make_config("resnet9", "digits", **settings)
 
@@ -211,8 +230,22 @@ def test_run_files_and_resume_after_crash_match_uninterrupted(tmp_path, monkeypa
     # `maddnet eval` on the saved weights reproduces the final numbers
     from maddnet.cli import main
 
-    assert main(["eval", "--model", "resnet9", "--data", "digits", "--model-arg", "width=4",
-                 "--checkpoint", str(tmp_path / "a" / "model.pt")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "resnet9",
+                "--data",
+                "digits",
+                "--model-arg",
+                "width=4",
+                "--checkpoint",
+                str(tmp_path / "a" / "model.pt"),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["top1"] == reference["top1"] and printed["samples"] == 359
 
@@ -224,6 +257,7 @@ def test_run_files_and_resume_after_crash_match_uninterrupted(tmp_path, monkeypa
             callback(info)
             if info.step == 31:
                 raise KeyboardInterrupt("simulated kill")
+
         return real_train_steps(*args, callback=wrapped, **kwargs)
 
     monkeypatch.setattr(runner_module, "train_steps", crashing)
@@ -238,8 +272,9 @@ def test_run_files_and_resume_after_crash_match_uninterrupted(tmp_path, monkeypa
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the metrics file holds each step once, like the uninterrupted run's
     steps_a = [r["step"] for r in records if r["kind"] == "train"]
-    steps_b = [r["step"] for r in JsonlWriter(tmp_path / "b" / "metrics.jsonl").read()
-               if r["kind"] == "train"]
+    steps_b = [
+        r["step"] for r in JsonlWriter(tmp_path / "b" / "metrics.jsonl").read() if r["kind"] == "train"
+    ]
     assert steps_a == steps_b
 
 
@@ -258,16 +293,31 @@ def test_resume_refuses_a_different_config(tmp_path):
 def test_cli_precedence_defaults_recipe_flags(tmp_path):
     from maddnet.cli import build_parser
 
-    args = build_parser().parse_args(["train", "--model", "resnet9", "--data", "fashion_mnist",
-                              "--lr", "0.05", "--model-arg", "width=8",
-                              "--data-arg", "subset=100", "--out", str(tmp_path)])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--model",
+            "resnet9",
+            "--data",
+            "fashion_mnist",
+            "--lr",
+            "0.05",
+            "--model-arg",
+            "width=8",
+            "--data-arg",
+            "subset=100",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     config = config_from_args(args)
     assert args.func.__name__ == "run_train"
-    assert config.lr == 0.05                      # flag
-    assert config.batch_size == 256               # recipe for resnet9/fashion_mnist
-    assert config.model_kwargs == {"width": 8}    # flag overrides the recipe's width
+    assert config.lr == 0.05  # flag
+    assert config.batch_size == 256  # recipe for resnet9/fashion_mnist
+    assert config.model_kwargs == {"width": 8}  # flag overrides the recipe's width
     assert config.dataset_kwargs == {"subset": 100}
     assert parse_key_values(["a=1", "b=x", "c=[1,2]"]) == {"a": 1, "b": "x", "c": [1, 2]}
+
 
 def test_ds_cnn_learns_tones_in_a_speech_commands_folder(tmp_path):
     """The audio path end to end: wav folder → MFCC → DS-CNN → evaluation."""
@@ -287,10 +337,17 @@ def test_ds_cnn_learns_tones_in_a_speech_commands_folder(tmp_path):
                 val.append(rel)
     (tmp_path / "validation_list.txt").write_text("\n".join(val))
     (tmp_path / "testing_list.txt").write_text("\n".join(val))
-    config = make_config("ds_cnn_s", "speech_commands", data_root=str(tmp_path),
-                         out_dir=str(tmp_path / "run"), epochs=12, batch_size=9,
-                         dataset_kwargs={"keywords": "yes,no,up", "silence_fraction": 0.0},
-                         progress=False, warmup_epochs=0)
+    config = make_config(
+        "ds_cnn_s",
+        "speech_commands",
+        data_root=str(tmp_path),
+        out_dir=str(tmp_path / "run"),
+        epochs=12,
+        batch_size=9,
+        dataset_kwargs={"keywords": "yes,no,up", "silence_fraction": 0.0},
+        progress=False,
+        warmup_epochs=0,
+    )
     result = run_training(config)
     assert result["samples"] == 9 and result["top1"] >= 7 / 9, result  # chance: 1/3
 
@@ -299,21 +356,56 @@ def test_ds_cnn_learns_tones_in_a_speech_commands_folder(tmp_path):
 
 
 def _cli(out: Path) -> list[str]:
-    return [sys.executable, "-m", "maddnet.train.cli", "train", "--model", "resnet9",
-            "--data", "digits", "--model-arg", "width=4", "--epochs", "1", "--batch-size", "32",
-            "--checkpoint-every", "5", "--log-every", "1", "--seed", "3", "--threads", "1",
-            "--out", str(out), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "maddnet.train.cli",
+        "train",
+        "--model",
+        "resnet9",
+        "--data",
+        "digits",
+        "--model-arg",
+        "width=4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--checkpoint-every",
+        "5",
+        "--log-every",
+        "1",
+        "--seed",
+        "3",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
 
 
 @pytest.mark.slow
 def test_cli_kill_and_rerun_same_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_cli(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(tmp_path / "run"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # meanwhile the same run through the Python API, uninterrupted
-    reference = run_training(make_config(
-        "resnet9", "digits", out_dir=str(tmp_path / "ref"), model_kwargs={"width": 4},
-        epochs=1, batch_size=32, checkpoint_every=5, log_every=1, seed=3, progress=False))
+    reference = run_training(
+        make_config(
+            "resnet9",
+            "digits",
+            out_dir=str(tmp_path / "ref"),
+            model_kwargs={"width": 4},
+            epochs=1,
+            batch_size=32,
+            checkpoint_every=5,
+            log_every=1,
+            seed=3,
+            progress=False,
+        )
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:  # kill -9 once step 12 is logged
@@ -339,11 +431,21 @@ def test_cli_kill_and_rerun_same_command(tmp_path):
 @pytest.mark.slow
 @pytest.mark.data
 def test_fashion_mnist_subset_learns(tmp_path, require_data):
-    require_data(fashion_mnist.is_available(), "Fashion-MNIST not installed "
-                 "(apt-get install dataset-fashion-mnist)")
-    config = make_config("resnet9", "fashion_mnist", out_dir=str(tmp_path),
-                         model_kwargs={"width": 4}, dataset_kwargs={"subset": 4000},
-                         epochs=5, batch_size=64, lr=0.2, progress=False, log_every=50)
+    require_data(
+        fashion_mnist.is_available(), "Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+    )
+    config = make_config(
+        "resnet9",
+        "fashion_mnist",
+        out_dir=str(tmp_path),
+        model_kwargs={"width": 4},
+        dataset_kwargs={"subset": 4000},
+        epochs=5,
+        batch_size=64,
+        lr=0.2,
+        progress=False,
+        log_every=50,
+    )
     result = run_training(config)
     assert result["total_steps"] == 5 * (4000 // 64) == 310
     assert result["samples"] == 4000  # the first 4000 test images

@@ -214,6 +214,31 @@ def split_thresholds(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
 BACKENDS = ("auto", "numba", "torch")
 
 
+class _SplitSearch:
+    """Best threshold per bucket on one candidate column (numba kernel on CPU, tensor ops
+    elsewhere), with each column's sort order kept across levels."""
+
+    def __init__(self, block: torch.Tensor, loss_values: torch.Tensor, use_numba: bool) -> None:
+        self.block, self.loss_values, self.use_numba = block, loss_values, use_numba
+        self.row_sqnorm = None if use_numba else (loss_values * loss_values).sum(1)
+        self.loss_np = loss_values.numpy() if use_numba else None
+        self.value_orders: dict[int, np.ndarray] = {}
+
+    def splits(self, col: int, buckets: torch.Tensor, counts: torch.Tensor, nbuckets: int):
+        """(loss (B,), lower (B,), upper (B,)) as :func:`_best_splits_torch` returns them."""
+        if not self.use_numba:
+            return _best_splits_torch(
+                self.block[:, col], self.loss_values, self.row_sqnorm, buckets, counts, nbuckets
+            )
+        values = np.ascontiguousarray(self.block[:, col].numpy())
+        if col not in self.value_orders:
+            self.value_orders[col] = np.argsort(values, kind="stable")
+        outputs = _split_kernel.best_splits(
+            values, self.value_orders[col], self.loss_np, buckets.numpy(), nbuckets
+        )
+        return tuple(torch.from_numpy(out) for out in outputs)
+
+
 def learn_tree(
     block: torch.Tensor,
     depth: int,
@@ -252,9 +277,7 @@ def learn_tree(
         loss_values = targets.double() - targets.double().mean(0)
     else:
         loss_values = centred
-    row_sqnorm = None if use_numba else (loss_values * loss_values).sum(1)
-    centred_np = loss_values.numpy() if use_numba else None
-    value_orders: dict[int, np.ndarray] = {}
+    search = _SplitSearch(block, loss_values, use_numba)
     buckets = torch.zeros(nrows, dtype=torch.int64, device=block.device)
     split_dims = torch.zeros(depth, dtype=torch.int64, device=block.device)
     thresholds = torch.zeros(2**depth - 1, dtype=torch.float32, device=block.device)
@@ -267,20 +290,7 @@ def learn_tree(
         candidates = torch.topk(column_sse, min(ncandidates, width)).indices
         best = None
         for col in candidates.tolist():
-            if use_numba:
-                values = np.ascontiguousarray(block[:, col].numpy())
-                if col not in value_orders:
-                    value_orders[col] = np.argsort(values, kind="stable")
-                loss, lower, upper = (
-                    torch.from_numpy(out)
-                    for out in _split_kernel.best_splits(
-                        values, value_orders[col], centred_np, buckets.numpy(), nbuckets
-                    )
-                )
-            else:
-                loss, lower, upper = _best_splits_torch(
-                    block[:, col], loss_values, row_sqnorm, buckets, counts, nbuckets
-                )
+            loss, lower, upper = search.splits(col, buckets, counts, nbuckets)
             total = float(loss.sum())
             if best is None or total < best[0]:
                 best = (total, col, lower, upper)

@@ -114,13 +114,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="values of C to sweep; those above D are skipped (default: 4 8 16 32)",
     )
     spec_help = LayerSpec.field_help()
-    parser.add_argument("--nprototypes", "-K", type=nprototypes_type, default=16, metavar="K",
-                        help=f"{spec_help['nprototypes']} (default: 16)")
-    parser.add_argument("--lut-bits", type=lut_bits_type, default=8, metavar="BITS",
-                        help="bits per integer LUT entry (1..8); 0 or none: float LUTs (default: 8)")
-    parser.add_argument("--ridge", type=ridge_type, default=1.0, metavar="LAMBDA|none",
-                        help="lambda of the joint prototype ridge regression; none keeps the leaf means "
-                        "(default: 1.0)")
+    parser.add_argument(
+        "--nprototypes",
+        "-K",
+        type=nprototypes_type,
+        default=16,
+        metavar="K",
+        help=f"{spec_help['nprototypes']} (default: 16)",
+    )
+    parser.add_argument(
+        "--lut-bits",
+        type=lut_bits_type,
+        default=8,
+        metavar="BITS",
+        help="bits per integer LUT entry (1..8); 0 or none: float LUTs (default: 8)",
+    )
+    parser.add_argument(
+        "--ridge",
+        type=ridge_type,
+        default=1.0,
+        metavar="LAMBDA|none",
+        help="lambda of the joint prototype ridge regression; none keeps the leaf means (default: 1.0)",
+    )
     parser.add_argument("--no-speed", action="store_true", help="skip the timing against torch.matmul")
     parser.add_argument("--out", default="runs/amm", help="folder for the JSON/CSV/Markdown/PNG report")
     add_execution_arguments(parser, device=False)

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn import MaddConfig, convert_layer, record_inputs
-from ..nn import mapping
+from ..nn import MaddConfig, convert_layer, mapping, record_inputs
 from ..nn.config import named_leaf_layers
 from ..nn.mapping import input_dim
 from ..train import evaluate

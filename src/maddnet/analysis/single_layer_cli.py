@@ -112,46 +112,103 @@ def run(args: argparse.Namespace) -> int:
 def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and data")
     group.add_argument("--model", required=True, help="model registry name (e.g. resnet9, ds_cnn_s)")
-    group.add_argument("--model-kw", nargs="+", action="extend", metavar="KEY=VALUE",
-                       help="model builder arguments, JSON values (e.g. width=16)")
+    group.add_argument(
+        "--model-kw",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="model builder arguments, JSON values (e.g. width=16)",
+    )
     group.add_argument("--data", required=True, help="data registry name (e.g. fashion_mnist, digits)")
-    group.add_argument("--data-kw", nargs="+", action="extend", metavar="KEY=VALUE",
-                       help="data set builder arguments, JSON values (e.g. subset=1000)")
+    group.add_argument(
+        "--data-kw",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="data set builder arguments, JSON values (e.g. subset=1000)",
+    )
     group.add_argument("--data-root", default=None, metavar="DIR", help="folder of the data set")
-    group.add_argument("--checkpoint", required=True, metavar="FILE",
-                       help="trained dense weights (maddnet train output or a state dict)")
-    group.add_argument("--eval-split", choices=list(SPLITS), default="test",
-                       help="split to evaluate on (default: test)")
-    group.add_argument("--eval-samples", type=positive_int, default=None, metavar="N",
-                       help="evaluate on the first N samples only (default: all)")
-    group.add_argument("--batch-size", type=positive_int, default=128,
-                       help="calibration batch size (default: 128)")
-    group.add_argument("--eval-batch-size", type=positive_int, default=512,
-                       help="evaluation batch size (default: 512)")
-    group.add_argument("--out", default="runs/analyze", metavar="DIR",
-                       help="folder for single_layer.{json,csv,md,png} (default: runs/analyze)")
+    group.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="FILE",
+        help="trained dense weights (maddnet train output or a state dict)",
+    )
+    group.add_argument(
+        "--eval-split", choices=list(SPLITS), default="test", help="split to evaluate on (default: test)"
+    )
+    group.add_argument(
+        "--eval-samples",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="evaluate on the first N samples only (default: all)",
+    )
+    group.add_argument(
+        "--batch-size", type=positive_int, default=128, help="calibration batch size (default: 128)"
+    )
+    group.add_argument(
+        "--eval-batch-size", type=positive_int, default=512, help="evaluation batch size (default: 512)"
+    )
+    group.add_argument(
+        "--out",
+        default="runs/analyze",
+        metavar="DIR",
+        help="folder for single_layer.{json,csv,md,png} (default: runs/analyze)",
+    )
 
 
 def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("layers, C and recording")
-    group.add_argument("--widths", type=positive_float, nargs="+", default=[4, 9, 16], metavar="D/C",
-                       help="D/C values (> 0); C = round(D / width) per layer, clamped to 1..D "
-                       "(9 = one codebook per 3x3 channel; default: 4 9 16)")
-    group.add_argument("--layers", nargs="+", default=None, metavar="PATTERN",
-                       help="fnmatch name patterns of the layers to analyze "
-                       "(default: every conv/linear layer)")
-    group.add_argument("--exclude", nargs="+", default=None, metavar="PATTERN",
-                       help="name patterns left out (default: none)")
-    group.add_argument("--calib-batches", type=positive_int, default=8,
-                       help="training batches whose activations each layer is learned from (default: 8)")
-    group.add_argument("--nmse-batches", type=positive_int, default=2,
-                       help="eval batches the layer output NMSE is measured on (default: 2)")
-    group.add_argument("--max-rows", type=positive_int, default=16384,
-                       help="rows kept per layer while recording (default: 16384)")
-    group.add_argument("--min-rows", type=positive_int, default=256,
-                       help="a layer with fewer recorded rows is an error (default: 256)")
-    group.add_argument("--seed", type=non_negative_int, default=0,
-                       help="seed of the calibration order and row sampling (default: 0)")
+    group.add_argument(
+        "--widths",
+        type=positive_float,
+        nargs="+",
+        default=[4, 9, 16],
+        metavar="D/C",
+        help="D/C values (> 0); C = round(D / width) per layer, clamped to 1..D "
+        "(9 = one codebook per 3x3 channel; default: 4 9 16)",
+    )
+    group.add_argument(
+        "--layers",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="fnmatch name patterns of the layers to analyze (default: every conv/linear layer)",
+    )
+    group.add_argument(
+        "--exclude", nargs="+", default=None, metavar="PATTERN", help="name patterns left out (default: none)"
+    )
+    group.add_argument(
+        "--calib-batches",
+        type=positive_int,
+        default=8,
+        help="training batches whose activations each layer is learned from (default: 8)",
+    )
+    group.add_argument(
+        "--nmse-batches",
+        type=positive_int,
+        default=2,
+        help="eval batches the layer output NMSE is measured on (default: 2)",
+    )
+    group.add_argument(
+        "--max-rows",
+        type=positive_int,
+        default=16384,
+        help="rows kept per layer while recording (default: 16384)",
+    )
+    group.add_argument(
+        "--min-rows",
+        type=positive_int,
+        default=256,
+        help="a layer with fewer recorded rows is an error (default: 256)",
+    )
+    group.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the calibration order and row sampling (default: 0)",
+    )
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

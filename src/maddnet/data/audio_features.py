@@ -46,8 +46,9 @@ def mel_basis(config: FeatureConfig) -> np.ndarray:
     """librosa's Slaney mel filter bank, (n_mels, n_fft // 2 + 1) float32, built once."""
     import librosa
 
-    return librosa.filters.mel(sr=config.sample_rate, n_fft=config.n_fft, n_mels=config.n_mels,
-                               fmin=config.f_min, fmax=config.f_max).astype(np.float32)
+    return librosa.filters.mel(
+        sr=config.sample_rate, n_fft=config.n_fft, n_mels=config.n_mels, fmin=config.f_min, fmax=config.f_max
+    ).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,8 +68,9 @@ def clip_features(audio: np.ndarray, config: FeatureConfig) -> np.ndarray:
     if config.kind not in ("mfcc", "logmel"):
         raise ValueError(f"unknown feature kind {config.kind!r}; use 'mfcc' or 'logmel'")
     # = librosa.stft(center=False) (checked in the tests) at a fraction of its run time
-    frames = librosa.util.frame(np.asarray(audio, dtype=np.float32),
-                                frame_length=config.n_fft, hop_length=config.hop_length, axis=0)
+    frames = librosa.util.frame(
+        np.asarray(audio, dtype=np.float32), frame_length=config.n_fft, hop_length=config.hop_length, axis=0
+    )
     spectrum = np.fft.rfft(frames * hann_window(config.n_fft), axis=1).T
     # einsum, not @: a BLAS call this small is slower, and far slower when BLAS threads
     # compete with the training threads for the cores

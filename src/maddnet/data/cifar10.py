@@ -11,10 +11,14 @@ import numpy as np
 from maddnet.data.registry import DatasetInfo, register_dataset
 from maddnet.data.tensor_images import SmallImageAugment, TensorImageDataset
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
-INFO = DatasetInfo(name="cifar10", classes=CLASSES, input_shape=(3, 32, 32),
-                   mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+INFO = DatasetInfo(
+    name="cifar10",
+    classes=CLASSES,
+    input_shape=(3, 32, 32),
+    mean=(0.4914, 0.4822, 0.4465),
+    std=(0.2470, 0.2435, 0.2616),
+)
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
 ENV_VAR = "MADDNET_CIFAR10"
@@ -31,12 +35,13 @@ def find_root(root: str | os.PathLike | None) -> Path:
             if all((path / name).is_file() for name in TRAIN_FILES + TEST_FILES):
                 return path
     raise FileNotFoundError(
-        "CIFAR-10 python batches not found (looked in: " + (", ".join(tried) or "nothing")
-        + f"). Pass the cifar-10-batches-py folder as root or set ${ENV_VAR}.")
+        "CIFAR-10 python batches not found (looked in: "
+        + (", ".join(tried) or "nothing")
+        + f"). Pass the cifar-10-batches-py folder as root or set ${ENV_VAR}."
+    )
 
 
-def load_arrays(split: str, root: str | os.PathLike | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def load_arrays(split: str, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64."""
     folder = find_root(root)
     images, labels = [], []
@@ -51,9 +56,13 @@ def load_arrays(split: str, root: str | os.PathLike | None = None
 
 
 @register_dataset("cifar10")
-def cifar10_dataset(split: str = "train", root: str | os.PathLike | None = None,
-                    augment: bool = False, seed: int = 0, erase: bool = False
-                    ) -> TensorImageDataset:
+def cifar10_dataset(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    augment: bool = False,
+    seed: int = 0,
+    erase: bool = False,
+) -> TensorImageDataset:
     """50 000 train / 10 000 test images; ``val`` is the test split."""
     images, labels = load_arrays(split, root)
     aug = SmallImageAugment(crop_padding=4, hflip=True, erase=erase) if augment else None

@@ -9,14 +9,20 @@ import numpy as np
 from maddnet.data.registry import DatasetInfo, register_dataset
 from maddnet.data.tensor_images import SmallImageAugment, TensorImageDataset
 
-INFO = DatasetInfo(name="digits", classes=tuple(str(d) for d in range(10)),
-                   input_shape=(1, 8, 8), mean=(0.305,), std=(0.375,))
+INFO = DatasetInfo(
+    name="digits",
+    classes=tuple(str(d) for d in range(10)),
+    input_shape=(1, 8, 8),
+    mean=(0.305,),
+    std=(0.375,),
+)
 TEST_FRACTION = 0.2
 
 
 @register_dataset("digits")
-def digits_dataset(split: str = "train", root: str | os.PathLike | None = None,
-                   augment: bool = False, seed: int = 0) -> TensorImageDataset:
+def digits_dataset(
+    split: str = "train", root: str | os.PathLike | None = None, augment: bool = False, seed: int = 0
+) -> TensorImageDataset:
     """A fixed random 80/20 train/test split (``val`` = ``test``); pixel values 0..16."""
     from sklearn.datasets import load_digits
 
@@ -26,5 +32,4 @@ def digits_dataset(split: str = "train", root: str | os.PathLike | None = None,
     chosen = order[n_test:] if split == "train" else order[:n_test]
     images = data.images[chosen].astype(np.float32)
     aug = SmallImageAugment(crop_padding=1, hflip=False) if augment else None
-    return TensorImageDataset(images, data.target[chosen], INFO, augment=aug, value_range=16.0,
-                              seed=seed)
+    return TensorImageDataset(images, data.target[chosen], INFO, augment=aug, value_range=16.0, seed=seed)

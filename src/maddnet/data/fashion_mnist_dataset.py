@@ -8,14 +8,25 @@ from maddnet.data import fashion_mnist
 from maddnet.data.registry import DatasetInfo, register_dataset
 from maddnet.data.tensor_images import SmallImageAugment, TensorImageDataset
 
-INFO = DatasetInfo(name="fashion_mnist", classes=fashion_mnist.CLASSES, input_shape=(1, 28, 28),
-                   mean=(0.2860,), std=(0.3530,))
+INFO = DatasetInfo(
+    name="fashion_mnist",
+    classes=fashion_mnist.CLASSES,
+    input_shape=(1, 28, 28),
+    mean=(0.2860,),
+    std=(0.3530,),
+)
 
 
 @register_dataset("fashion_mnist")
-def fashion_mnist_dataset(split: str = "train", root: str | os.PathLike | None = None,
-                          augment: bool = False, subset: int | None = None, seed: int = 0,
-                          erase: bool = False, download: bool = False) -> TensorImageDataset:
+def fashion_mnist_dataset(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    augment: bool = False,
+    subset: int | None = None,
+    seed: int = 0,
+    erase: bool = False,
+    download: bool = False,
+) -> TensorImageDataset:
     """60 000 train / 10 000 test 28×28 grey images. ``val`` is the test split (the data
     set has no separate validation split). ``subset`` keeps the first n samples.
     ``download=True`` fetches the files into ``root`` when they are not found."""

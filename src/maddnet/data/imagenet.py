@@ -36,11 +36,12 @@ def split_folder(root: str | os.PathLike | None, split: str) -> Path:
 def build_transform(image_size: int, augment: bool) -> v2.Compose:
     """Standard ImageNet transforms: random-resized crop + flip for training, resize to
     image_size/0.875 and centre crop for evaluation."""
-    head = ([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
-            if augment else
-            [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)])
-    return v2.Compose([v2.ToImage(), *head, v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(MEAN, STD)])
+    head = (
+        [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()]
+        if augment
+        else [v2.Resize(int(round(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
+    )
+    return v2.Compose([v2.ToImage(), *head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
 
 
 class ImageFolderDataset(SeededSampleMixin, Dataset):
@@ -50,8 +51,13 @@ class ImageFolderDataset(SeededSampleMixin, Dataset):
         self.folder = datasets.ImageFolder(str(folder))
         self.transform = build_transform(image_size, augment)
         self.seed = seed
-        self.info = DatasetInfo(name="imagenet", classes=tuple(self.folder.classes),
-                                input_shape=(3, image_size, image_size), mean=MEAN, std=STD)
+        self.info = DatasetInfo(
+            name="imagenet",
+            classes=tuple(self.folder.classes),
+            input_shape=(3, image_size, image_size),
+            mean=MEAN,
+            std=STD,
+        )
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -63,7 +69,11 @@ class ImageFolderDataset(SeededSampleMixin, Dataset):
 
 
 @register_dataset("imagenet")
-def imagenet_dataset(split: str = "train", root: str | os.PathLike | None = None,
-                     augment: bool = False, image_size: int = 224, seed: int = 0
-                     ) -> ImageFolderDataset:
+def imagenet_dataset(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    augment: bool = False,
+    image_size: int = 224,
+    seed: int = 0,
+) -> ImageFolderDataset:
     return ImageFolderDataset(split_folder(root, split), image_size, augment, seed=seed)

@@ -63,8 +63,9 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def create_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,
-                   augment: bool = False, **kwargs) -> Dataset:
+def create_dataset(
+    name: str, split: str = "train", root: str | os.PathLike | None = None, augment: bool = False, **kwargs
+) -> Dataset:
     """Data set ``name``, split ``"train"``, ``"val"`` or ``"test"`` (where it has one).
 
     ``augment`` switches on the training augmentation of that data set; random choices

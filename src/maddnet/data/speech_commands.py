@@ -58,8 +58,10 @@ def find_root(root: str | os.PathLike | None) -> Path:
         raise FileNotFoundError(f"Speech Commands needs a root folder (argument root or ${ENV_VAR})")
     path = Path(base)
     if not (path / "validation_list.txt").is_file() or not (path / "testing_list.txt").is_file():
-        raise FileNotFoundError(f"{path} is not a Speech Commands folder: it needs "
-                                "validation_list.txt and testing_list.txt next to the word folders")
+        raise FileNotFoundError(
+            f"{path} is not a Speech Commands folder: it needs "
+            "validation_list.txt and testing_list.txt next to the word folders"
+        )
     return path
 
 
@@ -74,8 +76,7 @@ def split_files(root: Path, split: str) -> dict[str, list[str]]:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name != NOISE_FOLDER):
         for wav in sorted(folder.glob("*.wav")):
             rel = f"{folder.name}/{wav.name}"
-            in_split = {"val": rel in val, "test": rel in test}.get(
-                split, rel not in val and rel not in test)
+            in_split = {"val": rel in val, "test": rel in test}.get(split, rel not in val and rel not in test)
             if in_split:
                 words.setdefault(folder.name, []).append(rel)
     return words
@@ -84,10 +85,18 @@ def split_files(root: Path, split: str) -> dict[str, list[str]]:
 class SpeechCommandsDataset(SeededSampleMixin, Dataset):
     """Items: features (1, frames, coefficients) float32 and a class index."""
 
-    def __init__(self, root: Path, split: str, keywords: tuple[str, ...] = KEYWORDS,
-                 silence_fraction: float = 0.1, unknown_fraction: float = 0.1,
-                 features: FeatureConfig | None = None, augment: AudioAugment | None = None,
-                 seed: int = 0, cache: bool | None = None):
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        keywords: tuple[str, ...] = KEYWORDS,
+        silence_fraction: float = 0.1,
+        unknown_fraction: float = 0.1,
+        features: FeatureConfig | None = None,
+        augment: AudioAugment | None = None,
+        seed: int = 0,
+        cache: bool | None = None,
+    ):
         self.root = root
         self.features = features or FeatureConfig()
         self.augment = augment
@@ -97,13 +106,13 @@ class SpeechCommandsDataset(SeededSampleMixin, Dataset):
             keywords = tuple(sorted(words))
         missing = [k for k in keywords if k not in words]
         if missing:
-            raise ValueError(f"{root} has no {split} clips of {missing}; words found: "
-                             f"{sorted(words)}")
+            raise ValueError(f"{root} has no {split} clips of {missing}; words found: {sorted(words)}")
         classes = list(keywords)
         # a fixed generator: the chosen unknown/silence items do not depend on the epoch
         rng = np.random.default_rng(int(hashlib.sha1(f"{split}".encode()).hexdigest()[:8], 16))
         items: list[tuple[str | None, int]] = [
-            (rel, classes.index(word)) for word in keywords for rel in words[word]]
+            (rel, classes.index(word)) for word in keywords for rel in words[word]
+        ]
         n_keyword = len(items)
         others = [rel for word, rels in words.items() if word not in keywords for rel in rels]
         if unknown_fraction > 0 and others:
@@ -118,8 +127,10 @@ class SpeechCommandsDataset(SeededSampleMixin, Dataset):
             items += [(None, len(classes) - 1)] * n_silence
         self.items = items
         self.info = DatasetInfo(
-            name="speech_commands", classes=tuple(classes),
-            input_shape=(1, self.features.num_frames, self.features.num_coefficients))
+            name="speech_commands",
+            classes=tuple(classes),
+            input_shape=(1, self.features.num_frames, self.features.num_coefficients),
+        )
         self.cache_enabled = augment is None if cache is None else cache
         self._cache: dict[int, torch.Tensor] = {}
 
@@ -174,12 +185,19 @@ class SpeechCommandsDataset(SeededSampleMixin, Dataset):
 
 
 @register_dataset("speech_commands")
-def speech_commands_dataset(split: str = "train", root: str | os.PathLike | None = None,
-                            augment: bool = False, seed: int = 0,
-                            keywords: tuple[str, ...] | list[str] | str = KEYWORDS,
-                            silence_fraction: float = 0.1, unknown_fraction: float = 0.1,
-                            feature: str = "mfcc", n_mfcc: int = 10, n_mels: int = 40,
-                            cache: bool | None = None) -> SpeechCommandsDataset:
+def speech_commands_dataset(
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    augment: bool = False,
+    seed: int = 0,
+    keywords: tuple[str, ...] | list[str] | str = KEYWORDS,
+    silence_fraction: float = 0.1,
+    unknown_fraction: float = 0.1,
+    feature: str = "mfcc",
+    n_mfcc: int = 10,
+    n_mels: int = 40,
+    cache: bool | None = None,
+) -> SpeechCommandsDataset:
     """``keywords``: a list, a comma-separated string, or "all" (every word folder, no
     unknown class). ``feature``: "mfcc" (n_mfcc coefficients) or "logmel" (n_mels bands)."""
     if isinstance(keywords, str):
@@ -187,6 +205,14 @@ def speech_commands_dataset(split: str = "train", root: str | os.PathLike | None
     if tuple(keywords) == ("all",):
         unknown_fraction = 0.0
     config = FeatureConfig(kind=feature, n_mfcc=n_mfcc, n_mels=n_mels)
-    return SpeechCommandsDataset(find_root(root), split, tuple(keywords), silence_fraction,
-                                 unknown_fraction, config,
-                                 AudioAugment() if augment else None, seed, cache)
+    return SpeechCommandsDataset(
+        find_root(root),
+        split,
+        tuple(keywords),
+        silence_fraction,
+        unknown_fraction,
+        config,
+        AudioAugment() if augment else None,
+        seed,
+        cache,
+    )

@@ -31,21 +31,31 @@ class TensorImageDataset(SeededSampleMixin, Dataset):
     """Images (N, C, H, W) (uint8 0..255 or float) and labels (N,) → normalised float
     (C, H, W) tensors and int labels. ``augment`` is applied per sample, seeded."""
 
-    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
-                 info: DatasetInfo, augment: SmallImageAugment | None = None,
-                 value_range: float = 255.0, seed: int = 0):
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: np.ndarray | torch.Tensor,
+        info: DatasetInfo,
+        augment: SmallImageAugment | None = None,
+        value_range: float = 255.0,
+        seed: int = 0,
+    ):
         # copy numpy input: IDX buffers are read-only
         images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
         if images.ndim == 3:
             images = images.unsqueeze(1)
         if images.ndim != 4 or images.shape[1:] != info.input_shape:
-            raise ValueError(f"{info.name}: images of shape {tuple(images.shape)} do not match "
-                             f"input shape {info.input_shape}")
-        labels = torch.as_tensor(labels if isinstance(labels, torch.Tensor) else np.asarray(labels),
-                                 dtype=torch.long)
+            raise ValueError(
+                f"{info.name}: images of shape {tuple(images.shape)} do not match "
+                f"input shape {info.input_shape}"
+            )
+        labels = torch.as_tensor(
+            labels if isinstance(labels, torch.Tensor) else np.asarray(labels), dtype=torch.long
+        )
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"{info.name}: {images.shape[0]} images but labels of shape "
-                             f"{tuple(labels.shape)}")
+            raise ValueError(
+                f"{info.name}: {images.shape[0]} images but labels of shape {tuple(labels.shape)}"
+            )
         self.images = images
         self.labels = labels
         self.info = info

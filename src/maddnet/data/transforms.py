@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample, mixed so nearby (epoch, index) pairs differ well."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+    x = seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB
     x &= (1 << 64) - 1
     x ^= x >> 31
     x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
@@ -69,13 +69,14 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x
 
 
-def random_erase(x: torch.Tensor, generator: torch.Generator, max_fraction: float = 0.25,
-                 probability: float = 0.5) -> torch.Tensor:
+def random_erase(
+    x: torch.Tensor, generator: torch.Generator, max_fraction: float = 0.25, probability: float = 0.5
+) -> torch.Tensor:
     """Cutout: with ``probability`` zero a random square of side ≤ sqrt(max_fraction)·H."""
     if torch.rand((), generator=generator).item() >= probability:
         return x
     _, h, w = x.shape
-    side = max(1, int((max_fraction ** 0.5) * min(h, w)))
+    side = max(1, int((max_fraction**0.5) * min(h, w)))
     top = int(torch.randint(0, h - side + 1, (), generator=generator))
     left = int(torch.randint(0, w - side + 1, (), generator=generator))
     x = x.clone()

@@ -49,19 +49,20 @@ class DepthwiseSeparable(nn.Module):
 class DSCNN(nn.Module):
     """(N, in_chans, frames, coefficients) → logits (N, num_classes)."""
 
-    def __init__(self, config: DSCNNConfig, num_classes: int = 12, in_chans: int = 1,
-                 dropout: float = 0.2):
+    def __init__(self, config: DSCNNConfig, num_classes: int = 12, in_chans: int = 1, dropout: float = 0.2):
         super().__init__()
-        pad = (config.first_kernel[0] // 2 - 1 + config.first_kernel[0] % 2,
-               config.first_kernel[1] // 2 - 1 + config.first_kernel[1] % 2)
+        pad = (
+            config.first_kernel[0] // 2 - 1 + config.first_kernel[0] % 2,
+            config.first_kernel[1] // 2 - 1 + config.first_kernel[1] % 2,
+        )
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, config.channels, config.first_kernel, config.first_stride,
-                      padding=pad, bias=False),
+            nn.Conv2d(
+                in_chans, config.channels, config.first_kernel, config.first_stride, padding=pad, bias=False
+            ),
             nn.BatchNorm2d(config.channels),
             nn.ReLU(inplace=True),
         )
-        self.blocks = nn.Sequential(*[DepthwiseSeparable(config.channels)
-                                      for _ in range(config.num_blocks)])
+        self.blocks = nn.Sequential(*[DepthwiseSeparable(config.channels) for _ in range(config.num_blocks)])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(config.channels, num_classes)

@@ -25,12 +25,14 @@ def _adapt(model: tv_resnet.ResNet, in_chans: int, small_input: bool) -> tv_resn
 
 
 @register_model("resnet18")
-def resnet18(num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,
-             **kwargs) -> tv_resnet.ResNet:
+def resnet18(
+    num_classes: int = 1000, in_chans: int = 3, small_input: bool = False, **kwargs
+) -> tv_resnet.ResNet:
     return _adapt(tv_resnet.resnet18(num_classes=num_classes, **kwargs), in_chans, small_input)
 
 
 @register_model("resnet50")
-def resnet50(num_classes: int = 1000, in_chans: int = 3, small_input: bool = False,
-             **kwargs) -> tv_resnet.ResNet:
+def resnet50(
+    num_classes: int = 1000, in_chans: int = 3, small_input: bool = False, **kwargs
+) -> tv_resnet.ResNet:
     return _adapt(tv_resnet.resnet50(num_classes=num_classes, **kwargs), in_chans, small_input)

@@ -40,8 +40,7 @@ class Residual(nn.Module):
 class ResNet9(nn.Module):
     """Input (N, in_chans, H, W) with H, W ≥ 8 → logits (N, num_classes)."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 64,
-                 logit_scale: float = 0.125):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 64, logit_scale: float = 0.125):
         super().__init__()
         self.prep = conv_bn(in_chans, width)
         self.layer1 = nn.Sequential(conv_bn(width, 2 * width, pool=True), Residual(2 * width))

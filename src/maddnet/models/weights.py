@@ -40,8 +40,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True)
     mis_shaped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if strict:
         if mis_shaped:
-            details = ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                                for k in mis_shaped)
+            details = ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mis_shaped)
             raise ValueError(f"{path}: tensors of the wrong shape: {details}")
         model.load_state_dict(state, strict=True)
         return []

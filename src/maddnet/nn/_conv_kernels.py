@@ -58,15 +58,49 @@ def _encode_codebook(flat, q_base, offsets_c, v, leaf):  # pragma: no cover
         if contiguous:
             for q in range(nq):
                 leaf[q] = _leaf4(
-                    flat[q + o0], flat[q + o1], flat[q + o2], flat[q + o3],
-                    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
+                    flat[q + o0],
+                    flat[q + o1],
+                    flat[q + o2],
+                    flat[q + o3],
+                    t0,
+                    t1,
+                    t2,
+                    t3,
+                    t4,
+                    t5,
+                    t6,
+                    t7,
+                    t8,
+                    t9,
+                    t10,
+                    t11,
+                    t12,
+                    t13,
+                    t14,
                 )
         else:
             for q in range(nq):
                 base = q_base[q]
                 leaf[q] = _leaf4(
-                    flat[base + o0], flat[base + o1], flat[base + o2], flat[base + o3],
-                    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14,
+                    flat[base + o0],
+                    flat[base + o1],
+                    flat[base + o2],
+                    flat[base + o3],
+                    t0,
+                    t1,
+                    t2,
+                    t3,
+                    t4,
+                    t5,
+                    t6,
+                    t7,
+                    t8,
+                    t9,
+                    t10,
+                    t11,
+                    t12,
+                    t13,
+                    t14,
                 )
         return
     node = np.zeros(nq, np.int32)

@@ -241,16 +241,26 @@ def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> 
     rows = []
     total_bytes = total_reads = 0
     for name, layer in madd_layers(model).items():
-        rows.append((
-            name, layer.kind, layer.in_dim, layer.out_dim, layer.ncodebooks, layer.nprototypes,
-            f"{layer.in_dim / layer.ncodebooks:.1f}", layer.lut_bits or "float",
-            layer.lut_bytes, layer.encoder_reads,
-        ))
+        rows.append(
+            (
+                name,
+                layer.kind,
+                layer.in_dim,
+                layer.out_dim,
+                layer.ncodebooks,
+                layer.nprototypes,
+                f"{layer.in_dim / layer.ncodebooks:.1f}",
+                layer.lut_bits or "float",
+                layer.lut_bytes,
+                layer.encoder_reads,
+            )
+        )
         total_bytes += layer.lut_bytes
         total_reads += layer.encoder_reads
     rows.append(("total", f"{len(rows)} layers", "", "", "", "", "", "", total_bytes, total_reads))
     cells = [tuple(str(v) for v in row) for row in (header, *rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
     def align(row: tuple[str, ...]) -> str:
         # name and kind left-aligned, numbers right-aligned
         cells = zip(row, widths, strict=True)

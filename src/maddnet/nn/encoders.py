@@ -45,7 +45,9 @@ class EncoderModule(nn.Module):
         return {"ncodebooks": self.ncodebooks, "nprototypes": self.nprototypes}
 
     @classmethod
-    def from_spec(cls, in_dim: int, ncodebooks: int, spec: LayerSpec, device: torch.device | str | None = None):
+    def from_spec(
+        cls, in_dim: int, ncodebooks: int, spec: LayerSpec, device: torch.device | str | None = None
+    ):
         """A zero-initialised module for rows of D = ``in_dim`` values, C = ``ncodebooks``
         codebooks, under ``spec``."""
         raise NotImplementedError
@@ -136,7 +138,9 @@ class TreeEncoderModule(EncoderModule):
         return {**super().get_config(), "surrogate": self.surrogate}
 
     @classmethod
-    def from_spec(cls, in_dim: int, ncodebooks: int, spec: LayerSpec, device: torch.device | str | None = None):
+    def from_spec(
+        cls, in_dim: int, ncodebooks: int, spec: LayerSpec, device: torch.device | str | None = None
+    ):
         return cls(ncodebooks, spec.nprototypes, spec.surrogate, device=device)
 
     @property

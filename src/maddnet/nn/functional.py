@@ -202,9 +202,14 @@ def path_surrogate_grads(
         grad_values = torch.empty_like(values) if need_values else values.new_empty(0, *values.shape[1:])
         grad_thresholds = np.zeros(tuple(thresholds.shape), np.float64)
         _kernels.path_backward(
-            values.contiguous().numpy(), thresholds.contiguous().numpy(), inv_tau.contiguous().numpy(),
-            table.contiguous().numpy(), grad_out.numpy(), codes.contiguous().numpy(),
-            grad_values.numpy(), grad_thresholds,
+            values.contiguous().numpy(),
+            thresholds.contiguous().numpy(),
+            inv_tau.contiguous().numpy(),
+            table.contiguous().numpy(),
+            grad_out.numpy(),
+            codes.contiguous().numpy(),
+            grad_values.numpy(),
+            grad_thresholds,
         )
         grad_thr = torch.from_numpy(grad_thresholds).to(values.dtype) if need_thresholds else None
         return (grad_values if need_values else None), grad_thr
@@ -332,7 +337,11 @@ def madd_lut_encoded(
     LUT and the gradient goes straight through to the float ``lut`` (QAT). ``codes`` (N, C),
     if the caller has them already, must be ``encoder.encode_values(values)``.
     """
-    q = (None, None, None, 0) if quantized is None else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
+    q = (
+        (None, None, None, 0)
+        if quantized is None
+        else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
+    )
     return MaddLutFunction.apply(values, lut, *q, codes, encoder, *encoder.surrogate_tensors())
 
 
@@ -355,5 +364,9 @@ def madd_lut(
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     rule = _TreeRule(thresholds, surrogate)
-    q = (None, None, None, 0) if quantized is None else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
+    q = (
+        (None, None, None, 0)
+        if quantized is None
+        else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
+    )
     return MaddLutFunction.apply(values, lut, *q, codes, rule, thresholds, temperature)

@@ -158,7 +158,9 @@ class _MaddLayer(nn.Module):
     @lut_bits.setter
     def lut_bits(self, bits: int | None) -> None:
         if bits is not None and not hasattr(self, "lut_q_values"):
-            raise ValueError("this layer was built with float LUTs (lut_bits=None): it has no integer LUT buffers")
+            raise ValueError(
+                "this layer was built with float LUTs (lut_bits=None): it has no integer LUT buffers"
+            )
         self._spec = self._spec.replace(lut_bits=bits)
         self._quantized_from = None
 
@@ -327,7 +329,11 @@ class _MaddLayer(nn.Module):
     def _needs_grad(self, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return x.requires_grad or self.lut.requires_grad or any(p.requires_grad for p in self.encoder.parameters())
+        return (
+            x.requires_grad
+            or self.lut.requires_grad
+            or any(p.requires_grad for p in self.encoder.parameters())
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quantized = self.reads_quantized_lut
@@ -444,7 +450,12 @@ class MaddLinear(_MaddLayer):
     @classmethod
     def _skeleton_of(cls, dense: nn.Linear, ncodebooks: int, spec: LayerSpec) -> MaddLinear:
         return cls(
-            dense.in_features, dense.out_features, ncodebooks, spec, dense.bias is not None, dense.weight.device
+            dense.in_features,
+            dense.out_features,
+            ncodebooks,
+            spec,
+            dense.bias is not None,
+            dense.weight.device,
         )
 
     def _gather(self, x: torch.Tensor):

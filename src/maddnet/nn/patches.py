@@ -297,47 +297,29 @@ class MaddConvFunction(torch.autograd.Function):
         rows_t = torch.empty(slots, plan.ncols, nout)
         grad_scores = torch.empty(slots, ncodebooks * nprototypes, plan.ncols)
         tables = flat_table.expand(slots, -1, -1)
+        tree = (plan.offsets, plan.q_base, thresholds_np, inv_tau, centre, factor, direct, ctx.codes)
         for start in range(0, batch, slots):
             n = min(slots, batch - start)
             rows[:n, :, :, : plan.out_w] = grad_out[start : start + n]
             # (C*K, q): T[c, k] . dL/dY[q]
             torch.bmm(tables[:n], per_position[:n], out=grad_scores[:n])
             rows_t[:n].copy_(per_position[:n].transpose(1, 2))
-            _conv_kernels.conv_backward(
-                images_np,
-                start,
-                plan.offsets,
-                plan.q_base,
-                thresholds_np,
-                inv_tau,
-                centre,
-                factor,
-                direct,
-                ctx.codes,
+            grads = (
                 grad_scores[:n].numpy(),
                 rows_t[:n].numpy(),
                 grad_lut[:n],
                 grad_thresholds[:n],
                 grad_images,
-                plan.nq,
-                geometry.padding[0],
-                geometry.padding[1],
             )
-        grad_lut = grad_lut.sum(0)
-        grad_thresholds = grad_thresholds.sum(0)
+            _conv_kernels.conv_backward(images_np, start, *tree, *grads, plan.nq, *geometry.padding)
         grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return (
             torch.from_numpy(grad_images) if need_images else None,
-            torch.from_numpy(grad_thresholds).to(thresholds.dtype) if need_thresholds else None,
-            torch.from_numpy(grad_lut).to(table.dtype) if need_lut else None,
+            torch.from_numpy(grad_thresholds.sum(0)).to(thresholds.dtype) if need_thresholds else None,
+            torch.from_numpy(grad_lut.sum(0)).to(table.dtype) if need_lut else None,
             None,
             grad_bias,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
+            *(None,) * 6,
         )
 
 

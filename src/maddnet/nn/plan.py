@@ -62,7 +62,9 @@ def conversion_plan(model: nn.Module) -> dict[str, Any]:
     return {
         "format": PLAN_FORMAT,
         "passes": [dict(record) for record in getattr(model, _PASS_LOG_ATTR, [])],
-        "layers": {name: {"kind": m.kind, "config": m.get_config()} for name, m in madd_layers(model).items()},
+        "layers": {
+            name: {"kind": m.kind, "config": m.get_config()} for name, m in madd_layers(model).items()
+        },
     }
 
 
@@ -93,7 +95,9 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
     for record in plan["passes"]:
         name = record.get("pass")
         if name not in _PASSES:
-            raise ValueError(f"plan has pass {name!r}, which this maddnet does not know; known: {sorted(_PASSES)}")
+            raise ValueError(
+                f"plan has pass {name!r}, which this maddnet does not know; known: {sorted(_PASSES)}"
+            )
         _PASSES[name](model, record)
         record_pass(model, name, {k: v for k, v in record.items() if k != "pass"})
     for name, entry in plan["layers"].items():
@@ -108,7 +112,9 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
             raise ValueError(f"plan entry {name!r} names no module of the model") from error
         config = dict(entry["config"])
         _check_matches(name, dense, kind, config)
-        layer = LAYER_TYPES[kind].from_config(config, device=next(iter(dense.parameters()), torch.empty(0)).device)
+        layer = LAYER_TYPES[kind].from_config(
+            config, device=next(iter(dense.parameters()), torch.empty(0)).device
+        )
         layer.train(dense.training)
         set_submodule(model, name, layer)
     return model
@@ -128,7 +134,9 @@ def _check_matches(name: str, dense: nn.Module, kind: str, config: dict[str, Any
             list(dense.kernel_size),
         ) == (config.get("in_channels"), config.get("out_channels"), list(config.get("kernel_size", ())))
     if not ok:
-        raise ValueError(f"layer {name!r} of the model ({dense}) does not match the saved {kind} layer {config}")
+        raise ValueError(
+            f"layer {name!r} of the model ({dense}) does not match the saved {kind} layer {config}"
+        )
 
 
 def save_converted(model: nn.Module, path: str | os.PathLike) -> None:

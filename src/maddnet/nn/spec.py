@@ -35,7 +35,9 @@ class LayerSpec:
     """
 
     nprototypes: int = _help("K, codes per codebook (leaves per tree): a power of two, 4..256", default=16)
-    encoder: str = _help("encoder registry name (maddnet.amm.encoders.ENCODERS); 'tree' is MADDness", default="tree")
+    encoder: str = _help(
+        "encoder registry name (maddnet.amm.encoders.ENCODERS); 'tree' is MADDness", default="tree"
+    )
     encoder_options: Mapping[str, Any] = _help(
         "further constructor arguments of a non-tree encoder", default_factory=dict
     )
@@ -71,10 +73,16 @@ class LayerSpec:
         object.__setattr__(self, "encoder_options", dict(self.encoder_options))
         if self.ridge is not None and not (float(self.ridge) > 0 and float(self.ridge) < float("inf")):
             raise ValueError(f"LayerSpec.ridge must be a positive number or None, got {self.ridge!r}")
-        if isinstance(self.ncandidates, bool) or not isinstance(self.ncandidates, int) or self.ncandidates < 1:
+        if (
+            isinstance(self.ncandidates, bool)
+            or not isinstance(self.ncandidates, int)
+            or self.ncandidates < 1
+        ):
             raise ValueError(f"LayerSpec.ncandidates must be a positive int, got {self.ncandidates!r}")
         if self.hash_objective not in HASH_OBJECTIVES:
-            raise ValueError(f"LayerSpec.hash_objective must be one of {HASH_OBJECTIVES}, got {self.hash_objective!r}")
+            raise ValueError(
+                f"LayerSpec.hash_objective must be one of {HASH_OBJECTIVES}, got {self.hash_objective!r}"
+            )
         bits = self.lut_bits
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8):
             raise ValueError(f"LayerSpec.lut_bits must be None (float LUT) or an int in 1..8, got {bits!r}")
@@ -106,7 +114,10 @@ class LayerSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly fields."""
-        return {f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v) for f in dataclasses.fields(self)}
+        return {
+            f.name: (dict(v) if isinstance(v := getattr(self, f.name), Mapping) else v)
+            for f in dataclasses.fields(self)
+        }
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LayerSpec:
@@ -124,7 +135,11 @@ class LayerSpec:
 
     def encoder_config(self, ncodebooks: int) -> dict[str, Any]:
         """Constructor arguments of this spec's :class:`~maddnet.amm.encoders.Encoder` for C codebooks."""
-        config: dict[str, Any] = {"ncodebooks": ncodebooks, "nprototypes": self.nprototypes, "ridge": self.ridge}
+        config: dict[str, Any] = {
+            "ncodebooks": ncodebooks,
+            "nprototypes": self.nprototypes,
+            "ridge": self.ridge,
+        }
         if self.encoder == "tree":
             config.update(ncandidates=self.ncandidates, hash_objective=self.hash_objective)
         return {**config, **self.encoder_options}

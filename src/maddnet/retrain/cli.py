@@ -146,81 +146,205 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="JSON or YAML file with a whole run config (RetrainConfig keys, as in a run's config.json); "
         "flags given here override it",
     )
-    _option(group, "--model", help="model registry name (e.g. resnet9, ds_cnn_s); "
-            "required unless in --config")
-    _option(group, "--model-kw", nargs="+", action="extend", metavar="KEY=VALUE",
-            help="model builder arguments, JSON values (e.g. width=16)")
-    _option(group, "--data", dest="dataset", metavar="DATA",
-            help="data registry name (e.g. fashion_mnist, digits); required unless in --config")
-    _option(group, "--data-kw", nargs="+", action="extend", metavar="KEY=VALUE",
-            help="data set builder arguments, JSON values (e.g. subset=1000)")
+    _option(
+        group, "--model", help="model registry name (e.g. resnet9, ds_cnn_s); required unless in --config"
+    )
+    _option(
+        group,
+        "--model-kw",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="model builder arguments, JSON values (e.g. width=16)",
+    )
+    _option(
+        group,
+        "--data",
+        dest="dataset",
+        metavar="DATA",
+        help="data registry name (e.g. fashion_mnist, digits); required unless in --config",
+    )
+    _option(
+        group,
+        "--data-kw",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="data set builder arguments, JSON values (e.g. subset=1000)",
+    )
     _option(group, "--data-root", field="data_root", metavar="DIR", help="folder of the data set")
-    _option(group, "--checkpoint", field="checkpoint", metavar="FILE",
-            help="trained dense weights (maddnet train output or a state dict)")
-    _option(group, "--baseline-steps", type=non_negative_int, field="baseline_steps",
-            help="train the dense model this many steps when no --checkpoint is given")
-    _option(group, "--out", dest="out_dir", field="out_dir", metavar="DIR",
-            help="run folder (checkpoint, metrics, report); rerunning the command resumes it")
+    _option(
+        group,
+        "--checkpoint",
+        field="checkpoint",
+        metavar="FILE",
+        help="trained dense weights (maddnet train output or a state dict)",
+    )
+    _option(
+        group,
+        "--baseline-steps",
+        type=non_negative_int,
+        field="baseline_steps",
+        help="train the dense model this many steps when no --checkpoint is given",
+    )
+    _option(
+        group,
+        "--out",
+        dest="out_dir",
+        field="out_dir",
+        metavar="DIR",
+        help="run folder (checkpoint, metrics, report); rerunning the command resumes it",
+    )
 
 
 def _add_layer_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("layers")
-    _option(group, "--layers", nargs="+", metavar="PATTERN",
-            help="fnmatch name patterns of the layers to replace "
-            "(default: every Linear and Conv2d with groups=1)")
+    _option(
+        group,
+        "--layers",
+        nargs="+",
+        metavar="PATTERN",
+        help="fnmatch name patterns of the layers to replace "
+        "(default: every Linear and Conv2d with groups=1)",
+    )
     _option(group, "--exclude", nargs="+", metavar="PATTERN", help="name patterns kept dense (default: none)")
-    _option(group, "--ncodebooks", dest="ncodebooks_pairs", nargs="+", action="extend", metavar="LAYER=C",
-            help="C for named layers (others follow the rule; merged into a --config file's mapping)")
+    _option(
+        group,
+        "--ncodebooks",
+        dest="ncodebooks_pairs",
+        nargs="+",
+        action="extend",
+        metavar="LAYER=C",
+        help="C for named layers (others follow the rule; merged into a --config file's mapping)",
+    )
     _option(group, "--all-ncodebooks", type=positive_int, metavar="C", help="one C for every layer")
-    _option(group, "--codebook-width", type=positive_int, field="codebook_width",
-            help="target D/C of linear and 1x1 layers")
-    _option(group, "--calib-batches", type=positive_int, field="calib_batches",
-            help="training batches whose activations a layer is learned from")
-    _option(group, "--max-rows", type=positive_int, field="max_rows",
-            help="rows kept per layer while recording")
+    _option(
+        group,
+        "--codebook-width",
+        type=positive_int,
+        field="codebook_width",
+        help="target D/C of linear and 1x1 layers",
+    )
+    _option(
+        group,
+        "--calib-batches",
+        type=positive_int,
+        field="calib_batches",
+        help="training batches whose activations a layer is learned from",
+    )
+    _option(
+        group, "--max-rows", type=positive_int, field="max_rows", help="rows kept per layer while recording"
+    )
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("fine-tuning (a learning rate of 0 freezes its group)")
-    _option(group, "--steps-per-layer", type=non_negative_int, field="steps_per_layer",
-            help="fine-tuning steps after each replacement")
-    _option(group, "--final-steps", type=non_negative_int, field="final_steps",
-            help="fine-tuning steps of everything still trainable at the end")
+    _option(
+        group,
+        "--steps-per-layer",
+        type=non_negative_int,
+        field="steps_per_layer",
+        help="fine-tuning steps after each replacement",
+    )
+    _option(
+        group,
+        "--final-steps",
+        type=non_negative_int,
+        field="final_steps",
+        help="fine-tuning steps of everything still trainable at the end",
+    )
     _option(group, "--optimizer", choices=["adamw", "sgd"], field="optimizer", help="optimiser")
-    for name, what in (("dense", "dense conv/linear layers not replaced yet"),
-                       ("norm", "norm layers and other parameters"),
-                       ("lut", "LUTs of MADD layers"), ("threshold", "thresholds of MADD layers")):
-        _option(group, f"--lr-{name}", type=non_negative_float, field=f"lr_{name}",
-                help=f"learning rate of the {what}")
-    _option(group, "--weight-decay", type=non_negative_float, field="weight_decay",
-            help="weight decay of the dense weights")
+    for name, what in (
+        ("dense", "dense conv/linear layers not replaced yet"),
+        ("norm", "norm layers and other parameters"),
+        ("lut", "LUTs of MADD layers"),
+        ("threshold", "thresholds of MADD layers"),
+    ):
+        _option(
+            group,
+            f"--lr-{name}",
+            type=non_negative_float,
+            field=f"lr_{name}",
+            help=f"learning rate of the {what}",
+        )
+    _option(
+        group,
+        "--weight-decay",
+        type=non_negative_float,
+        field="weight_decay",
+        help="weight decay of the dense weights",
+    )
     _option(group, "--momentum", type=fraction, field="momentum", help="SGD momentum")
-    _option(group, "--freeze-replaced", action=argparse.BooleanOptionalAction,
-            help="freeze the LUT/thresholds of a replaced layer once its step ends (default: keep training)")
+    _option(
+        group,
+        "--freeze-replaced",
+        action=argparse.BooleanOptionalAction,
+        help="freeze the LUT/thresholds of a replaced layer once its step ends (default: keep training)",
+    )
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("batches, evaluation and seed")
     _option(group, "--batch-size", type=positive_int, field="batch_size", help="training batch size")
-    _option(group, "--eval-batch-size", type=positive_int, field="eval_batch_size",
-            help="evaluation batch size")
-    _option(group, "--augment", action=argparse.BooleanOptionalAction, field="augment",
-            help="augment training batches")
+    _option(
+        group, "--eval-batch-size", type=positive_int, field="eval_batch_size", help="evaluation batch size"
+    )
+    _option(
+        group,
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        field="augment",
+        help="augment training batches",
+    )
     _option(group, "--eval-split", choices=list(SPLITS), field="eval_split", help="split to evaluate on")
-    _option(group, "--eval-samples", type=positive_int, field="eval_samples",
-            help="evaluate intermediate steps on the first N eval samples (dense/final: all)")
+    _option(
+        group,
+        "--eval-samples",
+        type=positive_int,
+        field="eval_samples",
+        help="evaluate intermediate steps on the first N eval samples (dense/final: all)",
+    )
     _option(group, "--seed", type=non_negative_int, field="seed", help="seed of data order and recording")
 
 
 def _add_loss_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("loss and control")
-    _option(group, "--distill", type=fraction, field="distill",
-            help="knowledge-distillation weight in [0, 1] against the dense model's logits")
-    _option(group, "--distill-temperature", type=positive_float, field="distill_temperature",
-            help="distillation temperature T")
-    _option(group, "--label-smoothing", type=fraction_below_one, field="label_smoothing",
-            help="label smoothing of the cross-entropy, in [0, 1)")
-    _option(group, "--recon", type=non_negative_float, field="recon",
-            help="weight of the per-layer reconstruction loss ||madd(x) - dense(x)||^2 / ||dense(x)||^2")
-    _option(group, "--dense-control", action=argparse.BooleanOptionalAction, field="dense_control",
-            help="replace nothing: fine-tune the dense model for the same total number of steps "
-            "(layers x steps-per-layer + final-steps) with the same loss, as a control")
+    _option(
+        group,
+        "--distill",
+        type=fraction,
+        field="distill",
+        help="knowledge-distillation weight in [0, 1] against the dense model's logits",
+    )
+    _option(
+        group,
+        "--distill-temperature",
+        type=positive_float,
+        field="distill_temperature",
+        help="distillation temperature T",
+    )
+    _option(
+        group,
+        "--label-smoothing",
+        type=fraction_below_one,
+        field="label_smoothing",
+        help="label smoothing of the cross-entropy, in [0, 1)",
+    )
+    _option(
+        group,
+        "--recon",
+        type=non_negative_float,
+        field="recon",
+        help="weight of the per-layer reconstruction loss ||madd(x) - dense(x)||^2 / ||dense(x)||^2",
+    )
+    _option(
+        group,
+        "--dense-control",
+        action=argparse.BooleanOptionalAction,
+        field="dense_control",
+        help="replace nothing: fine-tune the dense model for the same total number of steps "
+        "(layers x steps-per-layer + final-steps) with the same loss, as a control",
+    )
 
 
 def _add_demo_parser(subparsers) -> argparse.ArgumentParser:
@@ -253,6 +377,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_layer_arguments(parser)
     add_spec_arguments(parser)
     _add_training_arguments(parser)
+    _add_data_arguments(parser)
     _add_loss_arguments(parser)
     execution = parser.add_argument_group("execution (may change when a run resumes)")
     add_execution_arguments(execution, suppress=True)

@@ -151,8 +151,10 @@ class RetrainConfig(JsonConfig):
         values = self.ncodebooks.values() if isinstance(self.ncodebooks, Mapping) else [self.ncodebooks]
         for value in values:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"ncodebooks must be None, a positive int or {{layer: positive int}}, "
-                                 f"got {self.ncodebooks!r}")
+                raise ValueError(
+                    f"ncodebooks must be None, a positive int or {{layer: positive int}}, "
+                    f"got {self.ncodebooks!r}"
+                )
 
     def madd_config(self) -> MaddConfig:
         return MaddConfig(
@@ -189,8 +191,15 @@ class RetrainConfig(JsonConfig):
 
 
 # counts checked by RetrainConfig._check_numbers (None allowed for those in _OPTIONAL)
-_POSITIVE_INTS = ("codebook_width", "calib_batches", "max_rows", "batch_size", "eval_batch_size",
-                  "eval_samples", "threads")
+_POSITIVE_INTS = (
+    "codebook_width",
+    "calib_batches",
+    "max_rows",
+    "batch_size",
+    "eval_batch_size",
+    "eval_samples",
+    "threads",
+)
 _NON_NEGATIVE_INTS = ("baseline_steps", "steps_per_layer", "final_steps", "seed")
 _OPTIONAL = frozenset({"eval_samples", "threads"})
 _NON_NEGATIVE_FLOATS = ("lr_dense", "lr_norm", "lr_lut", "lr_threshold", "weight_decay", "momentum", "recon")

@@ -76,7 +76,10 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
                 for key in ("steps_per_layer", "final_steps", "distill", "recon", "train_replaced", "augment")
             ]
             # the layer settings sit in the spec section (flat in configs of older runs)
-            + [f"{key}={(config.get('spec') or config).get(key)}" for key in ("encoder", "nprototypes", "lut_bits")]
+            + [
+                f"{key}={(config.get('spec') or config).get(key)}"
+                for key in ("encoder", "nprototypes", "lut_bits")
+            ]
         ),
         "",
         markdown_table(table_rows, list(table_rows[0]) if table_rows else []),

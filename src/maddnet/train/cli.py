@@ -72,10 +72,24 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="registered model name (resnet9, ...)")
     parser.add_argument("--data", required=True, help="registered data set name")
     parser.add_argument("--data-root", dest="data_root", metavar="DIR", help="folder of the data set")
-    parser.add_argument("--model-kw", "--model-arg", dest="model_kw", nargs="+", action="extend",
-                        metavar="KEY=VALUE", help="model builder arguments, JSON values, e.g. width=16")
-    parser.add_argument("--data-kw", "--data-arg", dest="data_kw", nargs="+", action="extend",
-                        metavar="KEY=VALUE", help="data set builder arguments, JSON values, e.g. subset=1000")
+    parser.add_argument(
+        "--model-kw",
+        "--model-arg",
+        dest="model_kw",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="model builder arguments, JSON values, e.g. width=16",
+    )
+    parser.add_argument(
+        "--data-kw",
+        "--data-arg",
+        dest="data_kw",
+        nargs="+",
+        action="extend",
+        metavar="KEY=VALUE",
+        help="data set builder arguments, JSON values, e.g. subset=1000",
+    )
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -103,30 +117,41 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = create_dataset(args.data, args.split, args.data_root, **data_kwargs)
     info = dataset.info
     kwargs = model_kwargs_for(args.model, info, parse_key_values(args.model_kw, "--model-kw"))
-    model = create_model(args.model, info.num_classes, info.in_chans,
-                         checkpoint=args.checkpoint, **kwargs).to(device)
+    model = create_model(
+        args.model, info.num_classes, info.in_chans, checkpoint=args.checkpoint, **kwargs
+    ).to(device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     with torch.inference_mode():
         result = evaluate(model, loader, device=device, progress=args.progress)
-    print(json.dumps({"model": args.model, "data": args.data, "split": args.split, **result},
-                     sort_keys=True))
+    print(json.dumps({"model": args.model, "data": args.data, "split": args.split, **result}, sort_keys=True))
     return 0
 
 
 def _add_train_parser(subparsers) -> argparse.ArgumentParser:
     train = subparsers.add_parser(
-        "train", help="train a model on a data set (resumes an interrupted run)",
+        "train",
+        help="train a model on a data set (resumes an interrupted run)",
         description="Train with the recipe for the model/data pair; a --config file and flags "
-                    "override it. Re-running the same command continues from OUT_DIR/checkpoint.pt. "
-                    "Under torchrun it uses DistributedDataParallel.")
+        "override it. Re-running the same command continues from OUT_DIR/checkpoint.pt. "
+        "Under torchrun it uses DistributedDataParallel.",
+    )
     _add_common(train)
     train.add_argument("--config", metavar="FILE", help="JSON or YAML file with TrainConfig fields")
     train.add_argument("--out", dest="out_dir", metavar="DIR", help="run folder (default runs/MODEL-DATA)")
-    train.add_argument("--init-checkpoint", dest="init_checkpoint", metavar="FILE",
-                       help="start from these weights (shape-mismatched tensors are skipped)")
+    train.add_argument(
+        "--init-checkpoint",
+        dest="init_checkpoint",
+        metavar="FILE",
+        help="start from these weights (shape-mismatched tensors are skipped)",
+    )
     for name, (kind, text, extra) in _FLAGS.items():
-        train.add_argument("--" + name.replace("_", "-"), dest=name, type=kind,
-                           help=f"{text} (default: the recipe's, else TrainConfig's)", **extra)
+        train.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            help=f"{text} (default: the recipe's, else TrainConfig's)",
+            **extra,
+        )
     train.add_argument("--no-augment", action="store_true", help="switch augmentation off")
     # None: the config file's or TrainConfig's device (auto)
     train.add_argument("--device", type=device_type, default=None, help=f"{DEVICE_HELP} (default: auto)")
@@ -138,17 +163,21 @@ def _add_train_parser(subparsers) -> argparse.ArgumentParser:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``train`` and ``eval``; returns the ``train`` parser."""
     train = _add_train_parser(subparsers)
-    ev = subparsers.add_parser("eval", help="top-1/top-5 of a model checkpoint on a data set",
-                               description="Evaluate trained weights on a split and print the "
-                                           "metrics as one JSON line.")
+    ev = subparsers.add_parser(
+        "eval",
+        help="top-1/top-5 of a model checkpoint on a data set",
+        description="Evaluate trained weights on a split and print the metrics as one JSON line.",
+    )
     _add_common(ev)
     ev.add_argument("--checkpoint", required=True, metavar="FILE", help="weights (state dict or checkpoint)")
     ev.add_argument("--split", choices=list(SPLITS), default="test", help="split to evaluate (default: test)")
     ev.add_argument("--batch-size", type=positive_int, default=512, help="batch size (default: 512)")
-    ev.add_argument("--num-workers", type=non_negative_int, default=0,
-                    help="data loader worker processes (default: 0)")
-    ev.add_argument("--device", type=device_type, default=DEFAULT_DEVICE,
-                    help=f"{DEVICE_HELP} (default: auto)")
+    ev.add_argument(
+        "--num-workers", type=non_negative_int, default=0, help="data loader worker processes (default: 0)"
+    )
+    ev.add_argument(
+        "--device", type=device_type, default=DEFAULT_DEVICE, help=f"{DEVICE_HELP} (default: auto)"
+    )
     add_execution_arguments(ev, device=False)
     ev.set_defaults(func=run_eval)
     return train
@@ -158,8 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m maddnet.train.cli train ...``: the same sub-commands without the rest of
     the ``maddnet`` command (bad input: one error line, exit code 2)."""
     parser = argparse.ArgumentParser(prog="python -m maddnet.train.cli")
-    add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
-                                     help="train or eval (COMMAND --help lists its options)"))
+    add_parser(
+        parser.add_subparsers(
+            dest="command",
+            metavar="COMMAND",
+            required=True,
+            help="train or eval (COMMAND --help lists its options)",
+        )
+    )
     return run_parsed(parser, argv)
 
 

@@ -40,8 +40,9 @@ class JsonConfig:
     def differences(self, other: JsonConfig) -> dict[str, tuple[Any, Any]]:
         """Fields (other than EXECUTION_KEYS) where ``self`` and ``other`` differ, with both values."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (mine[k], theirs[k]) for k in mine
-                if k not in self.EXECUTION_KEYS and mine[k] != theirs[k]}
+        return {
+            k: (mine[k], theirs[k]) for k in mine if k not in self.EXECUTION_KEYS and mine[k] != theirs[k]
+        }
 
 
 @dataclass
@@ -85,9 +86,19 @@ class TrainConfig(JsonConfig):
     progress: bool = True
 
     # keys that only say how a run executes; a resume may change them
-    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset({
-        "device", "num_workers", "threads", "checkpoint_every", "log_every", "max_steps", "progress",
-        "out_dir", "data_root"})
+    EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {
+            "device",
+            "num_workers",
+            "threads",
+            "checkpoint_every",
+            "log_every",
+            "max_steps",
+            "progress",
+            "out_dir",
+            "data_root",
+        }
+    )
 
 
 EXECUTION_KEYS = TrainConfig.EXECUTION_KEYS
@@ -102,28 +113,104 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> dict[str, tuple[Any, A
 # "*" matches any data set. Numbers come from the usual public recipes, scaled to the
 # data set size; the Fashion-MNIST ones are measured in experiments/ (see README there).
 RECIPES: list[tuple[str, str, dict[str, Any]]] = [
-    ("resnet9", "fashion_mnist", dict(
-        model_kwargs={"width": 16}, epochs=8, batch_size=256, optimizer="sgd", lr=0.2,
-        weight_decay=5e-4, label_smoothing=0.1, warmup_epochs=1)),
-    ("resnet9", "cifar10", dict(
-        model_kwargs={"width": 64}, epochs=24, batch_size=512, optimizer="sgd", lr=0.4,
-        weight_decay=5e-4, label_smoothing=0.2, warmup_epochs=5,
-        dataset_kwargs={"erase": True})),
-    ("resnet", "imagenet", dict(
-        epochs=90, batch_size=256, optimizer="sgd", lr=0.1, weight_decay=1e-4,
-        label_smoothing=0.1, warmup_epochs=5, num_workers=8)),
-    ("levit", "imagenet", dict(
-        epochs=300, batch_size=256, optimizer="adamw", lr=2.5e-4, weight_decay=0.025,
-        label_smoothing=0.1, warmup_epochs=5, grad_clip=5.0, num_workers=8)),
-    ("levit", "*", dict(
-        epochs=15, batch_size=128, optimizer="adamw", lr=1e-3, weight_decay=0.05,
-        label_smoothing=0.1, warmup_epochs=1, grad_clip=5.0)),
-    ("ds_cnn", "*", dict(
-        epochs=30, batch_size=100, optimizer="adamw", lr=3e-3, weight_decay=1e-4,
-        label_smoothing=0.1, warmup_epochs=1)),
-    ("resnet", "*", dict(
-        epochs=15, batch_size=128, optimizer="sgd", lr=0.1, weight_decay=5e-4,
-        label_smoothing=0.1, warmup_epochs=1)),
+    (
+        "resnet9",
+        "fashion_mnist",
+        dict(
+            model_kwargs={"width": 16},
+            epochs=8,
+            batch_size=256,
+            optimizer="sgd",
+            lr=0.2,
+            weight_decay=5e-4,
+            label_smoothing=0.1,
+            warmup_epochs=1,
+        ),
+    ),
+    (
+        "resnet9",
+        "cifar10",
+        dict(
+            model_kwargs={"width": 64},
+            epochs=24,
+            batch_size=512,
+            optimizer="sgd",
+            lr=0.4,
+            weight_decay=5e-4,
+            label_smoothing=0.2,
+            warmup_epochs=5,
+            dataset_kwargs={"erase": True},
+        ),
+    ),
+    (
+        "resnet",
+        "imagenet",
+        dict(
+            epochs=90,
+            batch_size=256,
+            optimizer="sgd",
+            lr=0.1,
+            weight_decay=1e-4,
+            label_smoothing=0.1,
+            warmup_epochs=5,
+            num_workers=8,
+        ),
+    ),
+    (
+        "levit",
+        "imagenet",
+        dict(
+            epochs=300,
+            batch_size=256,
+            optimizer="adamw",
+            lr=2.5e-4,
+            weight_decay=0.025,
+            label_smoothing=0.1,
+            warmup_epochs=5,
+            grad_clip=5.0,
+            num_workers=8,
+        ),
+    ),
+    (
+        "levit",
+        "*",
+        dict(
+            epochs=15,
+            batch_size=128,
+            optimizer="adamw",
+            lr=1e-3,
+            weight_decay=0.05,
+            label_smoothing=0.1,
+            warmup_epochs=1,
+            grad_clip=5.0,
+        ),
+    ),
+    (
+        "ds_cnn",
+        "*",
+        dict(
+            epochs=30,
+            batch_size=100,
+            optimizer="adamw",
+            lr=3e-3,
+            weight_decay=1e-4,
+            label_smoothing=0.1,
+            warmup_epochs=1,
+        ),
+    ),
+    (
+        "resnet",
+        "*",
+        dict(
+            epochs=15,
+            batch_size=128,
+            optimizer="sgd",
+            lr=0.1,
+            weight_decay=5e-4,
+            label_smoothing=0.1,
+            warmup_epochs=1,
+        ),
+    ),
 ]
 
 

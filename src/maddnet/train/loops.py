@@ -31,8 +31,9 @@ def logits_loss(loss_fn: LossFn | None = None) -> ComputeLoss:
     one forward pass of the model, then ``loss_fn`` on its logits."""
     loss_fn = loss_fn or nn.CrossEntropyLoss()
 
-    def compute_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(
+        model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(inputs)
         return loss_fn(logits, labels), logits
 
@@ -118,18 +119,18 @@ def train_steps(
     model.train()
     step, stop = start_step, False
     loss_sum, correct_sum, sample_sum = 0.0, 0, 0
-    bar = tqdm(total=total, initial=start_step, disable=not progress, desc=desc,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=total, initial=start_step, disable=not progress, desc=desc, dynamic_ncols=True, mininterval=1.0
+    )
     while step < total and not stop:
         epoch = step // steps_per_epoch
         for inputs, labels in _batches_from(loader, step, steps_per_epoch):
-            labels = labels.to(device, non_blocking=True)
+            batch = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             loss_value, correct, lr = _optimizer_step(
-                model, optimizer, scheduler, compute_loss,
-                inputs.to(device, non_blocking=True), labels, grad_clip)
+                model, optimizer, scheduler, compute_loss, *batch, grad_clip
+            )
             step += 1
-            info = StepInfo(step=step, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                            loss=loss_value, correct=correct, samples=labels.shape[0], lr=lr)
+            info = StepInfo(step, epoch, steps_per_epoch, loss_value, correct, labels.shape[0], lr)
             loss_sum += info.loss * info.samples
             correct_sum += info.correct
             sample_sum += info.samples
@@ -139,8 +140,11 @@ def train_steps(
             if stop or step >= total or step % steps_per_epoch == 0:
                 break
     bar.close()
-    return {"loss": loss_sum / max(sample_sum, 1), "top1": correct_sum / max(sample_sum, 1),
-            "steps": step - start_step}
+    return {
+        "loss": loss_sum / max(sample_sum, 1),
+        "top1": correct_sum / max(sample_sum, 1),
+        "steps": step - start_step,
+    }
 
 
 def _step_budget(loader: DataLoader, steps: int | None, epochs: float | None) -> tuple[int, int]:
@@ -211,8 +215,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     loss_sum, top1, top5, count = 0.0, 0, 0, 0
-    for inputs, labels in tqdm(loader, disable=not progress, desc=desc, dynamic_ncols=True,
-                               leave=False):
+    for inputs, labels in tqdm(loader, disable=not progress, desc=desc, dynamic_ncols=True, leave=False):
         inputs = inputs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         logits = model(inputs)
@@ -225,5 +228,4 @@ def evaluate(
     loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], device)
     if count == 0:
         raise ValueError("evaluate got an empty loader")
-    return {"top1": top1 / count, "top5": top5 / count, "loss": loss_sum / count,
-            "samples": int(count)}
+    return {"top1": top1 / count, "top5": top5 / count, "loss": loss_sum / count, "samples": int(count)}

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
-                 ) -> list[int]:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """For logits (N, classes) and labels (N,): how many labels are among the k highest
     logits, for each k (k is capped at the number of classes)."""
     max_k = min(max(ks), logits.shape[1])

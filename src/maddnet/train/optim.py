@@ -25,22 +25,26 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(params: list[dict] | nn.Module, name: str, lr: float, weight_decay: float,
-                    momentum: float = 0.9, nesterov: bool = True) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[dict] | nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
     """``sgd`` (momentum, optionally Nesterov) or ``adamw``; ``params`` is a model (default
     groups from :func:`parameter_groups`) or explicit parameter groups."""
     if isinstance(params, nn.Module):
         params = parameter_groups(params, weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov,
-                               weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adamw'")
 
 
-def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int,
-                         min_ratio: float = 0.0) -> float:
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
     """LR multiplier at ``step``: linear ramp from 1/(warmup+1) to 1 over ``warmup_steps``,
     then cosine decay to ``min_ratio`` at ``total_steps``."""
     if step < warmup_steps:
@@ -50,9 +54,10 @@ def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int,
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
-                           warmup_steps: int = 0, min_ratio: float = 0.0
-                           ) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step LambdaLR with :func:`warmup_cosine_factor` (call ``step()`` every step)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, min_ratio))
+        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, min_ratio)
+    )

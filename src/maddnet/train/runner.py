@@ -64,30 +64,62 @@ def model_kwargs_for(model: str, info: DatasetInfo, given: dict[str, Any]) -> di
     return kwargs
 
 
-def build_loaders(config: TrainConfig, dist_info: DistInfo, device: torch.device
-                  ) -> tuple[DataLoader, DataLoader, DatasetInfo]:
-    train_set = create_dataset(config.dataset, "train", config.data_root, augment=config.augment,
-                               seed=config.seed, **config.dataset_kwargs)
-    eval_set = create_dataset(config.dataset, config.eval_split, config.data_root, augment=False,
-                              seed=config.seed, **config.dataset_kwargs)
+def build_loaders(
+    config: TrainConfig, dist_info: DistInfo, device: torch.device
+) -> tuple[DataLoader, DataLoader, DatasetInfo]:
+    train_set = create_dataset(
+        config.dataset,
+        "train",
+        config.data_root,
+        augment=config.augment,
+        seed=config.seed,
+        **config.dataset_kwargs,
+    )
+    eval_set = create_dataset(
+        config.dataset,
+        config.eval_split,
+        config.data_root,
+        augment=False,
+        seed=config.seed,
+        **config.dataset_kwargs,
+    )
     pin = device.type == "cuda"
     train_loader = DataLoader(
-        train_set, batch_size=config.batch_size, drop_last=True, num_workers=config.num_workers,
+        train_set,
+        batch_size=config.batch_size,
+        drop_last=True,
+        num_workers=config.num_workers,
         pin_memory=pin,
-        sampler=ResumableSampler(len(train_set), shuffle=True, seed=config.seed,
-                                 rank=dist_info.rank, world_size=dist_info.world_size))
+        sampler=ResumableSampler(
+            len(train_set),
+            shuffle=True,
+            seed=config.seed,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+        ),
+    )
     eval_loader = DataLoader(
-        eval_set, batch_size=config.eval_batch_size, num_workers=config.num_workers,
+        eval_set,
+        batch_size=config.eval_batch_size,
+        num_workers=config.num_workers,
         pin_memory=pin,
-        sampler=ResumableSampler(len(eval_set), shuffle=False, rank=dist_info.rank,
-                                 world_size=dist_info.world_size, pad=False))
+        sampler=ResumableSampler(
+            len(eval_set), shuffle=False, rank=dist_info.rank, world_size=dist_info.world_size, pad=False
+        ),
+    )
     return train_loader, eval_loader, train_set.info
 
 
 def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
     kwargs = model_kwargs_for(config.model, info, config.model_kwargs)
-    return create_model(config.model, num_classes=info.num_classes, in_chans=info.in_chans,
-                        checkpoint=config.init_checkpoint, strict=False, **kwargs)
+    return create_model(
+        config.model,
+        num_classes=info.num_classes,
+        in_chans=info.in_chans,
+        checkpoint=config.init_checkpoint,
+        strict=False,
+        **kwargs,
+    )
 
 
 def _check_resumable(out_dir: Path, config: TrainConfig) -> dict[str, Any]:
@@ -100,8 +132,10 @@ def _check_resumable(out_dir: Path, config: TrainConfig) -> dict[str, Any]:
     differences = config_differences(saved, config)
     if differences:
         details = "; ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in differences.items())
-        raise ValueError(f"{out_dir} holds a run with a different config ({details}); "
-                         "use another out_dir or delete the old run")
+        raise ValueError(
+            f"{out_dir} holds a run with a different config ({details}); "
+            "use another out_dir or delete the old run"
+        )
     now = config.to_dict()
     return {k: v for k, v in now.items() if saved.to_dict()[k] != v}
 
@@ -165,17 +199,25 @@ class _TrainingRun:
         seed_everything(config.seed)
         self.train_loader, self.eval_loader, info = build_loaders(config, dist_info, device)
         self.model = build_model(config, info).to(device)
-        self.optimizer = build_optimizer(self.model, config.optimizer, config.lr,
-                                         config.weight_decay, config.momentum, config.nesterov)
+        self.optimizer = build_optimizer(
+            self.model, config.optimizer, config.lr, config.weight_decay, config.momentum, config.nesterov
+        )
         steps_per_epoch = len(self.train_loader)
         self.total_steps = int(round(config.epochs * steps_per_epoch))
         self.scheduler = warmup_cosine_schedule(
-            self.optimizer, self.total_steps, int(round(config.warmup_epochs * steps_per_epoch)),
-            config.min_lr_ratio)
+            self.optimizer,
+            self.total_steps,
+            int(round(config.warmup_epochs * steps_per_epoch)),
+            config.min_lr_ratio,
+        )
         self.metrics = JsonlWriter(self.out_dir / "metrics.jsonl")
         self.ckpt_path = self.out_dir / CHECKPOINT_NAME
-        self.state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "epoch_sums": [0.0, 0.0, 0.0],
-                                      "last_eval": None}
+        self.state: dict[str, Any] = {
+            "step": 0,
+            "elapsed": 0.0,
+            "epoch_sums": [0.0, 0.0, 0.0],
+            "last_eval": None,
+        }
         self.eval_loss_fn = nn.CrossEntropyLoss()
         self.elapsed_before, self.started = 0.0, time.perf_counter()
 
@@ -191,8 +233,14 @@ class _TrainingRun:
             self.state = ckpt["state"]
             if self.dist_info.is_main:
                 self.metrics.truncate_after(self.state["step"])
-                self.metrics.write({"kind": "resume", "step": self.state["step"],
-                                    "time": time.time(), "changed_settings": changed_settings})
+                self.metrics.write(
+                    {
+                        "kind": "resume",
+                        "step": self.state["step"],
+                        "time": time.time(),
+                        "changed_settings": changed_settings,
+                    }
+                )
         if self.dist_info.enabled:
             self.model = nn.parallel.DistributedDataParallel(self.model)
         self.elapsed_before, self.started = self.state["elapsed"], time.perf_counter()
@@ -204,10 +252,17 @@ class _TrainingRun:
     def checkpoint(self) -> None:
         self.state["elapsed"] = self.elapsed()
         if self.dist_info.is_main:
-            save_checkpoint(self.ckpt_path, {
-                "model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": capture_rng_state(),
-                "state": self.state, "config": self.config.to_dict()})
+            save_checkpoint(
+                self.ckpt_path,
+                {
+                    "model": unwrap(self.model).state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": capture_rng_state(),
+                    "state": self.state,
+                    "config": self.config.to_dict(),
+                },
+            )
         barrier()
 
     def on_step(self, info: StepInfo) -> bool:
@@ -219,8 +274,16 @@ class _TrainingRun:
         sums[1] += info.correct
         sums[2] += info.samples
         if self.dist_info.is_main and info.step % config.log_every == 0:
-            self.metrics.write({"kind": "train", "step": info.step, "epoch": info.epoch,
-                                "loss": info.loss, "lr": info.lr, "elapsed": self.elapsed()})
+            self.metrics.write(
+                {
+                    "kind": "train",
+                    "step": info.step,
+                    "epoch": info.epoch,
+                    "loss": info.loss,
+                    "lr": info.lr,
+                    "elapsed": self.elapsed(),
+                }
+            )
         if info.epoch_done:
             self._end_epoch(info)
         if info.epoch_done or info.step % config.checkpoint_every == 0:
@@ -230,12 +293,17 @@ class _TrainingRun:
     def _end_epoch(self, info: StepInfo) -> None:
         """Evaluate, and log the evaluation with the epoch's train loss/accuracy."""
         loss_sum, correct, samples = all_reduce_sum(self.state["epoch_sums"], self.device)
-        result = evaluate(self.model, self.eval_loader, device=self.device,
-                          loss_fn=self.eval_loss_fn)
-        record = {"kind": "eval", "split": self.config.eval_split, "step": info.step,
-                  "epoch": info.epoch + 1, **result,
-                  "train_loss": loss_sum / max(samples, 1),
-                  "train_top1": correct / max(samples, 1), "elapsed": self.elapsed()}
+        result = evaluate(self.model, self.eval_loader, device=self.device, loss_fn=self.eval_loss_fn)
+        record = {
+            "kind": "eval",
+            "split": self.config.eval_split,
+            "step": info.step,
+            "epoch": info.epoch + 1,
+            **result,
+            "train_loss": loss_sum / max(samples, 1),
+            "train_top1": correct / max(samples, 1),
+            "elapsed": self.elapsed(),
+        }
         self.state["last_eval"] = record
         self.state["epoch_sums"] = [0.0, 0.0, 0.0]
         if self.dist_info.is_main:
@@ -249,11 +317,20 @@ class _TrainingRun:
         if self.state["step"] >= self.total_steps:
             return
         loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        train_steps(self.model, self.train_loader, self.optimizer, self.scheduler,
-                    steps=self.total_steps, start_step=self.state["step"], loss_fn=loss_fn,
-                    device=self.device, grad_clip=config.grad_clip, callback=self.on_step,
-                    progress=config.progress and self.dist_info.is_main,
-                    desc=f"{config.model}/{config.dataset}")
+        train_steps(
+            self.model,
+            self.train_loader,
+            self.optimizer,
+            self.scheduler,
+            steps=self.total_steps,
+            start_step=self.state["step"],
+            loss_fn=loss_fn,
+            device=self.device,
+            grad_clip=config.grad_clip,
+            callback=self.on_step,
+            progress=config.progress and self.dist_info.is_main,
+            desc=f"{config.model}/{config.dataset}",
+        )
         self.checkpoint()
 
     def finish(self) -> dict[str, Any]:
@@ -263,18 +340,27 @@ class _TrainingRun:
         finished = state["step"] >= self.total_steps
         final = state["last_eval"] if finished and state["last_eval"] else None
         if final is None or final["step"] != state["step"]:
-            final = {"kind": "eval", "step": state["step"], "split": config.eval_split,
-                     **evaluate(model, self.eval_loader, device=self.device,
-                                loss_fn=self.eval_loss_fn)}
-        results = {**{k: final[k] for k in ("top1", "top5", "loss", "samples", "split")},
-                   "step": state["step"], "total_steps": self.total_steps, "epochs": config.epochs,
-                   "finished": finished, "wall_time_s": self.elapsed(),
-                   "world_size": self.dist_info.world_size, "device": str(self.device),
-                   "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-                   "num_parameters": sum(p.numel() for p in unwrap(model).parameters())}
+            final = {
+                "kind": "eval",
+                "step": state["step"],
+                "split": config.eval_split,
+                **evaluate(model, self.eval_loader, device=self.device, loss_fn=self.eval_loss_fn),
+            }
+        results = {
+            **{k: final[k] for k in ("top1", "top5", "loss", "samples", "split")},
+            "step": state["step"],
+            "total_steps": self.total_steps,
+            "epochs": config.epochs,
+            "finished": finished,
+            "wall_time_s": self.elapsed(),
+            "world_size": self.dist_info.world_size,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "num_parameters": sum(p.numel() for p in unwrap(model).parameters()),
+        }
         if self.dist_info.is_main and finished:
             save_checkpoint(self.out_dir / "model.pt", unwrap(model).state_dict())
-            (self.out_dir / "results.json").write_text(
-                json.dumps(results, indent=2, sort_keys=True) + "\n")
+            (self.out_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         barrier()
         return results

@@ -40,7 +40,12 @@ class EncoderCost:
     reads: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"compares": self.compares, "adds": self.adds, "multiplies": self.multiplies, "reads": self.reads}
+        return {
+            "compares": self.compares,
+            "adds": self.adds,
+            "multiplies": self.multiplies,
+            "reads": self.reads,
+        }
 
 
 class Encoder(ABC):

@@ -57,7 +57,11 @@ class TreeEncoder(Encoder):
         self.thresholds_: torch.Tensor | None = None
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "ncandidates": self.ncandidates, "hash_objective": self.hash_objective}
+        return {
+            **super().get_config(),
+            "ncandidates": self.ncandidates,
+            "hash_objective": self.hash_objective,
+        }
 
     # ------------------------------------------------------------------ learning
     def fit(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> TreeEncoder:
@@ -65,7 +69,9 @@ class TreeEncoder(Encoder):
             raise ValueError('hash_objective="output" needs the weight: fit_encoder(A_train, B)')
         return super().fit(rows, weight)
 
-    def _fit_codes(self, rows: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fit_codes(
+        self, rows: torch.Tensor, weight: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ndims = rows.shape[1]
         bounds = hashing.subspace_bounds(ndims, self.ncodebooks)
         output_aware = self.hash_objective == "output"

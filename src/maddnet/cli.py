@@ -22,6 +22,7 @@ COMMANDS = [
     "maddnet.analysis.single_layer_cli",
     "maddnet.analysis.amm_cli",
     "maddnet.train.cli",
+    "maddnet.hw.energy_cli",
 ]
 
 

@@ -1,0 +1,33 @@
+"""Hardware side of maddnet: the energy model of MADD networks (``maddnet energy``).
+
+* :mod:`~maddnet.hw.costs`: the parameters (per-operation and per-byte constants with their
+  sources, the technology scaling rule, the accelerator configuration);
+* :mod:`~maddnet.hw.counts`: operation and memory-traffic counts per layer (MADD and dense);
+* :mod:`~maddnet.hw.network`: the layer shapes of a registry model or a run folder;
+* :mod:`~maddnet.hw.energy`: energies per layer and network, the headline reproduction;
+* :mod:`~maddnet.hw.report`: energy.json/.csv/.md/.png.
+
+The model, its constants and what they assume: docs/hardware.md.
+"""
+
+from .costs import AcceleratorConfig, CostModel, EnergyConstants, load_cost_model
+from .counts import LayerShape, MaddParams, dense_counts, madd_counts, record_shapes
+from .energy import NetworkEstimate, estimate, headline
+from .network import Network, load_network
+
+__all__ = [
+    "AcceleratorConfig",
+    "CostModel",
+    "EnergyConstants",
+    "LayerShape",
+    "MaddParams",
+    "Network",
+    "NetworkEstimate",
+    "dense_counts",
+    "estimate",
+    "headline",
+    "load_cost_model",
+    "load_network",
+    "madd_counts",
+    "record_shapes",
+]

@@ -15,6 +15,7 @@ from maddnet.nn import (
     MaddLinear,
     conversion_plan,
     convert,
+    kept_dense,
     load_converted,
     madd_type_for,
     prepare,
@@ -22,6 +23,7 @@ from maddnet.nn import (
     record_pass,
     register_pass,
     save_converted,
+    summary,
     unsupported_reason,
 )
 from maddnet.nn.plan import PLAN_FORMAT, set_submodule
@@ -131,3 +133,25 @@ def test_failed_convert_leaves_the_model_unchanged_and_prepared():
     model._maddnet_prepared.recorders["2"]._rows[3, 0] = 0.0  # fixed: the retry converts both
     convert(model)
     assert isinstance(model[0], MaddLinear) and isinstance(model[2], MaddLinear)
+
+
+def test_summary_lists_what_stays_dense_with_the_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+        nn.Flatten(),
+        nn.Linear(8 * 36, 4),
+    )
+    convert(model, [torch.randn(32, 3, 6, 6)], MaddConfig(min_rows=16))
+    text = summary(model, print_fn=None)
+    assert "kept dense (2 modules" in text
+    assert "1 (Conv2d, 80 weights): grouped/depthwise conv (groups=8)" in text
+    assert "2 (Conv2d, 584 weights): MaddConv2d supports padding_mode='zeros' only" in text
+    # attention projections are weights nn.MultiheadAttention uses directly: listed, not hidden
+    block = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    convert(block, [torch.randn(32, 8, 16)], MaddConfig(min_rows=16))
+    rows = kept_dense(block)
+    assert [r["name"] for r in rows] == ["layers.0.self_attn"] and "in_proj_weight" in rows[0]["reason"]
+    assert "layers.0.self_attn (MultiheadAttention, 1088 weights)" in summary(block, print_fn=None)

@@ -39,6 +39,19 @@ def subspace_bounds(ndims: int, ncodebooks: int) -> list[tuple[int, int]]:
 _ENCODE_BLOCK = 256
 
 
+class NonFiniteInputError(ValueError):
+    """A value an encoder reads is NaN or +-inf (no code is defined for it).
+
+    ``row`` and ``columns``: where :func:`encode` found it (the first such row and its
+    non-finite read columns); None when raised elsewhere (the MADD layers say where in
+    their input the value lies, in the message).
+    """
+
+    def __init__(self, message: str, row: int | None = None, columns: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.row, self.columns = row, columns
+
+
 def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Hash every row with every codebook's tree.
 
@@ -55,8 +68,10 @@ def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tenso
         others through :func:`encode_torch`; all give identical codes.
 
     Raises:
-        ValueError: a value the trees read is NaN or inf (the CPU kernels check these
-            for free; other values of ``rows`` cannot change the codes).
+        NonFiniteInputError: (a ``ValueError``) a value the trees read is NaN or inf (the
+            CPU kernels check these for free; other values of ``rows`` cannot change the
+            codes). :func:`encode_torch` (other devices) does not check: reading the
+            answer back would cost a host synchronisation.
     """
     if rows.device.type != "cpu" or thresholds.device.type != "cpu":
         return encode_torch(rows, split_dims, thresholds)
@@ -77,7 +92,9 @@ def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tenso
         read = values[start : start + _ENCODE_BLOCK][:, np.unique(dims)]
         row = start + int(np.argmax(~np.isfinite(read).all(axis=1)))
         cols = sorted({int(j) for j in dims.reshape(-1) if not np.isfinite(values[row, j])})
-        raise ValueError(f"A contains NaN/inf in row {row}, column(s) {cols} read by the encoder")
+        raise NonFiniteInputError(
+            f"A contains NaN/inf in row {row}, column(s) {cols} read by the encoder", row, cols
+        )
     return torch.from_numpy(codes)
 
 

@@ -66,6 +66,19 @@ class QuantizedLut:
         return self.values.shape[0] / (2 * self.scale)
 
 
+def unchanged_since(tensor: torch.Tensor, snapshot: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` still holds exactly the values of ``snapshot`` (a copy taken when
+    something was derived from it).
+
+    Version counters miss in-place writes through ``.data``, so the values are compared. On
+    CPU that is one pass over both; on other devices the answer is False (re-derive), since
+    reading the comparison's result would stall on a host synchronisation.
+    """
+    if snapshot is None or tensor.device.type != "cpu" or snapshot.device != tensor.device:
+        return False
+    return snapshot.shape == tensor.shape and snapshot.dtype == tensor.dtype and torch.equal(snapshot, tensor)
+
+
 def quantize_lut(lut: torch.Tensor, bits: int = 8, granularity: str = "codebook") -> QuantizedLut:
     """Quantise a float LUT to ``bits``-bit unsigned integers.
 

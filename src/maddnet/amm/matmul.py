@@ -104,6 +104,9 @@ class MaddnessMatmul:
         self.lut_q_: lut.QuantizedLut | None = None
         self._lut_q_table: torch.Tensor | None = None
         self._packed: lut.PackedLut | None | bool = False  # False: not made yet (see _decode)
+        # what the derived tables were made from (see _refresh_derived)
+        self._lut_source: torch.Tensor | None = None
+        self._lut_q_source: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
@@ -163,7 +166,9 @@ class MaddnessMatmul:
             raise ValueError('hash_objective="output" needs the weight: fit_encoder(A_train, B)')
         if B is not None:
             weight = self._check_weight(B, rows.shape[1]).float().to(rows.device)
-        self.encoder_ = self._new_encoder().fit(rows, weight)
+        # autocast would run the ridge regression in reduced precision and round the result
+        with torch.autocast(rows.device.type, enabled=False):
+            self.encoder_ = self._new_encoder().fit(rows, weight)
         self.lut_ = None
         self.lut_q_ = None
         self._lut_q_table = None
@@ -174,7 +179,8 @@ class MaddnessMatmul:
         """Build the LUTs of weight ``B`` (D, M) for the learned encoder."""
         self._require_encoder()
         weight = self._check_weight(B, self.input_dim)
-        self._set_lut(lut.build_lut(self.prototypes_, weight.to(self.prototypes_.device)))
+        with torch.autocast(self.prototypes_.device.type, enabled=False):  # an exact float32 LUT
+            self._set_lut(lut.build_lut(self.prototypes_, weight.to(self.prototypes_.device)))
         return self
 
     def _set_lut(self, table: torch.Tensor) -> None:
@@ -185,6 +191,25 @@ class MaddnessMatmul:
         else:
             self.lut_q_ = lut.quantize_lut(table, self.lut_bits, self.lut_granularity)
             self._lut_q_table = self.lut_q_.sum_table()
+        self._remember_sources()
+
+    def _remember_sources(self) -> None:
+        """Snapshot what the derived tables were made from (CPU only, see ``unchanged_since``)."""
+        on_cpu = self.lut_ is not None and self.lut_.device.type == "cpu"
+        self._lut_source = self.lut_.clone() if on_cpu and self.lut_q_ is not None else None
+        self._lut_q_source = self.lut_q_.values.clone() if on_cpu and self.lut_q_ is not None else None
+
+    def _refresh_derived(self) -> None:
+        """Re-derive the integer LUT from ``lut_``, and the sum / packed tables from ``lut_q_``,
+        when their values changed since they were made (in-place edits of the fitted
+        tensors included), so decoding always follows ``lut_``."""
+        if self.lut_q_ is None:
+            return
+        if not lut.unchanged_since(self.lut_, self._lut_source):
+            self._set_lut(self.lut_)
+        elif not lut.unchanged_since(self.lut_q_.values, self._lut_q_source):
+            self._lut_q_table, self._packed = self.lut_q_.sum_table(), False
+            self._remember_sources()
 
     @staticmethod
     def _check_weight(B: ArrayLike, ndims: int) -> torch.Tensor:
@@ -216,6 +241,7 @@ class MaddnessMatmul:
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         if self.lut_q_ is None:
             return lut.lut_sum(codes, self.lut_)
+        self._refresh_derived()
         if self._packed is False:  # made on first use after every change of the LUT
             self._packed = lut.pack_lut(self.lut_q_)
         if self._packed is not None and codes.device.type == "cpu":
@@ -269,6 +295,7 @@ class MaddnessMatmul:
                 q.values.to(device), q.offsets.to(device), q.scale.to(device), q.bits
             )
         self._packed = False
+        self._remember_sources()
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -304,6 +331,7 @@ class MaddnessMatmul:
                     state["lut_q_values"], state["lut_q_offsets"], state["lut_q_scale"], self.lut_bits
                 )
                 self._lut_q_table = self.lut_q_.sum_table()
+        self._remember_sources()
         return self
 
     def save(self, path: str | os.PathLike) -> None:

@@ -11,10 +11,11 @@ from .convert import (
     summary,
     unprepare,
 )
+from .diagnostics import dead_layers, reestimate_batchnorm, threshold_activity
 from .encoders import EncoderModule, TreeEncoderModule, register_encoder_module
 from .functional import madd_lut, madd_lut_encoded
-from .layers import MaddConv2d, MaddLayer, MaddLinear, register_fast_path
-from .mapping import DEFAULT_MAPPING, madd_type_for, unsupported_reason
+from .layers import MaddConv2d, MaddLayer, MaddLinear, MaddUnsupportedError, register_fast_path
+from .mapping import DEFAULT_MAPPING, kept_dense, madd_type_for, unsupported_reason
 from .plan import (
     conversion_plan,
     load_converted,
@@ -35,14 +36,17 @@ __all__ = [
     "MaddConv2d",
     "MaddLayer",
     "MaddLinear",
+    "MaddUnsupportedError",
     "RowRecorder",
     "TreeEncoderModule",
     "calibrate",
     "conversion_plan",
     "convert",
     "convert_layer",
+    "dead_layers",
     "default_codebooks",
     "learn_layer",
+    "kept_dense",
     "load_converted",
     "madd_layers",
     "madd_lut",
@@ -51,12 +55,14 @@ __all__ = [
     "prepare",
     "rebuild",
     "record_inputs",
+    "reestimate_batchnorm",
     "record_pass",
     "register_encoder_module",
     "register_fast_path",
     "register_pass",
     "save_converted",
     "summary",
+    "threshold_activity",
     "unprepare",
     "unsupported_reason",
 ]

@@ -80,11 +80,21 @@ class MaddConfig:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.layers)
 
     def select(self, model: nn.Module) -> dict[str, nn.Module]:
-        """``{name: module}`` of the layers to convert; raises on unsupported selections."""
+        """``{name: module}`` of the layers to convert; raises on unsupported selections.
+
+        Selection works on module objects: a module registered under several names (a
+        shared module) is selected once, under its first name, when ``layers`` selects any
+        of its names and ``exclude`` none of them (its conversion replaces it everywhere).
+        """
         chosen = {}
-        for name, module in named_leaf_layers(model):
-            if not self.selects(name, module):
+        matched_names = []
+        for module, names in leaf_layers_with_names(model):
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in self.exclude):
                 continue
+            if not any(self.selects(n, module) for n in names):
+                continue
+            name = names[0]
+            matched_names.extend(names)
             reason = unsupported_reason(module)
             if reason is not None:
                 # a wrong type is a TypeError; a convertible type in an unsupported setting a ValueError
@@ -98,7 +108,7 @@ class MaddConfig:
             raise ValueError(f"MaddConfig selects no layer of the model (layers={self.layers!r})")
         if self.layers is not None and not callable(self.layers):
             for pattern in self.layers:
-                if not any(fnmatch.fnmatchcase(name, pattern) for name in chosen):
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in matched_names):
                     raise ValueError(f"layer pattern {pattern!r} matches no convertible layer")
         return chosen
 
@@ -131,10 +141,22 @@ class MaddConfig:
 
 
 def named_leaf_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules without children (the layers a conversion could replace)."""
+    """Named modules without children (the layers a conversion could replace), each once:
+    a shared module under its first name (see :func:`leaf_layers_with_names`)."""
     for name, module in model.named_modules():
         if name and not any(True for _ in module.children()):
             yield name, module
+
+
+def leaf_layers_with_names(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """Every module without children once, with every name it is registered under (first
+    the one ``named_modules()`` gives it), in ``named_modules()`` order. A shared module
+    (``self.b = self.a``, a block used twice) has several names."""
+    found: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and not any(True for _ in module.children()):
+            found.setdefault(id(module), (module, []))[1].append(name)
+    return list(found.values())
 
 
 def default_codebooks(module: nn.Module, codebook_width: int = 8) -> int:

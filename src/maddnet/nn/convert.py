@@ -22,10 +22,15 @@ data) and loads the weights.
 
 Which dense type becomes which MADD type, and which instances cannot be converted, is
 :mod:`maddnet.nn.mapping`; every function here asks it.
+
+A module registered under several names (``self.b = self.a``, a block used twice) is one
+layer: it is selected, recorded (its hook sees every call site) and learned once, under its
+first name, and the one MADD layer is swapped in at every name (:func:`~maddnet.nn.plan.replace_module`).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +39,10 @@ import torch
 from torch import nn
 
 from .config import MaddConfig
+from .diagnostics import _default_forward, dead_layers, has_batchnorm
 from .layers import _MaddLayer
-from .mapping import input_dim, madd_type_for, unsupported_reason
-from .plan import madd_layers, set_submodule
+from .mapping import input_dim, kept_dense, madd_type_for, unsupported_reason
+from .plan import madd_layers, module_names, replace_module
 from .recording import RowRecorder, capacity_for, record_hook
 
 _PREPARED_ATTR = "_maddnet_prepared"
@@ -81,29 +87,30 @@ def unprepare(model: nn.Module) -> nn.Module:
     return model
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Sequence) and not isinstance(batch, torch.Tensor):
-        batch = batch[0]  # (inputs, targets) pairs
-    if isinstance(batch, dict):
-        return model(**batch)
-    return model(batch)
-
-
 def calibrate(model: nn.Module, loader: Iterable, forward_fn: ForwardFn | None = None) -> None:
     """Run ``loader``'s batches through ``model`` in eval mode without gradients.
 
     Batches are ``inputs``, ``(inputs, targets, ...)`` or a dict of keyword inputs; pass
-    ``forward_fn(model, batch)`` for anything else. The model's train/eval mode is restored.
+    ``forward_fn(model, batch)`` for anything else. Every module's train/eval mode is
+    restored (a model with some modules in eval mode, e.g. frozen BatchNorm, keeps them so).
     """
     forward_fn = forward_fn or _default_forward
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
             for batch in loader:
                 forward_fn(model, batch)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
+
+
+def _keep_first(loader: Iterable, first: list) -> Iterable:
+    for batch in loader:
+        if not first:
+            first.append(batch)
+        yield batch
 
 
 # ---------------------------------------------------------------------- convert
@@ -112,18 +119,24 @@ def convert(
     calibration_loader: Iterable | None = None,
     config: MaddConfig | None = None,
     forward_fn: ForwardFn | None = None,
+    check_training: bool = True,
 ) -> nn.Module:
     """Learn every selected layer from its recorded rows and swap it in (in place).
 
     With a ``calibration_loader`` this prepares (with ``config``) and calibrates first;
-    without one the model must have been prepared and calibrated.
+    without one the model must have been prepared and calibrated. Then, with
+    ``check_training``, a model with BatchNorm runs the first calibration batch once more in
+    train mode (state restored) and a ``UserWarning`` names the MADD layers that training
+    could not move (:func:`maddnet.nn.diagnostics.dead_layers`: calibration ran in eval mode,
+    training normalises with batch statistics).
     """
     prepared = getattr(model, _PREPARED_ATTR, None)
+    first: list = []
     if calibration_loader is not None:
         if prepared is None:
             prepare(model, config)
             prepared = getattr(model, _PREPARED_ATTR)
-        calibrate(model, calibration_loader, forward_fn)
+        calibrate(model, _keep_first(calibration_loader, first), forward_fn)
     if prepared is None:
         raise RuntimeError(
             "model is not prepared: call prepare(model, config) and run calibration batches, "
@@ -141,10 +154,30 @@ def convert(
     }
     prepared.remove_hooks()
     object.__delattr__(model, _PREPARED_ATTR)
+    names = module_names(model)
+    warn_shared_parameters(model, list(learned))
     for name, layer in learned.items():
         layer.train(model.get_submodule(name).training)
-        set_submodule(model, name, layer)
+        replace_module(model, name, layer, names)
+    if check_training and first and has_batchnorm(model):
+        _check_training(model, first[0], forward_fn)
     return model
+
+
+def _check_training(model: nn.Module, batch: Any, forward_fn: ForwardFn | None) -> None:
+    """:func:`~maddnet.nn.diagnostics.dead_layers` on one batch (it warns, naming the dead
+    layers). A model that cannot run this batch in train mode (a batch of one through
+    BatchNorm, a model that wants targets when training) is not checked: a warning says so."""
+    try:
+        dead_layers(model, [batch], train=True, forward_fn=forward_fn)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
+        warnings.warn(
+            f"convert(): the dead-layer check could not run the first calibration batch in train "
+            f"mode ({type(error).__name__}: {error}); call maddnet.nn.diagnostics.dead_layers(model, "
+            "batches, forward_fn=...) yourself, or pass check_training=False",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_rows(name: str, rows: torch.Tensor | None, config: MaddConfig) -> None:
@@ -192,8 +225,36 @@ def convert_layer(
     module = model.get_submodule(name)
     layer = learn_layer(name, module, rows, config)
     layer.train(module.training)
-    set_submodule(model, name, layer)
+    warn_shared_parameters(model, [name])
+    replace_module(model, name, layer)
     return layer
+
+
+def warn_shared_parameters(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Warn about layers among ``names`` whose parameters other modules hold too (tied
+    weights: ``head.weight = embed.weight``). The MADD layer's LUT is learned from the
+    weight's value now; the other module keeps the dense parameter, so the tie ends (later
+    updates of one do not reach the other). A layer shared as a whole module is not tied in
+    this sense: it is replaced at all its names. Returns the warning lines."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    aliases = module_names(model)
+    lines = []
+    for name in names:
+        module = model.get_submodule(name)
+        own_prefixes = tuple(f"{alias}." for alias in aliases.get(id(module), [name]))
+        for pname, param in module.named_parameters(recurse=False):
+            others = [o for o in owners.get(id(param), []) if not o.startswith(own_prefixes)]
+            if others:
+                lines.append(
+                    f"layer {name!r} shares its parameter {pname!r} with {others}: the MADD layer is "
+                    "learned from its value now and the tie ends (the other module keeps the dense "
+                    "parameter; later updates of one do not reach the other)"
+                )
+    for line in lines:
+        warnings.warn(line, UserWarning, stacklevel=3)
+    return lines
 
 
 def record_inputs(
@@ -207,27 +268,32 @@ def record_inputs(
     """Input rows of the named layers on ``loader``'s batches: ``{name: (N, D) CPU rows}``.
 
     Bounded like :func:`prepare` (``max_rows`` overrides ``config.max_rows``). The model
-    runs as it is now, e.g. with some layers already converted.
+    runs as it is now, e.g. with some layers already converted. A shared module is recorded
+    once (the inputs of all its call sites); two names of it get the same rows.
     """
     config = config or MaddConfig()
     max_rows = config.max_rows if max_rows is None else max_rows
     recorders, handles = {}, []
+    by_module: dict[int, RowRecorder] = {}  # one recorder per module: names of a shared one share it
     try:
         for index, name in enumerate(names):
             module = model.get_submodule(name)
+            if id(module) in by_module:
+                recorders[name] = by_module[id(module)]
+                continue
             reason = unsupported_reason(module)
             if reason is not None:
                 raise TypeError(f"layer {name!r} cannot be recorded for a MADD layer: {reason}")
             capacity = capacity_for(input_dim(module), max_rows, config.max_bytes_per_layer)
-            recorders[name] = RowRecorder(capacity, seed=config.seed + index)
+            recorders[name] = by_module[id(module)] = RowRecorder(capacity, seed=config.seed + index)
             handles.append(module.register_forward_pre_hook(record_hook(recorders[name], module)))
         calibrate(model, loader, forward_fn)
     finally:
         for handle in handles:
             handle.remove()
-    result = {}
+    result, rows_of = {}, {}
     for name, recorder in recorders.items():
-        rows = recorder.rows()
+        rows = rows_of.setdefault(id(recorder), recorder.rows())
         if rows is None:
             raise RuntimeError(f"layer {name!r} saw no input while running the loader")
         result[name] = rows
@@ -236,14 +302,18 @@ def record_inputs(
 
 # ---------------------------------------------------------------------- inspect
 def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> str:
-    """Table of the MADD layers (name, kind, D, M, C, K, LUT bits/bytes, encoder reads)."""
+    """Table of the MADD layers (name, kind, D, M, C, K, LUT bits/bytes, encoder reads).
+
+    A shared layer is one row (counted once in the totals), named ``first (= other, ...)``."""
     header = ("name", "kind", "D", "M", "C", "K", "D/C", "lut_bits", "lut_bytes", "reads")
     rows = []
     total_bytes = total_reads = 0
+    names = module_names(model)
     for name, layer in madd_layers(model).items():
+        aliases = [n for n in names[id(layer)] if n != name]
         rows.append(
             (
-                name,
+                f"{name} (= {', '.join(aliases)})" if aliases else name,
                 layer.kind,
                 layer.in_dim,
                 layer.out_dim,
@@ -268,7 +338,25 @@ def summary(model: nn.Module, print_fn: Callable[[str], Any] | None = print) -> 
 
     lines = [align(row) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += _kept_dense_lines(model)
     text = "\n".join(lines)
     if print_fn is not None:
         print_fn(text)
     return text
+
+
+def _kept_dense_lines(model: nn.Module) -> list[str]:
+    """The weight-multiplying modules still dense, with why, and the share of the weights
+    (dense-equivalent D x M per MADD layer) that the MADD layers replace."""
+    kept = kept_dense(model)
+    if not kept:
+        return []
+    replaced = sum(layer.in_dim * layer.out_dim for layer in madd_layers(model).values())
+    dense = sum(int(row["weights"]) for row in kept)
+    share = 100 * replaced / max(replaced + dense, 1)
+    lines = [
+        "",
+        f"kept dense ({len(kept)} modules, {dense} weights; {share:.1f} % of the weights are replaced):",
+    ]
+    lines += [f"  {row['name']} ({row['type']}, {row['weights']} weights): {row['reason']}" for row in kept]
+    return lines

@@ -26,6 +26,8 @@ recursion and the LUT gradient; elsewhere the same maths runs in tensor ops.
 
 from __future__ import annotations
 
+import contextlib
+
 import numba
 import numpy as np
 import torch
@@ -37,6 +39,42 @@ from .spec import SURROGATES
 
 # Elements of one (rows, C, K) temporary in the surrogate backward; bounds its memory.
 _SURROGATE_CHUNK_ELEMENTS = 1 << 25
+
+# dtypes MADD computes in float32 (the numba kernels take float32 / float64 only)
+REDUCED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype MADD arithmetic runs in for tensors of ``dtype``: float32 for float16 and
+    bfloat16 (compares, LUT sums, de-quantisation and the surrogate backward in float32),
+    otherwise ``dtype`` itself."""
+    return torch.float32 if dtype in REDUCED_DTYPES else dtype
+
+
+def widen(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` in float32 if it is float16 / bfloat16 (a differentiable cast: gradients
+    flow back in the original dtype), else unchanged."""
+    return tensor.float() if tensor is not None and tensor.dtype in REDUCED_DTYPES else tensor
+
+
+def widen_quantized(quantized: QuantizedLut | None) -> QuantizedLut | None:
+    """``quantized`` with float16 / bfloat16 offsets and scale in float32 (a model cast to
+    bfloat16 casts those buffers too; the C offsets and the integer sums are then added in
+    float32, not rounded to bfloat16 at every step)."""
+    if quantized is None or (
+        quantized.offsets.dtype not in REDUCED_DTYPES and quantized.scale.dtype not in REDUCED_DTYPES
+    ):
+        return quantized
+    return QuantizedLut(quantized.values, widen(quantized.offsets), widen(quantized.scale), quantized.bits)
+
+
+def no_autocast(device_type: str):
+    """A context that turns autocast off on ``device_type`` where it is on (MADD maths runs
+    in float32: autocast would round the surrogate's products to bfloat16 / float16, and
+    the numba kernels take no reduced-precision arrays), else a no-op."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def compact_split_dims(ncodebooks: int, depth: int, device: torch.device) -> torch.Tensor:
@@ -55,8 +93,10 @@ def lut_gradient(codes: torch.Tensor, grad_out: torch.Tensor, nprototypes: int) 
     """Exact LUT gradient: codes (N, C), grad_out (N, M) -> (C, K, M).
 
     A numba kernel on CPU; elsewhere one ``index_add_`` per codebook. No (N, C, M)
-    temporary is formed.
+    temporary is formed. A float16 / bfloat16 ``grad_out`` is summed in float32 (so is
+    the result).
     """
+    grad_out = widen(grad_out)
     if codes.device.type == "cpu":
         nparts = max(1, min(numba.get_num_threads(), codes.shape[0] // 1024))
         grad = _kernels.lut_gradient(
@@ -96,8 +136,14 @@ def tree_surrogate_grads(
         grad_out: (N, M) gradient of the loss w.r.t. the layer output (bias excluded).
 
     Returns:
-        (grad_values (N, C, L) or None, grad_thresholds (C, K-1) or None).
+        (grad_values (N, C, L) or None, grad_thresholds (C, K-1) or None), in the dtype of
+        ``values`` (computed in float32 for float16 / bfloat16 values).
     """
+    if values.dtype in REDUCED_DTYPES:
+        grads = tree_surrogate_grads(
+            values.float(), thresholds, table, temperature, grad_out, need_values, need_thresholds
+        )
+        return tuple(None if g is None else g.to(values.dtype) for g in grads)
     ncodebooks, nprototypes = table.shape[:2]
     flat_table = table.reshape(ncodebooks * nprototypes, -1).to(values.dtype)
     thresholds = thresholds.detach().to(values.dtype)
@@ -190,9 +236,14 @@ def path_surrogate_grads(
     the other way at that node (then descending hard); its gradient is
     ``p'(x_t) * grad_out . (T[right leaf] - T[left leaf])``, ``p = (1 + tanh((x_t - v)/tau))/2``.
     This is the soft tree's gradient with every other node taken as hard, at L instead of
-    K - 1 nodes and L instead of K leaf products per row and codebook. Shapes as in
-    :func:`tree_surrogate_grads`, plus codes (N, C).
+    K - 1 nodes and L instead of K leaf products per row and codebook. Shapes (and dtypes)
+    as in :func:`tree_surrogate_grads`, plus codes (N, C).
     """
+    if values.dtype in REDUCED_DTYPES:
+        grads = path_surrogate_grads(
+            values.float(), thresholds, table, temperature, grad_out, codes, need_values, need_thresholds
+        )
+        return tuple(None if g is None else g.to(values.dtype) for g in grads)
     values = values.detach()
     thresholds = thresholds.detach().to(values.dtype)
     inv_tau = 1.0 / temperature.to(values.dtype)
@@ -308,6 +359,11 @@ class MaddLutFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with no_autocast(grad_out.device.type):  # backward() called inside an autocast region
+            return MaddLutFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         values, table, codes, *tensors = ctx.saved_tensors
         need_values, need_lut = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_tensors = ctx.needs_input_grad[8:]
@@ -336,13 +392,27 @@ def madd_lut_encoded(
     With ``quantized`` (the integer version of ``lut``) the forward pass sums the integer
     LUT and the gradient goes straight through to the float ``lut`` (QAT). ``codes`` (N, C),
     if the caller has them already, must be ``encoder.encode_values(values)``.
+
+    float16 / bfloat16 values, LUTs and encoder tensors are widened to float32 for the
+    computation (autocast is off inside); the result has the dtype of ``values``, the
+    gradients the dtype of each input.
     """
+    tensors = encoder.surrogate_tensors()
+    return _apply_widened(values, lut, quantized, codes, encoder, tensors)
+
+
+def _apply_widened(values, lut, quantized, codes, encoder, tensors) -> torch.Tensor:
+    """:class:`MaddLutFunction` on float16 / bfloat16 inputs widened to float32; the output
+    in the dtype of ``values``."""
+    quantized = widen_quantized(quantized)
     q = (
         (None, None, None, 0)
         if quantized is None
         else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
     )
-    return MaddLutFunction.apply(values, lut, *q, codes, encoder, *encoder.surrogate_tensors())
+    with no_autocast(values.device.type):
+        out = MaddLutFunction.apply(widen(values), widen(lut), *q, codes, encoder, *map(widen, tensors))
+    return out.to(values.dtype) if values.dtype in REDUCED_DTYPES else out
 
 
 def madd_lut(
@@ -364,9 +434,4 @@ def madd_lut(
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     rule = _TreeRule(thresholds, surrogate)
-    q = (
-        (None, None, None, 0)
-        if quantized is None
-        else (quantized.values, quantized.offsets, quantized.scale, quantized.bits)
-    )
-    return MaddLutFunction.apply(values, lut, *q, codes, rule, thresholds, temperature)
+    return _apply_widened(values, lut, quantized, codes, rule, (thresholds, temperature))

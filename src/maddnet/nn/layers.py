@@ -39,15 +39,31 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from ..amm import MaddnessMatmul, NotFittedError
-from ..amm.lut import QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum
+from ..amm.hashing import NonFiniteInputError
+from ..amm.lut import QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum, unchanged_since
 from .encoders import TreeEncoderModule, encoder_module_class
-from .functional import madd_lut_encoded
-from .patches import ConvGeometry, MaddConvFunction, conv_lut_forward, encode_patches, gather_patch_columns
+from .functional import compute_dtype, madd_lut_encoded, no_autocast, widen, widen_quantized
+from .patches import (
+    ConvGeometry,
+    MaddConvFunction,
+    conv_lut_forward,
+    encode_patches,
+    gather_patch_columns,
+    nonfinite_tap,
+)
 from .spec import DEFAULT_TEMPERATURE, LayerSpec, spec_with
 
-__all__ = ["DEFAULT_TEMPERATURE", "MaddConv2d", "MaddLayer", "MaddLinear", "register_fast_path"]
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "MaddConv2d",
+    "MaddLayer",
+    "MaddLinear",
+    "MaddUnsupportedError",
+    "register_fast_path",
+]
 
 # the layer-level state of the encoder before it became a submodule (format 1 checkpoints)
 _LEGACY_ENCODER_KEYS = ("split_dims", "thresholds", "temperature")
@@ -55,8 +71,133 @@ _LEGACY_ENCODER_KEYS = ("split_dims", "thresholds", "temperature")
 _LEGACY_SPEC_KEYS = ("nprototypes", "lut_bits", "lut_granularity", "qat", "surrogate")
 
 
+class MaddUnsupportedError(NotImplementedError):
+    """Something PyTorch code does with an ``nn.Linear`` / ``nn.Conv2d`` (or with autograd)
+    that a MADD layer refuses rather than compute a wrong value (docs/nn.md, "Drop-in
+    contracts"): tracing, scripting, export, ``torch.func`` transforms, forward-mode AD,
+    higher-order gradients, computing with ``.weight``."""
+
+
+# torch >= 2.5 / 2.3 have these; on older versions those two checks are skipped
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+
+
 def _keep_out_of_fused_paths(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of every MADD layer.
+
+    Being a hook, it makes the fused eval paths of ``nn.TransformerEncoderLayer`` /
+    ``nn.MultiheadAttention`` (which skip calling their children when any has a hook) call
+    the MADD layer. It also refuses the tracers that would record a wrong program: the
+    encoding runs in numba / numpy, invisible to them, so ``torch.jit.trace`` would replay
+    the traced input's codes for every input, and ``torch.export`` / ONNX / FX cannot see it;
+    and the transforms it has no rules for (``torch.func``, forward-mode AD: a frozen layer
+    would return no tangent, as if its output did not depend on its input).
+    """
+    name = type(module).__name__
+    if torch.jit.is_tracing():
+        raise MaddUnsupportedError(
+            f"{name} cannot be traced with torch.jit.trace (or the TorchScript ONNX exporter): its "
+            "encoding runs in numba/numpy kernels the tracer does not record, so the trace would "
+            "replay the traced input's codes for every input. Run the module eagerly or with "
+            "torch.compile."
+        )
+    if _is_exporting():
+        raise MaddUnsupportedError(
+            f"{name} cannot be exported with torch.export (or torch.onnx.export): its encoding runs "
+            "in numba/numpy kernels on real data, which export's symbolic tracing cannot capture. "
+            "Export the MADD layer's state instead (get_config, state_dict, quantized_lut())."
+        )
+    if _is_compiling():
+        return None  # torch.compile (dynamo) breaks its graph around the kernels: outputs as eager
+    if any(isinstance(arg, torch.fx.Proxy) for arg in args):
+        raise MaddUnsupportedError(
+            f"{name} cannot be symbolically traced by torch.fx: its forward branches on shapes and "
+            "runs numba kernels. Keep it a leaf: a torch.fx.Tracer subclass whose is_leaf_module "
+            "returns True for maddnet.nn.MaddLayer instances records it as one call_module node."
+        )
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise MaddUnsupportedError(
+            f"{name} does not support torch.func transforms (vmap, grad, jvp, jacrev, ...): its "
+            "encoding runs numba kernels on real tensors and its autograd functions have no "
+            "functorch rules. Loop over the batch and use torch.autograd instead."
+        )
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise MaddUnsupportedError(
+            f"{name} does not support forward-mode AD (dual tensors, torch.autograd.forward_ad): "
+            "the hard encoding has no tangent, and the layer's surrogate gradient exists for the "
+            "backward pass only. Use backward-mode autograd."
+        )
     return None
+
+
+def _refuse_higher_order_grads(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook of every MADD layer: marks its output so that a backward pass that builds
+    a graph of the gradient (``create_graph=True``) raises instead of returning gradients
+    that miss the (non-differentiable) MADD backward's part."""
+    if isinstance(output, torch.Tensor) and output.requires_grad and torch.is_grad_enabled():
+        output.register_hook(_SecondOrderGuard(type(module).__name__))
+
+
+class _SecondOrderGuard:
+    """Tensor hook on a MADD layer's output: during a backward pass grad mode is on exactly
+    when it was asked to build a differentiable graph of the gradients (create_graph=True)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        if torch.is_grad_enabled():
+            raise MaddUnsupportedError(
+                f"{self.name} does not support higher-order gradients (backward / autograd.grad "
+                "with create_graph=True: gradient penalties, double backward, Hessian-vector "
+                "products): the backward pass of a MADD layer (the exact LUT gradient and the "
+                "encoder's straight-through surrogate) is not itself differentiable, so second "
+                "derivatives through it would be silently wrong. Keep MADD layers out of the "
+                "part of the model the penalty differentiates twice."
+            )
+        return None
+
+
+class _NoDenseWeight(torch.Tensor):
+    """What ``layer.weight`` of a MADD layer returns: a tensor with the dense layer's shape,
+    dtype, device and ``requires_grad`` but no data, which refuses every computation.
+
+    Model code and PyTorch internals read ``.weight`` of linear/conv children (e.g. the fused
+    path checks of ``nn.TransformerEncoder``). Being a tensor subclass with
+    ``__torch_function__`` it makes those checks refuse their fused paths (which would
+    compute with the weight instead of calling the layer), and anything that does compute
+    with it (``F.linear``, ``nn.init``, ``nn.MultiheadAttention`` with a MADD ``out_proj``)
+    raises :class:`MaddUnsupportedError`.
+    """
+
+    @staticmethod
+    def __new__(cls, owner: str, shape: tuple[int, ...], like: torch.Tensor):
+        tensor = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=like.dtype, device=like.device, requires_grad=like.requires_grad
+        )
+        tensor._owner = owner
+        return tensor
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        return f"<no dense weight of {self._owner}: shape {tuple(self.shape)}, {self.dtype}, {self.device}>"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # explicit, so that torch.overrides.has_torch_function() sees this subclass
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        owner = next((a._owner for a in args if isinstance(a, _NoDenseWeight)), "a MADD layer")
+        raise MaddUnsupportedError(
+            f"{owner} has no dense weight: it computes with an encoder and look-up tables "
+            f"(layer.encoder, layer.lut), and its .weight is a data-less placeholder that refuses "
+            f"every computation (here {func}). Call the layer instead of computing with its "
+            "weight; modules that use a child's weight directly (e.g. nn.MultiheadAttention's "
+            "out_proj) cannot hold a MADD layer there."
+        )
 
 
 class FastPath(Protocol):
@@ -126,12 +267,41 @@ class _MaddLayer(nn.Module):
             )
             self.register_buffer("lut_q_offsets", torch.zeros(ncodebooks, out_dim, **kw))
             self.register_buffer("lut_q_scale", torch.ones(out_dim, **kw))
-        self._quantized_from: tuple | None = None
+        # the float LUT the integer buffers were made from (not state: a cache check)
+        self._quantized_source: torch.Tensor | None = None
         # Fused fast paths (nn.TransformerEncoderLayer, nn.MultiheadAttention in eval mode)
         # read their Linear children's .weight instead of calling them; they fall back to
-        # calling each child when any submodule has a hook, so this no-op hook keeps the
-        # MADD layer in the computation.
+        # calling each child when any submodule has a hook, so this hook keeps the MADD layer
+        # in the computation (it also refuses tracers and transforms, see its docstring).
         self.register_forward_pre_hook(_keep_out_of_fused_paths)
+        self.register_forward_hook(_refuse_higher_order_grads)
+
+    # ------------------------------------------------------------------ drop-in contracts
+    @property
+    def weight(self) -> torch.Tensor:
+        """No dense weight exists: a placeholder of the dense layer's weight shape, dtype,
+        device and ``requires_grad`` that raises :class:`MaddUnsupportedError` on any
+        computation (see :class:`_NoDenseWeight`)."""
+        owner = f"{type(self).__name__}(D={self.in_dim}, M={self.out_dim})"
+        return _NoDenseWeight(owner, self._dense_weight_shape(), self.lut)
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_dim, self.in_dim)
+
+    def __prepare_scriptable__(self):
+        raise MaddUnsupportedError(
+            f"{type(self).__name__} cannot be compiled by torch.jit.script: its forward runs "
+            "numba kernels and Python autograd functions TorchScript does not support. Run the "
+            "module eagerly or with torch.compile."
+        )
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # whole layers pickled by older maddnet lack the guard hooks
+        if _keep_out_of_fused_paths not in self._forward_pre_hooks.values():
+            self.register_forward_pre_hook(_keep_out_of_fused_paths)
+        if _refuse_higher_order_grads not in self._forward_hooks.values():
+            self.register_forward_hook(_refuse_higher_order_grads)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -162,7 +332,7 @@ class _MaddLayer(nn.Module):
                 "this layer was built with float LUTs (lut_bits=None): it has no integer LUT buffers"
             )
         self._spec = self._spec.replace(lut_bits=bits)
-        self._quantized_from = None
+        self._quantized_source = None
 
     @property
     def qat(self) -> bool:
@@ -265,24 +435,31 @@ class _MaddLayer(nn.Module):
                     self.bias.zero_()
                 else:
                     self.bias.copy_(bias.detach().reshape(-1))
-        self._quantized_from = None
+        self._quantized_source = None
         self.refresh_quantized_lut()
         return self
 
     # ------------------------------------------------------------------ int LUT
-    def _lut_key(self) -> tuple:
-        return (self.lut.data_ptr(), self.lut._version, self.lut.device)
-
     def refresh_quantized_lut(self) -> None:
-        """Re-quantise ``lut`` into the integer buffers if ``lut`` changed since last time."""
-        if self.lut_bits is None or self._quantized_from == self._lut_key():
+        """Re-quantise ``lut`` into the integer buffers unless they were made from exactly
+        the values ``lut`` holds now.
+
+        The values are compared (not version counters, which miss writes through
+        ``lut.data`` such as an EMA or clipping); on CPU that costs one pass over the float
+        LUT (about 0.6 ms per million entries), on other devices the LUT is re-quantised at
+        every use instead (comparing would need a host synchronisation).
+        """
+        if self.lut_bits is None:
+            return
+        lut = self.lut.detach()
+        if unchanged_since(lut, self._quantized_source):
             return
         with torch.no_grad():
-            q = quantize_lut(self.lut.detach(), self.lut_bits, self.lut_granularity)
+            q = quantize_lut(lut, self.lut_bits, self.lut_granularity)
             self.lut_q_values.copy_(q.values)
             self.lut_q_offsets.copy_(q.offsets)
             self.lut_q_scale.copy_(q.scale)
-        self._quantized_from = self._lut_key()
+        self._quantized_source = lut.clone() if lut.device.type == "cpu" else None
 
     def quantized_lut(self) -> QuantizedLut | None:
         """The integer LUT inference uses (None for a float-LUT layer)."""
@@ -296,6 +473,28 @@ class _MaddLayer(nn.Module):
         """Whether the forward pass (in the current mode) reads the integer LUT."""
         return self.lut_bits is not None and (self.qat or not self.training)
 
+    # The integer LUT's scales and offsets stay float32 whatever dtype the model is cast to: a
+    # power-of-two scale above 65504 (LUT spreads below ~0.004) is inf in float16, which would
+    # silently drop the integer part of every output.
+    _FLOAT32_BUFFERS = ("lut_q_offsets", "lut_q_scale")
+
+    def _apply(self, fn, recurse=True):
+        kept = {
+            name: self._buffers[name] for name in self._FLOAT32_BUFFERS if self._buffers.get(name) is not None
+        }
+        current = self.lut_bits is not None and unchanged_since(self.lut.detach(), self._quantized_source)
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:  # a dtype cast: keep the float32 values, follow the device
+                self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+        # An integer LUT made from the float LUT before a cast stays (it is the more precise one:
+        # re-deriving it from a float16/bfloat16-rounded LUT would round twice); otherwise it is
+        # re-derived at next use. Later edits of the float LUT are caught as always.
+        lut = self.lut.detach()
+        self._quantized_source = lut.clone() if current and lut.device.type == "cpu" else None
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.refresh_quantized_lut()  # never save integer buffers older than the float LUT
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -306,8 +505,9 @@ class _MaddLayer(nn.Module):
             if prefix + key in state_dict and prefix + "encoder." + key not in state_dict:
                 state_dict[prefix + "encoder." + key] = state_dict.pop(prefix + key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        # The loaded integer buffers belong to the loaded float LUT: use them as they are.
-        self._quantized_from = self._lut_key()
+        # re-derived from the loaded float LUT at first use (identical for a consistent state;
+        # a state whose integer buffers went stale is made consistent)
+        self._quantized_source = None
 
     # ------------------------------------------------------------------ forward
     def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -317,10 +517,49 @@ class _MaddLayer(nn.Module):
     def _restore(self, out: torch.Tensor, context: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """(codes (N, C) uint8, context) without gradients."""
-        values, context = self._gather(x.detach())
-        return self.encoder.encode_values(values.to(self.lut.dtype)), context
+    def _encode(self, x: torch.Tensor, refuse: bool = True) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """(codes (N, C) uint8, context, gathered values or None) without gradients, in the
+        layer's compute dtype (float32 for float16 / bfloat16).
+
+        NaN / inf among the values the encoder reads raise :class:`NonFiniteInputError`; on
+        devices other than the CPU only with ``refuse`` (it costs a host synchronisation;
+        the forward pass makes those rows NaN instead).
+        """
+        try:
+            values, context = self._gather(x.detach().to(compute_dtype(self.lut.dtype)))
+            self._check_values(values, refuse)
+            return self.encoder.encode_values(values), context, values
+        except NonFiniteInputError as error:
+            raise self._nonfinite_error(x, error) from None
+
+    def _check_values(self, values: torch.Tensor, refuse: bool) -> None:
+        """Refuse NaN / inf among gathered ``values`` where nothing else does: the tree's CPU
+        encoder checks the values it reads for free, other encoders' are checked here (one
+        pass); on other devices only with ``refuse``."""
+        if values.device.type == "cpu":
+            if type(self.encoder).encode_values is TreeEncoderModule.encode_values:
+                return
+        elif not refuse:
+            return
+        if not bool(torch.isfinite(values).all()):
+            raise NonFiniteInputError("NaN/inf among the values the encoder reads")
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}(D={self.in_dim}, M={self.out_dim}, C={self.ncodebooks})"
+
+    def _locate_nonfinite(self, x: torch.Tensor) -> str | None:
+        """Where the first NaN / inf the encoder reads lies in input ``x``, as a sentence."""
+        raise NotImplementedError
+
+    def _nonfinite_error(self, x: torch.Tensor, error: NonFiniteInputError) -> NonFiniteInputError:
+        """``error`` restated with this layer and the position in its input ``x``."""
+        if getattr(error, "layer", None) is self:
+            return error
+        with torch.no_grad():
+            where = self._locate_nonfinite(x.detach().to(compute_dtype(self.lut.dtype)))
+        located = NonFiniteInputError(f"{self._describe()}: {where or error}")
+        located.layer = self
+        return located
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes of the layer's rows (N = rows of :meth:`_gather`)."""
@@ -336,30 +575,48 @@ class _MaddLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float16 / bfloat16 layers and inputs compute in float32 (compares against float32
+        # thresholds, float32 LUT sums and de-quantisation, float32 surrogate backward) with
+        # autocast off inside; the output has the input's dtype
+        dtype = compute_dtype(self.lut.dtype)
+        out_dtype = x.dtype if x.is_floating_point() else dtype
+        with no_autocast(x.device.type):
+            try:
+                out = self._forward(x.to(dtype))
+            except NonFiniteInputError as error:
+                raise self._nonfinite_error(x, error) from None
+        return out if out.dtype == out_dtype else out.to(out_dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         quantized = self.reads_quantized_lut
         fast = fast_path_for(self)
+        lut = widen(self.lut)
         if self._needs_grad(x):
             out = None if fast is None else fast.train_forward(self, x, quantized)
             if out is not None:
                 return out
             values, context = self._gather(x)
-            if values.dtype != self.lut.dtype:
-                values = values.to(self.lut.dtype)
             codes = None if fast is None else fast.codes(self, x)
-            qlut = self.quantized_lut() if quantized else None
-            out = madd_lut_encoded(values, self.encoder, self.lut, qlut, codes)
+            if codes is None:
+                self._check_values(values, refuse=False)
+            qlut = widen_quantized(self.quantized_lut()) if quantized else None
+            out = madd_lut_encoded(values, self.encoder, lut, qlut, codes)
         else:
             out = None if fast is None else fast.forward(self, x, quantized)
             if out is not None:
                 return out
-            codes, context = self._encode(x)
+            codes, context, values = self._encode(x, refuse=False)
             if quantized:
-                q = self.quantized_lut()
-                out = quantized_lut_sum(codes, q, q.sum_table().to(self.lut.dtype))
+                q = widen_quantized(self.quantized_lut())
+                out = quantized_lut_sum(codes, q, q.sum_table().to(lut.dtype))
             else:
-                out = lut_sum(codes, self.lut)
+                out = lut_sum(codes, lut)
+        if values is not None and values.device.type != "cpu":
+            # checking here would cost a host synchronisation: rows that read NaN / inf are NaN
+            finite = torch.isfinite(values).flatten(1).all(1, keepdim=True)
+            out = out.masked_fill(~finite, float("nan"))
         if self.bias is not None:
-            out = out + self.bias
+            out = out + widen(self.bias)
         return self._restore(out, context)
 
     def extra_repr(self) -> str:
@@ -469,6 +726,26 @@ class MaddLinear(_MaddLayer):
     def _restore(self, out: torch.Tensor, lead_shape) -> torch.Tensor:
         return out.reshape(*lead_shape, self.out_features)
 
+    def _locate_nonfinite(self, x: torch.Tensor) -> str | None:
+        values, lead_shape = self._gather(x)
+        bad = (~torch.isfinite(values)).reshape(values.shape[0], -1)
+        rows = bad.any(1).nonzero()
+        if rows.shape[0] == 0:
+            return None
+        row = int(rows[0])
+        index = int(bad[row].nonzero()[0])
+        codebook = index // values.shape[2]
+        feature = int(self.encoder.read_columns.reshape(-1)[index])
+        position = ""
+        if len(lead_shape) > 1:
+            index_in = torch.unravel_index(torch.tensor(row), tuple(lead_shape))
+            position = f" (index {tuple(int(i) for i in index_in)})"
+        value = float(values.reshape(values.shape[0], -1)[row, index])
+        return (
+            f"input row {row}{position}, feature {feature} is {value}, "
+            f"a value the encoder reads (codebook {codebook})"
+        )
+
 
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, int):
@@ -544,6 +821,27 @@ class MaddConv2d(_MaddLayer):
     def kernel_size(self) -> tuple[int, int]:
         return self.geometry.kernel_size
 
+    # nn.Conv2d's attributes, as model code reads them (padding resolved to a pair)
+    groups: ClassVar[int] = 1
+    padding_mode: ClassVar[str] = "zeros"
+    transposed: ClassVar[bool] = False
+    output_padding: ClassVar[tuple[int, int]] = (0, 0)
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.geometry.stride
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        return self.geometry.padding
+
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self.geometry.dilation
+
+    def _dense_weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
     def get_config(self) -> dict[str, Any]:
         g = self.geometry
         return {
@@ -618,12 +916,19 @@ class MaddConv2d(_MaddLayer):
         x, context = self._check_input(x)
         return gather_patch_columns(x, self.geometry, self.encoder.read_columns), context
 
-    def _encode(self, x: torch.Tensor):
+    def _encode(self, x: torch.Tensor, refuse: bool = True):
         fast = fast_path_for(self)
-        codes = None if fast is None else fast.codes(self, x.detach())
+        try:
+            codes = None if fast is None else fast.codes(self, x.detach())
+        except NonFiniteInputError as error:
+            raise self._nonfinite_error(x, error) from None
         if codes is None:
-            return super()._encode(x)
-        return codes, self._check_input(x)[1]
+            return super()._encode(x, refuse)
+        return codes, self._check_input(x)[1], None
+
+    def _locate_nonfinite(self, x: torch.Tensor) -> str | None:
+        images, _ = self._check_input(x)
+        return nonfinite_tap(images, self.geometry, self.encoder.read_columns)
 
     def _restore(self, out: torch.Tensor, context) -> torch.Tensor:
         batch, out_h, out_w, unbatched = context
@@ -644,17 +949,18 @@ class TreeConvFastPath:
 
     def codes(self, layer: MaddConv2d, x: torch.Tensor) -> torch.Tensor | None:
         images, _ = layer._check_input(x.detach())
-        return encode_patches(images.to(layer.lut.dtype), layer.geometry, layer.split_dims, layer.thresholds)
+        images = images.to(compute_dtype(layer.lut.dtype))
+        return encode_patches(images, layer.geometry, layer.split_dims, layer.thresholds)
 
     def forward(self, layer: MaddConv2d, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
         images, (_, _, _, unbatched) = layer._check_input(x)
         out = conv_lut_forward(
-            images.to(layer.lut.dtype),
+            images.to(compute_dtype(layer.lut.dtype)),
             layer.geometry,
             layer.split_dims,
             layer.thresholds,
-            layer.lut,
-            layer.quantized_lut() if quantized else None,
+            widen(layer.lut),
+            widen_quantized(layer.quantized_lut()) if quantized else None,
             layer.bias,
         )
         if out is None:
@@ -665,20 +971,21 @@ class TreeConvFastPath:
         # CPU float32 with the soft surrogate: the fused function reads taps from the image and
         # writes the input gradient directly (no (N, C, L) gathered values).
         images, (_, out_h, out_w, unbatched) = layer._check_input(x)
-        on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (images, layer.lut))
+        lut = widen(layer.lut)  # float16 / bfloat16 layers compute in float32
+        on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (images, lut))
         # below ~16 output positions per image the per-image work is too small to pay for the
         # per-image kernel; the gathered-values path batches all rows instead (measured: 3x3
         # outputs 1.7x faster unfused, 7x7 1.2x faster fused)
         if not on_cpu or layer.surrogate != "soft" or out_h * out_w < _FUSED_MIN_POSITIONS:
             return None
-        q = layer.quantized_lut() if quantized else None
+        q = widen_quantized(layer.quantized_lut()) if quantized else None
         q_args = (None, None, None, 0) if q is None else (q.values, q.offsets, q.scale, q.bits)
         out = MaddConvFunction.apply(
             images,
-            layer.thresholds,
-            layer.lut,
-            layer.temperature,
-            layer.bias,
+            widen(layer.thresholds),
+            lut,
+            widen(layer.temperature),
+            widen(layer.bias),
             *q_args,
             layer.geometry,
             layer.split_dims,

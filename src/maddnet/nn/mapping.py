@@ -48,3 +48,48 @@ def input_dim(module: nn.Module) -> int:
         kh, kw = module.kernel_size
         return module.in_channels // module.groups * kh * kw
     raise TypeError(f"only nn.Linear and nn.Conv2d have a MADD input dimension, got {type(module).__name__}")
+
+
+# modules that multiply their input by a weight but have no MADD replacement (yet)
+_OTHER_MATMUL_TYPES: tuple[type[nn.Module], ...] = (
+    nn.MultiheadAttention,
+    nn.Conv1d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Bilinear,
+    nn.RNNBase,
+)
+
+
+def kept_dense(model: nn.Module) -> list[dict[str, object]]:
+    """The weight-multiplying modules of ``model`` that are not MADD layers, with why.
+
+    Rows ``{"name", "type", "weights", "reason"}`` (``weights``: parameter count) for every
+    ``nn.Linear``/``nn.Conv2d`` (subclasses included) that is still dense and every other
+    module that multiplies by a weight (attention in-projections, other convolutions,
+    recurrent layers). ``reason`` is :func:`unsupported_reason`, or "not selected" for a
+    convertible layer the configuration left out. Modules inside a reported module are not
+    listed again (e.g. ``nn.MultiheadAttention.out_proj``).
+    """
+    rows: list[dict[str, object]] = []
+    covered: list[str] = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, _MaddLayer) or any(name.startswith(p + ".") for p in covered):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            reason = (
+                "nn.MultiheadAttention uses its projection weights directly (in_proj_weight or "
+                "q/k/v_proj_weight, out_proj.weight), not by calling Linear modules; no MADD attention yet"
+            )
+        elif isinstance(module, _OTHER_MATMUL_TYPES):
+            reason = f"no MADD replacement for {type(module).__name__}"
+        elif isinstance(module, nn.Linear | nn.Conv2d):
+            reason = unsupported_reason(module) or "not selected (MaddConfig.layers / exclude)"
+        else:
+            continue
+        covered.append(name)
+        weights = sum(p.numel() for p in module.parameters())
+        rows.append({"name": name, "type": type(module).__name__, "weights": weights, "reason": reason})
+    return rows

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..amm.hashing import NonFiniteInputError
 from ..amm.lut import QuantizedLut
 from . import _conv_kernels, _kernels
+from .functional import no_autocast
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,57 @@ def _quantized_args(quantized, lut: torch.Tensor, bias: torch.Tensor | None):
     return table, inv_scale, offset_sum, bias_np, accumulator
 
 
-def _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, codes, want_out):
+def nonfinite_tap(
+    images: torch.Tensor, geometry: ConvGeometry, columns: torch.Tensor, image_ids: list[int] | None = None
+):
+    """Where the first NaN / +-inf among the patch columns ``columns`` (C, L) of ``images``
+    (B, Cin, H, W) lies, as a sentence, or None when every value read is finite.
+
+    Zero padding is not an input value (it is 0); ``image_ids`` (B,) are the images' numbers
+    in the sentence (default 0 .. B-1). Slow (gathers every read tap): for errors only.
+    """
+    values = gather_patch_columns(images.detach(), geometry, columns.to(images.device))
+    bad = (~torch.isfinite(values)).reshape(values.shape[0], -1)
+    rows = bad.any(1).nonzero()
+    if rows.shape[0] == 0:
+        return None
+    row = int(rows[0])
+    index = int(bad[row].nonzero()[0])
+    codebook, level = divmod(index, columns.shape[1])
+    out_h, out_w = geometry.output_size(images.shape[2], images.shape[3])
+    image, position = divmod(row, out_h * out_w)
+    oy, ox = divmod(position, out_w)
+    kh, kw = geometry.kernel_size
+    channel, tap = divmod(int(columns[codebook, level]), kh * kw)
+    ky, kx = divmod(tap, kw)
+    y = oy * geometry.stride[0] + ky * geometry.dilation[0] - geometry.padding[0]
+    x = ox * geometry.stride[1] + kx * geometry.dilation[1] - geometry.padding[1]
+    value = float(values[row, codebook, level])
+    image = image if image_ids is None else image_ids[image]
+    return (
+        f"input image {image}, channel {channel}, pixel (y={y}, x={x}) is {value}, "
+        f"a value the encoder reads (codebook {codebook}, output position ({oy}, {ox}))"
+    )
+
+
+def check_read_taps(
+    images: torch.Tensor, geometry: ConvGeometry, split_dims: torch.Tensor, flagged: np.ndarray
+) -> None:
+    """Raise :class:`~maddnet.amm.hashing.NonFiniteInputError` when a tap the encoder reads
+    is NaN / +-inf. ``flagged`` (B,) bool: the images the fused kernel found a non-finite
+    value in (a superset); their taps are checked one by one, so values the encoder does
+    not read never raise."""
+    ids = np.flatnonzero(flagged).tolist()
+    where = nonfinite_tap(images[ids], geometry, split_dims, ids)
+    if where is not None:
+        raise NonFiniteInputError(where)
+
+
+def _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, codes, want_out, split_dims):
+    """(out, flagged) of conv_forward on ``images``; refuses NaN / +-inf among the taps the
+    encoder reads (flagged images hold such values only where the encoder does not read)."""
     table, inv_scale, offset_sum, bias_np, accumulator = _quantized_args(quantized, lut, bias)
-    return _conv_kernels.conv_forward(
+    out, flagged = _conv_kernels.conv_forward(
         images.detach().contiguous().numpy(),
         plan.offsets,
         plan.q_base,
@@ -185,6 +235,9 @@ def _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, codes
         codes,
         want_out,
     )
+    if flagged.any():
+        check_read_taps(images, geometry, split_dims, flagged)
+    return out, flagged
 
 
 def conv_lut_forward(
@@ -200,13 +253,16 @@ def conv_lut_forward(
 
     Same numbers as encoding the patches, summing ``lut`` (or the integer ``quantized``
     LUT, a :class:`~maddnet.amm.lut.QuantizedLut`) and adding ``bias``. Returns None where
-    the kernel does not apply (other devices / dtypes).
+    the kernel does not apply (other devices / dtypes). Raises
+    :class:`~maddnet.amm.hashing.NonFiniteInputError` for NaN / +-inf among the taps read.
     """
     if not _cpu_float32(images, lut):
         return None
     plan = conv_plan(geometry, split_dims, images.shape[2], images.shape[3])
     no_codes = np.empty((0, lut.shape[0], 0), np.uint8)
-    out = _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, no_codes, True)
+    out, _ = _run_forward(
+        images, geometry, plan, thresholds, lut, quantized, bias, no_codes, True, split_dims
+    )
     return torch.from_numpy(out)
 
 
@@ -222,9 +278,13 @@ def encode_patches(
 ) -> torch.Tensor | None:
     """(B*P, C) uint8 codes of every patch, read straight from the image (numba, CPU).
 
-    Returns None where the fused kernel does not apply (other devices / dtypes); callers
-    then gather the split values and use the core encoder.
+    Returns None where the fused kernel does not apply (other devices / dtypes; float16 and
+    bfloat16 images are widened to float32, which keeps every comparison's result); callers
+    then gather the split values and use the core encoder. Raises
+    :class:`~maddnet.amm.hashing.NonFiniteInputError` for NaN / +-inf among the taps read.
     """
+    if images.device.type == "cpu" and images.dtype in (torch.float16, torch.bfloat16):
+        images = images.float()
     if not _cpu_float32(images):
         return None
     plan = conv_plan(geometry, split_dims, images.shape[2], images.shape[3])
@@ -232,7 +292,7 @@ def encode_patches(
     codes = np.empty((images.shape[0], ncodebooks, plan.ncols), np.uint8)
     # a one-column dummy table: encoding only
     dummy = torch.zeros(ncodebooks, 1, 1)
-    _run_forward(images, geometry, plan, thresholds, dummy, None, None, codes, False)
+    _run_forward(images, geometry, plan, thresholds, dummy, None, None, codes, False, split_dims)
     return _codes_as_rows(codes, plan)
 
 
@@ -264,16 +324,29 @@ class MaddConvFunction(torch.autograd.Function):
         ncodebooks = lut.shape[0]
         codes = np.empty((images.shape[0], ncodebooks, plan.ncols), np.uint8)
         quantized = None if q_values is None else QuantizedLut(q_values, q_offsets, q_scale, bits)
-        out = _run_forward(images, geometry, plan, thresholds, lut, quantized, bias, codes, True)
+        out, flagged = _run_forward(
+            images, geometry, plan, thresholds, lut, quantized, bias, codes, True, split_dims
+        )
         # the backward sees the table the forward read (the de-quantised one under QAT)
         table = lut.detach() if quantized is None else quantized.dequantize()
-        ctx.save_for_backward(images, thresholds, table, temperature)
+        saved = images
+        if flagged.any():
+            # NaN / inf where the encoder does not read: the backward's soft tree also runs
+            # over the ignored positions of each padded row (zero gradient there, but
+            # 0 * NaN is NaN), so it gets those values as 0
+            saved = torch.where(torch.isfinite(images), images.detach(), 0.0)
+        ctx.save_for_backward(saved, thresholds, table, temperature)
         ctx.codes, ctx.plan, ctx.geometry = codes, plan, geometry
         ctx.has_bias = bias is not None
         return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx, grad_out):
+        with no_autocast(grad_out.device.type):  # backward() called inside an autocast region
+            return MaddConvFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         images, thresholds, table, temperature = ctx.saved_tensors
         plan, geometry = ctx.plan, ctx.geometry
         need_images, need_thresholds, need_lut = ctx.needs_input_grad[:3]

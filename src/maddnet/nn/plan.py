@@ -9,6 +9,9 @@ A plan (JSON-friendly, saved beside the state_dict) has
   rebuilt with fewer channels) on a fresh model; values come from the state_dict;
 * ``"layers"``: ``{name: {"kind": ..., "config": ...}}`` of every MADD layer as it is at
   save time (configs taken from the live layers, so later changes of a layer are kept).
+  A layer registered under several names (a shared module: weight tying, a block reused
+  twice) has one entry under its first name (``named_modules()`` order) with
+  ``"aliases": [other names]``; :func:`rebuild` swaps one layer in at all of them.
 
 :func:`rebuild` replays the passes in order, then swaps zero-initialised MADD layers in.
 A pass registers its replay with :func:`register_pass` and logs itself on the model with
@@ -53,18 +56,35 @@ def record_pass(model: nn.Module, name: str, record: dict[str, Any]) -> None:
 
 
 def madd_layers(model: nn.Module) -> dict[str, _MaddLayer]:
-    """``{name: layer}`` of the MADD layers in ``model``."""
+    """``{name: layer}`` of the MADD layers in ``model``, each layer once (a shared layer
+    under its first name; :func:`module_names` has all of them)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, _MaddLayer)}
+
+
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): names}``: every name each submodule is registered under, first the one
+    ``named_modules()`` gives it. A module shared by two attributes or parents (weight tying,
+    a block used twice) has several; ``named_modules()`` alone lists it once."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
 
 
 def conversion_plan(model: nn.Module) -> dict[str, Any]:
     """The plan of ``model`` (see the module docstring): enough to rebuild it from a fresh one."""
+    names = module_names(model)
+    layers = {}
+    for name, m in madd_layers(model).items():
+        entry = {"kind": m.kind, "config": m.get_config()}
+        aliases = [n for n in names[id(m)] if n != name]
+        if aliases:
+            entry["aliases"] = aliases
+        layers[name] = entry
     return {
         "format": PLAN_FORMAT,
         "passes": [dict(record) for record in getattr(model, _PASS_LOG_ATTR, [])],
-        "layers": {
-            name: {"kind": m.kind, "config": m.get_config()} for name, m in madd_layers(model).items()
-        },
+        "layers": layers,
     }
 
 
@@ -73,6 +93,19 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def replace_module(
+    model: nn.Module, name: str, module: nn.Module, names: dict[int, list[str]] | None = None
+) -> list[str]:
+    """Swap ``module`` in for the submodule called ``name`` at *every* name that submodule is
+    registered under (so a shared module stays one module); returns those names.
+    ``names``: :func:`module_names` of ``model``, if already at hand."""
+    old = model.get_submodule(name)
+    everywhere = (module_names(model) if names is None else names).get(id(old), [name])
+    for alias in everywhere:
+        set_submodule(model, alias, module)
+    return everywhere
 
 
 def _normalise(plan: dict[str, Any]) -> dict[str, Any]:
@@ -100,6 +133,7 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
             )
         _PASSES[name](model, record)
         record_pass(model, name, {k: v for k, v in record.items() if k != "pass"})
+    names = module_names(model)
     for name, entry in plan["layers"].items():
         kind = entry.get("kind")
         if kind not in LAYER_TYPES:
@@ -110,14 +144,32 @@ def rebuild(model: nn.Module, plan: dict[str, Any]) -> nn.Module:
             dense = model.get_submodule(name)
         except AttributeError as error:
             raise ValueError(f"plan entry {name!r} names no module of the model") from error
+        _check_names(name, entry, names.get(id(dense), [name]), dense)
         config = dict(entry["config"])
         _check_matches(name, dense, kind, config)
         layer = LAYER_TYPES[kind].from_config(
             config, device=next(iter(dense.parameters()), torch.empty(0)).device
         )
         layer.train(dense.training)
-        set_submodule(model, name, layer)
+        replace_module(model, name, layer, names)
     return model
+
+
+def _check_names(name: str, entry: dict[str, Any], model_names: list[str], dense: nn.Module) -> None:
+    """A shared layer must be shared in the fresh model too: the names the saved layer had
+    (its plan name and ``aliases``) against the names the model registers its dense module
+    under. Plans without ``aliases`` (older ones) only must not name one module twice."""
+    if isinstance(dense, _MaddLayer):
+        raise ValueError(
+            f"plan entry {name!r} names a module that an earlier plan entry already replaced: the "
+            "model registers one module under both names, the saved model had two layers there"
+        )
+    if "aliases" in entry and {name, *entry["aliases"]} != set(model_names):
+        raise ValueError(
+            f"plan entry {name!r} is one layer registered as {sorted({name, *entry['aliases']})}, but "
+            f"the model registers that module as {sorted(model_names)}: the model does not share "
+            "modules as the saved one did"
+        )
 
 
 def _check_matches(name: str, dense: nn.Module, kind: str, config: dict[str, Any]) -> None:

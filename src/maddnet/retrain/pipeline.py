@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
+from ..nn.diagnostics import dead_layer_message, dead_layers
 from ..threads import set_threads
 from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
 from ..train.optim import warmup_cosine_schedule
@@ -106,7 +108,9 @@ def parameter_groups(
     Trainable: the dense layers after ``current`` (lr_dense), norms and other parameters
     outside the selected layers (lr_norm), the MADD layer being replaced (lr_lut,
     lr_threshold) and, with ``train_replaced`` (or in the final step), the earlier ones.
-    Everything else is frozen. A group with lr 0 is frozen too.
+    Everything else is frozen. A group with lr 0 is frozen too. ``order`` names each layer
+    once (a shared module under its first name); a parameter held by several modules (tied
+    weights) goes into the first group that takes it, once.
     """
     groups: dict[str, list[nn.Parameter]] = {
         "dense": [],
@@ -142,7 +146,9 @@ def parameter_groups(
         "threshold": config.lr_threshold,
     }
     result = []
+    seen: set[int] = set()
     for key, params in groups.items():
+        params = [p for p in params if id(p) not in seen and not seen.add(id(p))]
         if not params or lrs[key] <= 0:
             continue
         for p in params:
@@ -408,6 +414,8 @@ class Retrainer:
         final_step = len(order) + 1
         self._reseed(final_step)
         t0 = time.time()
+        calib = [(b[0].to(self.device), b[1]) for b in first_n_batches(self.calib_loader, 1)]
+        dead = self._check_dead_layers(model, calib, "final fine-tune") if madd_layers(model) else {}
         groups = parameter_groups(model, order, len(order), cfg, final=True)
         steps = cfg.final_steps + (len(order) * cfg.steps_per_layer if cfg.dense_control else 0)
         train_stats = self._train(
@@ -424,6 +432,7 @@ class Retrainer:
                 "train_steps": steps,
                 "seconds": time.time() - t0,
                 "replaced": len(madd_layers(model)),
+                "dead_layers": dead,
             }
         )
         self._save(model, final_step + 1, order, dense_state)
@@ -443,15 +452,11 @@ class Retrainer:
         name = order[index]
         t0 = time.time()
         batches = first_n_batches(self.calib_loader, cfg.calib_batches)
-        rows = record_inputs(
-            model,
-            [name],
-            [(b[0].to(self.device), b[1]) for b in batches],
-            max_rows=cfg.max_rows,
-            config=cfg.madd_config(),
-        )[name]
+        batches = [(b[0].to(self.device), b[1]) for b in batches]
+        rows = record_inputs(model, [name], batches, max_rows=cfg.max_rows, config=cfg.madd_config())[name]
         dense_layer = copy.deepcopy(model.get_submodule(name)).requires_grad_(False)
         layer = convert_layer(model, name, rows.to(self.device), cfg.madd_config())
+        dead = self._check_dead_layers(model, batches[:1], f"step {index + 1}/{len(order)} ({name})")
         after_replace = self._evaluate(model, full=False)
         groups = parameter_groups(model, order, index, cfg)
         step_loss = dataclasses.replace(loss, teacher=teacher, layer=layer, dense_layer=dense_layer)
@@ -475,8 +480,18 @@ class Retrainer:
                 "train_loss": train_stats.get("loss"),
                 "seconds": time.time() - t0,
                 "replaced": len(madd_layers(model)),
+                "dead_layers": dead,
             }
         )
+
+    @staticmethod
+    def _check_dead_layers(model: nn.Module, batches: list, where: str) -> dict[str, float]:
+        """``{name: share}`` of the MADD layers that training could not move (train mode, on
+        ``batches``; :func:`maddnet.nn.diagnostics.dead_layers`), with a warning naming them."""
+        dead = dead_layers(model, batches, train=True, warn=False)
+        if dead:
+            warnings.warn(f"{where}: {dead_layer_message(dead)}", UserWarning, stacklevel=3)
+        return dead
 
 
 def _prefixed(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:

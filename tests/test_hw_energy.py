@@ -409,3 +409,15 @@ def test_madd_params_of_a_layer_with_float_luts():
     shape = LayerShape("l", "linear", 5, 64, 10, madd=p)
     counts = madd_counts(shape, CostModel().accelerator)
     assert counts["dequant_multiplies"] == 0 and counts["lut_bytes"] == 8 * 16 * 10 * 2
+
+
+def test_demo_prints_the_energy_summary_of_its_network(tmp_path, capsys):
+    from maddnet.retrain.cli import print_energy_summary
+
+    folder = _run_folder(tmp_path)
+    print_energy_summary(str(folder))
+    text = capsys.readouterr().out
+    assert "energy per inference" in text
+    madd = next(line for line in text.splitlines() if line.startswith("| MADD"))
+    dense = next(line for line in text.splitlines() if line.startswith("| dense"))
+    assert float(madd.split("|")[2].replace(",", "")) > 0 and float(dense.split("|")[2].replace(",", "")) > 0

@@ -116,7 +116,23 @@ def demo_config(
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    return execute(demo_config(args.out, progress=args.progress, device=args.device, threads=args.threads))
+    config = demo_config(args.out, progress=args.progress, device=args.device, threads=args.threads)
+    code = execute(config)
+    print_energy_summary(config.out_dir)
+    return code
+
+
+def print_energy_summary(run_dir: str) -> None:
+    """The energy estimate of a run's network per inference, MADD against dense, at the cost
+    model's defaults (22 nm; docs/hardware.md; ``maddnet energy RUN`` for the full report)."""
+    from ..hw.energy import estimate
+    from ..hw.network import load_network
+    from ..hw.report import summary_lines
+
+    data = estimate(load_network(run_dir)).to_dict()
+    print()
+    print(f"energy per inference (estimate, docs/hardware.md; full report: maddnet energy {run_dir}):")
+    print("\n".join(summary_lines(data)))
 
 
 # ---------------------------------------------------------------------------- parser

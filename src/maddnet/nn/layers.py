@@ -44,8 +44,9 @@ from torch.autograd import forward_ad
 from ..amm import MaddnessMatmul, NotFittedError
 from ..amm.hashing import NonFiniteInputError
 from ..amm.lut import QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum, unchanged_since
+from ..amm.prototypes import code_indices
 from .encoders import TreeEncoderModule, encoder_module_class
-from .functional import compute_dtype, madd_lut_encoded, no_autocast, widen, widen_quantized
+from .functional import compute_dtype, encode_values, madd_lut_encoded, no_autocast, widen, widen_quantized
 from .patches import (
     ConvGeometry,
     MaddConvFunction,
@@ -238,6 +239,11 @@ class _MaddLayer(nn.Module):
     kind = "madd"
     # the dense layer type this MADD type replaces (see maddnet.nn.mapping)
     DENSE_TYPE: ClassVar[type[nn.Module]] = nn.Module
+    # Hardware-exact inference (docs/hardware.md, "Hardware-exact inference"): a runtime mode,
+    # not saved; set per model with maddnet.hw.set_hw_exact
+    hw_exact: bool = False
+    hw_accumulator_bits: int = 32
+    hw_overflow: str = "refuse"
 
     def __init__(
         self,
@@ -562,8 +568,96 @@ class _MaddLayer(nn.Module):
         return located
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C) uint8 codes of the layer's rows (N = rows of :meth:`_gather`)."""
+        """(N, C) uint8 codes of the layer's rows (N = rows of :meth:`_gather`); in
+        hardware-exact mode the FP16 encoder's."""
+        if self.hw_exact:
+            x = x.detach().to(compute_dtype(self.lut.dtype))
+            try:
+                return self._hw_encode(x)[0]
+            except NonFiniteInputError as error:
+                raise self._nonfinite_error(x, error) from None
         return self._encode(x)[0]
+
+    # ------------------------------------------------------------------ hardware-exact mode
+    def check_hw_exact(self) -> None:
+        """Raise ValueError unless this layer can run in hardware-exact mode (a tree encoder
+        and an integer LUT)."""
+        if not isinstance(self.encoder, TreeEncoderModule):
+            raise ValueError(
+                f"{self._describe()}: hardware-exact mode needs the tree encoder, not {self._spec.encoder!r}"
+            )
+        if self.lut_bits is None:
+            raise ValueError(
+                f"{self._describe()}: hardware-exact mode needs an integer LUT (lut_bits=8); the "
+                "accelerator's FP16-LUT / FP32-accumulator variant is not modelled"
+            )
+
+    def _hw_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(codes, context) of the accelerator's FP16 encoder: the input and the thresholds
+        rounded to float16 before the compares (``x.half() > t.half()``).
+
+        Values are rounded to float32 first (float64 layers), then to float16. Compares run on
+        float32 copies of the float16 values (the same results), with float16
+        inf stood in for by +-65536 (greater than any finite float16) so that a finite input
+        that overflows float16 goes right of every finite threshold; true NaN / inf inputs are
+        refused as always."""
+        from ..hw.datapath import FP16_INF_STANDIN
+
+        self.check_hw_exact()
+        rounded = x.float().to(torch.float16).to(x.dtype).clamp_(-FP16_INF_STANDIN, FP16_INF_STANDIN)
+        rounded = torch.where(torch.isinf(x), x, rounded)
+        thresholds = self.thresholds.detach().float().to(torch.float16).float()
+        thresholds = thresholds.clamp_(-FP16_INF_STANDIN, FP16_INF_STANDIN)
+        return self._hw_codes(rounded, thresholds)
+
+    def _hw_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Codes of (already rounded) ``x`` against ``thresholds``: gather and encode."""
+        values, context = self._gather(x)
+        if values.device.type != "cpu" and not bool(torch.isfinite(values).all()):
+            raise NonFiniteInputError("NaN/inf among the values the encoder reads")
+        return encode_values(values, thresholds), context
+
+    def _hw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The accelerator's datapath (:mod:`maddnet.hw.datapath`): FP16 encoder, unsigned
+        8-bit LUT entries summed in a ``hw_accumulator_bits`` integer accumulator, then
+        ``float32(acc) * (1 / scale) + (bias + offsets[0] + offsets[1] + ...)`` in float32."""
+        from ..hw.datapath import OVERFLOW_POLICIES, AccumulatorOverflowError
+
+        if self.hw_overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"hw_overflow must be one of {OVERFLOW_POLICIES}, got {self.hw_overflow!r}")
+        codes, context = self._hw_encode(x)
+        q = self.quantized_lut()
+        values = q.values
+        ncodebooks, nprototypes, nout = values.shape
+        if ncodebooks * 255 < 2**24:  # float32 sums of integers below 2**24 are exact
+            acc = lut_sum(codes, values.float().to(values.device)).to(torch.int64)
+        else:
+            table = values.reshape(ncodebooks * nprototypes, nout).to(torch.int64)
+            index = code_indices(codes, nprototypes)
+            acc = torch.zeros(codes.shape[0], nout, dtype=torch.int64, device=values.device)
+            for c in range(ncodebooks):
+                acc += table[index[:, c]]
+        high = 2 ** (self.hw_accumulator_bits - 1) - 1
+        # unsigned entries: every partial sum lies in [0, acc], so checking or clamping the final
+        # sum is what a refusing / saturating adder does at each add
+        if acc.numel() and int(acc.max()) > high:
+            if self.hw_overflow == "refuse":
+                raise AccumulatorOverflowError(
+                    f"{self._describe()}: the LUT sum ({int(acc.max())}) exceeds the "
+                    f"{self.hw_accumulator_bits}-bit accumulator's maximum {high}"
+                )
+            acc = acc.clamp_(max=high)
+        offsets = q.offsets.detach().float()
+        init = (
+            torch.zeros(nout, device=offsets.device)
+            if self.bias is None
+            else self.bias.detach().float().clone()
+        )
+        for c in range(ncodebooks):  # in codebook order, as the datapath model
+            init = init + offsets[c]
+        inv_scale = 1.0 / q.scale.detach().float()
+        out = acc.to(torch.float32) * inv_scale + init
+        return self._restore(out, context)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
@@ -588,6 +682,14 @@ class _MaddLayer(nn.Module):
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hw_exact:
+            if self._needs_grad(x):
+                raise MaddUnsupportedError(
+                    f"{self._describe()} is in hardware-exact mode, which is for inference only: "
+                    "run it under torch.no_grad() (or with nothing requiring a gradient), or switch "
+                    "the mode off (maddnet.hw.set_hw_exact(model, False)) to train"
+                )
+            return self._hw_forward(x)
         quantized = self.reads_quantized_lut
         fast = fast_path_for(self)
         lut = widen(self.lut)
@@ -925,6 +1027,13 @@ class MaddConv2d(_MaddLayer):
         if codes is None:
             return super()._encode(x, refuse)
         return codes, self._check_input(x)[1], None
+
+    def _hw_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        images, context = self._check_input(x)
+        codes = encode_patches(images, self.geometry, self.split_dims, thresholds)
+        if codes is None:
+            return super()._hw_codes(x, thresholds)
+        return codes, context
 
     def _locate_nonfinite(self, x: torch.Tensor) -> str | None:
         images, _ = self._check_input(x)

@@ -173,9 +173,13 @@ def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> d
         f"# Single-layer analysis: {title}",
         "",
         f"Dense model: top-1 {100 * base['top1']:.2f} %, top-5 {100 * base['top5']:.2f} % "
-        f"({base['samples']} samples). Each row replaces only that layer; drop is in points of top-1.",
+        f"({base['samples']} samples). Each row replaces only that layer; top-1 is in %, drop in "
+        "points of top-1 against the dense model.",
         "",
-        markdown_table(rows, ["layer", "kind", "D", "M", "C", "D_per_C", "top1", "drop", "nmse", "fit_s"]),
+        markdown_table(
+            [{**row, "top1_pct": 100 * row["top1"]} for row in rows],
+            ["layer", "kind", "D", "M", "C", "D_per_C", "top1_pct", "drop", "nmse", "fit_s"],
+        ),
     ]
     if result["skipped"]:
         text += [

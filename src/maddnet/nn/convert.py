@@ -190,7 +190,8 @@ def _check_rows(name: str, rows: torch.Tensor | None, config: MaddConfig) -> Non
     if rows.shape[0] < needed:
         raise ValueError(
             f"layer {name!r} has {rows.shape[0]} recorded rows, fewer than the {needed} needed "
-            "(MaddConfig.min_rows); calibrate on more data"
+            "(MaddConfig.min_rows); calibrate on more data (maddnet retrain / analyze: more "
+            "--calib-batches or a larger --batch-size)"
         )
 
 

@@ -124,14 +124,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def print_energy_summary(run_dir: str) -> None:
     """The energy estimate of a run's network per inference, MADD against dense, at the cost
-    model's defaults (22 nm; docs/hardware.md; ``maddnet energy RUN`` for the full report)."""
+    model's defaults (45 nm, docs/hardware.md; ``maddnet energy RUN`` for the full report)."""
     from ..hw.energy import estimate
     from ..hw.network import load_network
     from ..hw.report import summary_lines
 
     data = estimate(load_network(run_dir)).to_dict()
     print()
-    print(f"energy per inference (estimate, docs/hardware.md; full report: maddnet energy {run_dir}):")
+    print(
+        f"energy per inference at {data['cost_model']['technology_nm']:g} nm (estimate, "
+        f"docs/hardware.md; full report: maddnet energy {run_dir}):"
+    )
     print("\n".join(summary_lines(data)))
 
 

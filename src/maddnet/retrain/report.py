@@ -8,6 +8,7 @@ from typing import Any
 
 from ..analysis.amm_sweep import markdown_table
 from ..analysis.output import pyplot_or_none
+from ..nn.spec import LayerSpec
 
 
 def _pct(value: float | None) -> str:
@@ -75,11 +76,7 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
                 f"{key}={config.get(key)}"
                 for key in ("steps_per_layer", "final_steps", "distill", "recon", "train_replaced", "augment")
             ]
-            # the layer settings sit in the spec section (flat in configs of older runs)
-            + [
-                f"{key}={(config.get('spec') or config).get(key)}"
-                for key in ("encoder", "nprototypes", "lut_bits")
-            ]
+            + _layer_settings(config)
         ),
         "",
         markdown_table(table_rows, list(table_rows[0]) if table_rows else []),
@@ -130,3 +127,14 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], config: dict[s
     if png:
         paths["png"] = png
     return paths
+
+
+def _layer_settings(config: dict[str, Any]) -> list[str]:
+    """``key=value`` of the layer settings: encoder, K and LUT bits always, every other
+    LayerSpec field where it differs from the default (in the spec section; flat in the
+    configs of older runs)."""
+    spec = config.get("spec") or config
+    defaults = LayerSpec().to_dict()
+    shown = ["encoder", "nprototypes", "lut_bits"]
+    shown += [key for key in defaults if key not in shown and key in spec and spec[key] != defaults[key]]
+    return [f"{key}={spec.get(key, defaults[key])}" for key in shown]

@@ -114,8 +114,8 @@ NON_DEFAULT_SPEC = {
     "nprototypes": (["-K", "32"], 32),
     "encoder": (["--encoder", "tree"], "tree"),
     "encoder_options": (
-        ["--encoder-option", "a=1", "b=x", "--encoder-option", "c=[2]"],
-        {"a": 1, "b": "x", "c": [2]},
+        ["--encoder-option", "ncandidates=1", "hash_objective=output", "--encoder-option", "ridge=2"],
+        {"ncandidates": 1, "hash_objective": "output", "ridge": 2},
     ),
     "ridge": (["--ridge", "none"], None),
     "ncandidates": (["--ncandidates", "6"], 6),
@@ -242,7 +242,7 @@ spec:
   nprototypes: 8
   lut_bits: null
   temperature: 0.3
-  encoder_options: {a: 1}
+  encoder_options: {ncandidates: 1}
 """
 
 
@@ -259,7 +259,7 @@ def test_config_file_yaml_and_json_with_flags_that_override(tmp_path):
         assert config.steps_per_layer == 3 and config.distill == 0.25 and config.device == "cpu"
         assert config.final_steps == 500  # neither file nor flag: RetrainConfig's default
         assert config.spec == LayerSpec(
-            nprototypes=8, lut_bits=None, temperature=0.3, encoder_options={"a": 1}
+            nprototypes=8, lut_bits=None, temperature=0.3, encoder_options={"ncandidates": 1}
         )
     config = retrain_config(
         [
@@ -273,7 +273,7 @@ def test_config_file_yaml_and_json_with_flags_that_override(tmp_path):
             "--lut-bits",
             "4",
             "--encoder-option",
-            "b=2",
+            "ridge=2",
             "--ncodebooks",
             "layer2.0=4",
             "--out",
@@ -284,7 +284,7 @@ def test_config_file_yaml_and_json_with_flags_that_override(tmp_path):
     assert config.model_kwargs == {"width": 4, "depth": 2}  # merged key by key
     assert config.ncodebooks == {"fc": 8, "layer2.0": 4}
     assert config.spec == LayerSpec(
-        nprototypes=8, lut_bits=4, temperature=0.3, encoder_options={"a": 1, "b": 2}
+        nprototypes=8, lut_bits=4, temperature=0.3, encoder_options={"ncandidates": 1, "ridge": 2}
     )
     assert retrain_config(["retrain", "--config", str(yaml_path), "--all-ncodebooks", "3"]).ncodebooks == 3
     flip = retrain_config(["retrain", "--config", str(yaml_path), "--freeze-replaced", "--no-progress"])

@@ -139,12 +139,22 @@ def device_type(text: str) -> str:
 def resolve_device(name: str | None = None) -> str:
     """The device every sub-command uses: ``auto`` (the default) is ``cuda`` when torch sees
     a GPU, else ``cpu``; other names pass through (validated)."""
+    import torch
+
     from .train.distributed import pick_device
 
     try:
-        return str(pick_device(name or DEFAULT_DEVICE))
+        device = pick_device(name or DEFAULT_DEVICE)
     except (RuntimeError, ValueError):
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} is not available: torch sees no GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} is not available: torch sees {torch.cuda.device_count()} GPU(s)"
+            )
+    return str(device)
 
 
 def add_execution_arguments(

@@ -341,5 +341,9 @@ class MaddnessMatmul:
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None) -> MaddnessMatmul:
         """Rebuild an estimator saved with :meth:`save` (safe ``weights_only`` loading)."""
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        from maddnet.models.weights import read_checkpoint
+
+        state = read_checkpoint(path, map_location=map_location, weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise ValueError(f"{path} is not an estimator saved by MaddnessMatmul.save")
         return cls(**state["config"]).load_state_dict(state)

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.registry import DatasetInfo
 from ..models import create_model, list_models
+from ..models.weights import read_checkpoint
 from ..nn import MaddConfig, madd_layers, rebuild
 from ..nn.mapping import madd_type_for
 from .counts import LayerShape, MaddParams, record_shapes
@@ -259,7 +260,7 @@ def run_network(
     dense = _build(model_name, info, model_kwargs).eval()
     notes: list[str] = []
     checkpoint = folder / "checkpoint.pt"
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.is_file() else None
+    saved = read_checkpoint(checkpoint, map_location="cpu") if checkpoint.is_file() else None
     if isinstance(saved, dict) and "plan" in saved:
         plan = saved["plan"]
         plan = (

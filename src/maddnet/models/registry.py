@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from maddnet.data.registry import build_with
 from maddnet.models.weights import load_weights
 
 ModelBuilder = Callable[..., nn.Module]
@@ -46,17 +47,25 @@ def create_model(
     """Build model ``name``; optionally load weights from a local ``checkpoint`` file.
 
     ``checkpoint`` may hold a plain state dict (torchvision/timm files load as they are)
-    or a maddnet training checkpoint (``{"model": state_dict, ...}``).
+    or a maddnet training checkpoint (``{"model": state_dict, ...}``); a ``maddnet retrain``
+    run's ``checkpoint.pt`` gives its dense model (``"dense_state"``). A file that holds a
+    converted (MADD) model only, or is not a readable checkpoint, raises ``ValueError``.
     With ``strict=False`` tensors whose shape does not fit (e.g. a 1000-class head into a
     10-class model) are skipped and reported instead of raising.
     """
-    _import_builders()
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}")
-    model = _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    builder = model_builder(name)
+    model = build_with(builder, f"model {name!r}", kwargs, num_classes=num_classes, in_chans=in_chans)
     if checkpoint is not None:
         load_weights(model, checkpoint, strict=strict)
     return model
+
+
+def model_builder(name: str) -> ModelBuilder:
+    """The builder registered as ``name``; KeyError naming the known models if unknown."""
+    _import_builders()
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}")
+    return _MODELS[name]
 
 
 def _import_builders() -> None:

@@ -67,6 +67,28 @@ class MaddConfig:
                 raise ValueError(f"MaddConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.spec, LayerSpec):
             raise TypeError(f"MaddConfig.spec must be a LayerSpec, got {type(self.spec).__name__}")
+        self._check_ncodebooks()
+
+    def _check_ncodebooks(self) -> None:
+        """``ncodebooks``: None, an int >= 1, a ``{layer name: int >= 1}`` mapping or a callable."""
+        value = self.ncodebooks
+
+        def positive_int(count: object) -> bool:
+            return isinstance(count, int) and not isinstance(count, bool) and count >= 1
+
+        if isinstance(value, Mapping):
+            bad = {
+                name: count
+                for name, count in value.items()
+                if not isinstance(name, str) or not positive_int(count)
+            }
+            if bad:
+                raise ValueError(f"MaddConfig.ncodebooks maps layer names to ints >= 1; bad entries: {bad}")
+        elif not (value is None or positive_int(value) or callable(value)):
+            raise ValueError(
+                "MaddConfig.ncodebooks must be None, an int >= 1, a {layer name: int >= 1} mapping "
+                f"or a function (name, module) -> C, got {value!r}"
+            )
 
     # ------------------------------------------------------------------ selection
     def selects(self, name: str, module: nn.Module) -> bool:
@@ -110,6 +132,13 @@ class MaddConfig:
             for pattern in self.layers:
                 if not any(fnmatch.fnmatchcase(name, pattern) for name in matched_names):
                     raise ValueError(f"layer pattern {pattern!r} matches no convertible layer")
+        if isinstance(self.ncodebooks, Mapping):
+            unused = sorted(set(self.ncodebooks) - set(matched_names))
+            if unused:
+                raise ValueError(
+                    f"ncodebooks names {unused}, which are not layers selected for conversion; "
+                    f"selected: {sorted(chosen)}"
+                )
         return chosen
 
     def skipped(self, model: nn.Module) -> dict[str, str]:

@@ -203,7 +203,9 @@ def load_converted(
 
     Files written by earlier maddnet versions (format 1 plans, the tree's tensors on the
     layer) load too."""
-    saved = torch.load(path, map_location=map_location, weights_only=True)
+    from maddnet.models.weights import read_checkpoint
+
+    saved = read_checkpoint(path, map_location=map_location, weights_only=True)
     if not isinstance(saved, dict) or "plan" not in saved or "state_dict" not in saved:
         raise ValueError(f"{path} is not a converted model saved by maddnet.nn.save_converted")
     rebuild(model, saved["plan"])

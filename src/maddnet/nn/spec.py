@@ -9,6 +9,7 @@ and saves it in its config. Field metadata ``help`` is the text the CLI shows.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +99,7 @@ class LayerSpec:
             isinstance(self.temperature, int | float) and 0 < self.temperature < float("inf")
         ):
             raise ValueError(f"LayerSpec.temperature must be a positive number, got {self.temperature!r}")
+        self._check_encoder_options()
         if self.encoder != "tree":
             defaults = LayerSpec()
             changed = [name for name in TREE_FIELDS if getattr(self, name) != getattr(defaults, name)]
@@ -106,6 +108,31 @@ class LayerSpec:
                     f"LayerSpec fields {changed} configure the tree encoder; encoder {self.encoder!r} "
                     "takes its options in encoder_options"
                 )
+
+    def _check_encoder_options(self) -> None:
+        """Build the encoder class with this spec's arguments (C = 1), so an option it does
+        not take, or a bad value, fails here, naming the option and the accepted ones."""
+        cls = encoder_class(self.encoder)
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        accepted = [
+            p.name for p in parameters if p.name not in ("self", "ncodebooks") and p.kind is not p.VAR_KEYWORD
+        ]
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
+        unknown = [] if takes_any else sorted(set(self.encoder_options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"LayerSpec.encoder_options: encoder {self.encoder!r} takes no option "
+                f"{', '.join(map(repr, unknown))}; its options: {', '.join(accepted)}"
+            )
+        if not self.encoder_options:
+            return
+        try:
+            cls(**self.encoder_config(1))
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"LayerSpec.encoder_options {dict(self.encoder_options)} do not fit encoder "
+                f"{self.encoder!r} (its options: {', '.join(accepted)}): {error}"
+            ) from error
 
     # ------------------------------------------------------------------ helpers
     def replace(self, **changes: Any) -> LayerSpec:

@@ -126,6 +126,7 @@ class RetrainConfig(JsonConfig):
             raise ValueError(f"eval_split must be one of {SPLITS}, got {self.eval_split!r}")
         self._check_ncodebooks()
         if self.checkpoint is None and self.baseline_steps == 0:
+            self._check_names()  # a more specific problem is worth more than "no checkpoint"
             raise ValueError(
                 "give the trained dense model as checkpoint=... (--checkpoint), or baseline_steps > 0 "
                 "(--baseline-steps) to train it here"
@@ -155,6 +156,28 @@ class RetrainConfig(JsonConfig):
                     f"ncodebooks must be None, a positive int or {{layer: positive int}}, "
                     f"got {self.ncodebooks!r}"
                 )
+
+    def _check_names(self) -> None:
+        """Model and data set names (and the arguments their builders take), the device,
+        and the layer selection (--layers, --exclude, --ncodebooks names) on the model built
+        with ``model_kwargs`` (its default classes and channels): raises for the first
+        problem found. Building the model costs time, so only the error path calls this."""
+        from ..cli_args import resolve_device
+        from ..data.registry import builder_arguments, dataset_builder
+        from ..models.registry import create_model, model_builder
+
+        model_builder(self.model)
+        named, var_keyword = builder_arguments(dataset_builder(self.dataset))
+        named = [name for name in named if name not in ("split", "root", "augment")]
+        unknown = [] if var_keyword else sorted(set(self.dataset_kwargs) - set(named))
+        if unknown:
+            raise ValueError(
+                f"data set {self.dataset!r} takes no argument {', '.join(map(repr, unknown))}; "
+                f"its arguments: {', '.join(named)}"
+            )
+        if self.device != "cpu":
+            resolve_device(self.device)
+        self.madd_config().select(create_model(self.model, **self.model_kwargs))
 
     def madd_config(self) -> MaddConfig:
         return MaddConfig(

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import itertools
 import json
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
 from ..nn.diagnostics import dead_layer_message, dead_layers
+from ..nn.mapping import input_dim
+from ..nn.recording import capacity_for
 from ..threads import set_threads
 from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
 from ..train.optim import warmup_cosine_schedule
@@ -93,6 +96,32 @@ def forward_order(model: nn.Module, names: list[str], batch: torch.Tensor) -> li
     if missing:
         raise ValueError(f"layers {missing} never run in a forward pass; exclude them")
     return order
+
+
+def rows_per_sample(model: nn.Module, names: list[str], batch: torch.Tensor) -> dict[str, float]:
+    """``{name: rows one sample of batch gives the layer}`` (summed over its calls; a conv
+    gets one row per output position, a linear layer one per leading index), from a
+    forward pass in eval mode without gradients."""
+    counts = dict.fromkeys(names, 0)
+
+    def count(name: str, output: torch.Tensor) -> None:
+        channel_dim = 1 if isinstance(model.get_submodule(name), nn.Conv2d) and output.dim() == 4 else -1
+        counts[name] += output.numel() // max(1, output.shape[channel_dim])
+
+    handles = [
+        model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: count(name, out))
+        for name in dict.fromkeys(names)
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(batch)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return {name: counts[name] / batch.shape[0] for name in names}
 
 
 def first_n_batches(loader: DataLoader, count: int) -> list:
@@ -377,9 +406,13 @@ class Retrainer:
         t0 = time.time()
         if cfg.checkpoint is not None:
             model = build_dense_model(cfg, self.info).to(self.device)
-            train_stats = {}
         else:
             model = self._fresh_model()
+        # before any training: a bad selection or too little calibration data fails now
+        order = self._layer_order(model)
+        if cfg.checkpoint is not None:
+            train_stats = {}
+        else:
             groups = [
                 {
                     "params": [p for p in model.parameters()],
@@ -403,7 +436,6 @@ class Retrainer:
             }
         )
         dense_state = copy.deepcopy(model.state_dict())
-        order = self._layer_order(model)
         self._save(model, 1, order, dense_state)
         return model, dense_state, order
 
@@ -438,9 +470,58 @@ class Retrainer:
         self._save(model, final_step + 1, order, dense_state)
 
     def _layer_order(self, model: nn.Module) -> list[str]:
-        selected = list(self.config.madd_config().select(model))
+        """The selected layers in forward order, after checking that the calibration data
+        gives every one of them enough rows (:meth:`_check_calibration_rows`)."""
+        cfg = self.config
+        selected = list(cfg.madd_config().select(model))
         batch = next(iter(self.calib_loader))[0][:2].to(self.device)
-        return forward_order(model, selected, batch)
+        try:
+            order = forward_order(model, selected, batch)
+            per_sample = rows_per_sample(model, order, batch)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            raise ValueError(
+                f"model {cfg.model!r} with {cfg.model_kwargs} cannot run a batch of data set "
+                f"{cfg.dataset!r} (input {tuple(batch.shape[1:])}): {error}"
+            ) from error
+        if not cfg.dense_control:
+            self._check_calibration_rows(model, order, per_sample)
+        return order
+
+    def _check_calibration_rows(
+        self, model: nn.Module, order: list[str], per_sample: dict[str, float]
+    ) -> None:
+        """ValueError naming the first layer whose recorded rows would fall short of
+        ``max(min_rows, K)`` (what convert needs), with the flags that fix it."""
+        cfg, madd = self.config, self.config.madd_config()
+        needed = max(madd.min_rows, cfg.spec.nprototypes)
+        nsamples = len(self.calib_loader.dataset)
+        samples = min(cfg.calib_batches * cfg.batch_size, nsamples)
+        for name in order:
+            rows_each = per_sample[name]
+            capacity = capacity_for(
+                input_dim(model.get_submodule(name)), cfg.max_rows, madd.max_bytes_per_layer
+            )
+            if capacity < needed:
+                raise ValueError(
+                    f"layer {name!r} can keep only {capacity} recorded rows (max_rows={cfg.max_rows}), "
+                    f"fewer than the {needed} needed (max(MaddConfig.min_rows, K)); raise --max-rows"
+                )
+            rows = int(samples * rows_each)
+            if rows >= needed:
+                continue
+            if nsamples * rows_each < needed:
+                fix = f"the data set has only {nsamples} training samples; use a larger one"
+            else:
+                batches = math.ceil(needed / (cfg.batch_size * rows_each))
+                size = math.ceil(needed / (cfg.calib_batches * rows_each))
+                fix = f"use --calib-batches {batches} or --batch-size {size}"
+            raise ValueError(
+                f"layer {name!r} gets {rows_each:g} rows per sample, so {cfg.calib_batches} calibration "
+                f"batches of {cfg.batch_size} ({samples} samples) give {rows} rows, fewer than the "
+                f"{needed} needed (max(MaddConfig.min_rows, K)); {fix}"
+            )
 
     def _replace_step(
         self, model: nn.Module, order: list[str], index: int, loss: RetrainLoss, teacher: nn.Module

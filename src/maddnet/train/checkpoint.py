@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from maddnet.models.weights import read_checkpoint
+
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` with ``torch.save`` to ``path`` atomically.
@@ -37,11 +39,15 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (or any ``torch.save`` dict)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (or any ``torch.save`` dict).
+
+    A missing ``path`` raises :class:`FileNotFoundError`, a truncated or corrupt file (or
+    one that does not hold a dict) :class:`ValueError`; both name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    data = read_checkpoint(path, map_location=map_location)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint dict")
+    return data
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -107,6 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from maddnet.data import create_dataset
     from maddnet.models import create_model
+    from maddnet.models.weights import dense_state_dict, is_converted, load_state, read_checkpoint
     from maddnet.train.distributed import pick_device
     from maddnet.train.loops import evaluate
     from maddnet.train.runner import model_kwargs_for
@@ -117,14 +118,34 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = create_dataset(args.data, args.split, args.data_root, **data_kwargs)
     info = dataset.info
     kwargs = model_kwargs_for(args.model, info, parse_key_values(args.model_kw, "--model-kw"))
-    model = create_model(
-        args.model, info.num_classes, info.in_chans, checkpoint=args.checkpoint, **kwargs
-    ).to(device)
+    model = create_model(args.model, info.num_classes, info.in_chans, **kwargs)
+    saved = read_checkpoint(args.checkpoint)
+    if is_converted(saved):  # a retrain run's checkpoint.pt or a save_converted file
+        _load_converted_state(model, saved, args.checkpoint)
+        evaluated = "converted"
+    else:
+        load_state(model, dense_state_dict(saved, args.checkpoint), args.checkpoint)
+        evaluated = "dense"
+    model = model.to(device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     with torch.inference_mode():
         result = evaluate(model, loader, device=device, progress=args.progress)
-    print(json.dumps({"model": args.model, "data": args.data, "split": args.split, **result}, sort_keys=True))
+    row = {"model": args.model, "data": args.data, "split": args.split, "evaluated": evaluated, **result}
+    print(json.dumps(row, sort_keys=True))
     return 0
+
+
+def _load_converted_state(model, saved: dict[str, Any], path: str) -> None:
+    """Rebuild the converted (MADD) model of ``saved`` on the fresh dense ``model``."""
+    from maddnet.models.weights import load_state
+    from maddnet.nn import rebuild
+
+    try:
+        rebuild(model, saved["plan"])
+    except (KeyError, ValueError, TypeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise ValueError(f"{path}: its conversion plan does not fit the model: {message}") from error
+    load_state(model, saved["state_dict"], path)
 
 
 def _add_train_parser(subparsers) -> argparse.ArgumentParser:

@@ -265,3 +265,18 @@ def test_convert_still_converts_when_the_check_cannot_run_in_train_mode():
         convert(model, single_rows, CONFIG)
     assert isinstance(model[2], MaddLinear) and model.training  # mode and statistics as they were
     assert torch.all(model[1].running_mean == 1000.0)
+
+
+def test_codebooks_given_under_a_second_name_of_a_shared_layer_are_refused():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(32, 32)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    assert set(MaddConfig(ncodebooks={"a": 4}).select(Tied())) == {"a"}
+    with pytest.raises(ValueError, match="'b' -> 'a'"):
+        MaddConfig(ncodebooks={"b": 4}).select(Tied())

@@ -155,3 +155,12 @@ def test_summary_lists_what_stays_dense_with_the_reason():
     rows = kept_dense(block)
     assert [r["name"] for r in rows] == ["layers.0.self_attn"] and "in_proj_weight" in rows[0]["reason"]
     assert "layers.0.self_attn (MultiheadAttention, 1088 weights)" in summary(block, print_fn=None)
+
+
+def test_skipped_and_summary_give_the_same_reason_for_attention_projections():
+    block = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    skipped = MaddConfig().skipped(block)
+    assert skipped == {
+        "layers.0.self_attn.out_proj": "part of nn.MultiheadAttention 'layers.0.self_attn', "
+        "which uses its weights directly"
+    }

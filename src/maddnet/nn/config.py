@@ -109,7 +109,7 @@ class MaddConfig:
         of its names and ``exclude`` none of them (its conversion replaces it everywhere).
         """
         chosen = {}
-        matched_names = []
+        matched_names, second_names = [], {}
         for module, names in leaf_layers_with_names(model):
             if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in self.exclude):
                 continue
@@ -117,6 +117,7 @@ class MaddConfig:
                 continue
             name = names[0]
             matched_names.extend(names)
+            second_names.update({alias: name for alias in names[1:]})
             reason = unsupported_reason(module)
             if reason is not None:
                 # a wrong type is a TypeError; a convertible type in an unsupported setting a ValueError
@@ -139,18 +140,33 @@ class MaddConfig:
                     f"ncodebooks names {unused}, which are not layers selected for conversion; "
                     f"selected: {sorted(chosen)}"
                 )
+            # a shared layer is learned under its first name: C given under another name
+            # would be ignored, so it is refused
+            aliases = {key: second_names[key] for key in self.ncodebooks if key in second_names}
+            if aliases:
+                raise ValueError(
+                    "ncodebooks names a shared layer by a second name; give its C under its first name: "
+                    + ", ".join(f"{key!r} -> {first!r}" for key, first in sorted(aliases.items()))
+                )
         return chosen
 
     def skipped(self, model: nn.Module) -> dict[str, str]:
         """``{name: reason}`` of the dense conv/linear layers the default selection
-        (``layers=None``) leaves out because they cannot be converted."""
-        return {
-            name: reason
-            for name, module in named_leaf_layers(model)
-            if isinstance(module, nn.Linear | nn.Conv2d)
-            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude)
-            and (reason := unsupported_reason(module)) is not None
-        }
+        (``layers=None``) leaves out because they cannot be converted (the same reasons as
+        :func:`maddnet.nn.mapping.kept_dense` and ``summary`` give)."""
+        attention = [name for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+        skipped = {}
+        for name, module in named_leaf_layers(model):
+            if not isinstance(module, nn.Linear | nn.Conv2d):
+                continue
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+                continue
+            owner = next((a for a in attention if name.startswith(a + ".")), None)
+            if owner is not None:
+                skipped[name] = f"part of nn.MultiheadAttention {owner!r}, which uses its weights directly"
+            elif (reason := unsupported_reason(module)) is not None:
+                skipped[name] = reason
+        return skipped
 
     # ------------------------------------------------------------------ codebooks
     def codebooks_for(self, name: str, module: nn.Module) -> int:

@@ -32,9 +32,8 @@ MIN_INPUT_DIM = 4  # below this a 16-leaf tree per codebook has nothing to choos
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot become a MADD layer or is not worth analysing (None when it can)."""
     if isinstance(module, nn.Conv2d) and module.groups > 1:
-        per_group = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         return (
-            f"grouped/depthwise conv (groups={module.groups}): each output reads only D={per_group} "
+            f"grouped/depthwise conv (groups={module.groups}): each output reads only D={input_dim(module)} "
             "inputs; MADD layers need groups=1"
         )
     reason = mapping.unsupported_reason(module)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..nn.mapping import input_dim
 from .costs import AcceleratorConfig
 
 
@@ -175,18 +176,17 @@ def record_shapes(
                 output_values=entry["output_values"],
             )
         else:
-            kh, kw = module.kernel_size
             shape = LayerShape(
                 name,
                 "conv2d",
                 entry["rows"],
-                module.in_channels // module.groups * kh * kw,
+                input_dim(module),
                 module.out_channels,
                 groups=module.groups,
                 bias=module.bias is not None,
                 input_values=entry["input_values"],
                 output_values=entry["output_values"],
-                kernel=(kh, kw),
+                kernel=tuple(module.kernel_size),
             )
         shapes.append(shape)
     other = counter.get_total_flops() // 2 - sum(s.macs for s in shapes)

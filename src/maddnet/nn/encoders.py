@@ -21,6 +21,7 @@ from torch import nn
 
 from ..amm.checks import check_nprototypes
 from ..amm.encoders import Encoder, EncoderCost, TreeEncoder
+from ..amm.encoders.tree import tree_cost
 from . import functional
 from .spec import SURROGATES, LayerSpec
 
@@ -177,8 +178,7 @@ class TreeEncoderModule(EncoderModule):
         return functional.tree_backward(self.surrogate, values, codes, tensors, table, grad_out, needs)
 
     def cost(self) -> EncoderCost:
-        reads = self.ncodebooks * self.depth
-        return EncoderCost(compares=reads, reads=reads)
+        return tree_cost(self.ncodebooks, self.depth)
 
     def extra_repr(self) -> str:
         return f"C={self.ncodebooks}, K={self.nprototypes}, surrogate={self.surrogate!r}"

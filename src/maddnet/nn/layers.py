@@ -613,8 +613,7 @@ class _MaddLayer(nn.Module):
     def _hw_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Codes of (already rounded) ``x`` against ``thresholds``: gather and encode."""
         values, context = self._gather(x)
-        if values.device.type != "cpu" and not bool(torch.isfinite(values).all()):
-            raise NonFiniteInputError("NaN/inf among the values the encoder reads")
+        self._check_values(values, refuse=True)
         return encode_values(values, thresholds), context
 
     def _hw_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,42 +74,24 @@ def build_dense_model(config: RetrainConfig, info) -> nn.Module:
     )
 
 
-def forward_order(model: nn.Module, names: list[str], batch: torch.Tensor) -> list[str]:
-    """``names`` sorted by when the layers first run in a forward pass of ``batch``."""
+def trace_layers(
+    model: nn.Module, names: list[str], batch: torch.Tensor
+) -> tuple[list[str], dict[str, float]]:
+    """One forward pass of ``batch`` in eval mode without gradients: ``names`` sorted by when
+    the layers first run, and ``{name: rows one sample gives the layer}`` (summed over its
+    calls; a conv gets one row per output position, a linear layer one per leading index).
+    ValueError for a layer that never runs."""
     order: list[str] = []
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(
-            lambda _m, _a, name=name: order.append(name) if name not in order else None
-        )
-        for name in names
-    ]
-    try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(batch)
-        model.train(was_training)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [n for n in names if n not in order]
-    if missing:
-        raise ValueError(f"layers {missing} never run in a forward pass; exclude them")
-    return order
-
-
-def rows_per_sample(model: nn.Module, names: list[str], batch: torch.Tensor) -> dict[str, float]:
-    """``{name: rows one sample of batch gives the layer}`` (summed over its calls; a conv
-    gets one row per output position, a linear layer one per leading index), from a
-    forward pass in eval mode without gradients."""
     counts = dict.fromkeys(names, 0)
 
-    def count(name: str, output: torch.Tensor) -> None:
+    def seen(name: str, output: torch.Tensor) -> None:
+        if name not in order:
+            order.append(name)
         channel_dim = 1 if isinstance(model.get_submodule(name), nn.Conv2d) and output.dim() == 4 else -1
         counts[name] += output.numel() // max(1, output.shape[channel_dim])
 
     handles = [
-        model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: count(name, out))
+        model.get_submodule(name).register_forward_hook(lambda _m, _a, out, name=name: seen(name, out))
         for name in dict.fromkeys(names)
     ]
     was_training = model.training
@@ -121,7 +103,15 @@ def rows_per_sample(model: nn.Module, names: list[str], batch: torch.Tensor) -> 
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return {name: counts[name] / batch.shape[0] for name in names}
+    missing = [n for n in names if n not in order]
+    if missing:
+        raise ValueError(f"layers {missing} never run in a forward pass; exclude them")
+    return order, {name: counts[name] / batch.shape[0] for name in order}
+
+
+def forward_order(model: nn.Module, names: list[str], batch: torch.Tensor) -> list[str]:
+    """``names`` sorted by when the layers first run in a forward pass of ``batch``."""
+    return trace_layers(model, names, batch)[0]
 
 
 def first_n_batches(loader: DataLoader, count: int) -> list:
@@ -476,8 +466,7 @@ class Retrainer:
         selected = list(cfg.madd_config().select(model))
         batch = next(iter(self.calib_loader))[0][:2].to(self.device)
         try:
-            order = forward_order(model, selected, batch)
-            per_sample = rows_per_sample(model, order, batch)
+            order, per_sample = trace_layers(model, selected, batch)
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:

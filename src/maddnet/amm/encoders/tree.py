@@ -103,6 +103,11 @@ class TreeEncoder(Encoder):
         return self.split_dims_
 
     def cost(self) -> EncoderCost:
-        """L compares and L input reads per codebook: 4 C each for K = 16."""
-        reads = self.ncodebooks * self.depth
-        return EncoderCost(compares=reads, reads=reads)
+        return tree_cost(self.ncodebooks, self.depth)
+
+
+def tree_cost(ncodebooks: int, depth: int) -> EncoderCost:
+    """Per row: L compares and L input reads per codebook (4 C each for K = 16), no add or
+    multiply."""
+    reads = ncodebooks * depth
+    return EncoderCost(compares=reads, reads=reads)

@@ -96,7 +96,7 @@ def test_malformed_pairs_end_in_one_error_line(argv, option, capsys):
 def test_every_option_of_every_sub_command_has_help():
     parser = build_parser()
     commands = subparsers(parser)
-    assert set(commands) == {"demo", "retrain", "analyze", "amm", "train", "eval", "energy"}
+    assert set(commands) == {"demo", "retrain", "analyze", "amm", "train", "eval", "energy", "export", "hw-check"}
     missing = []
     for name, sub in [("maddnet", parser), *commands.items()]:
         for action in sub._actions:

@@ -23,6 +23,7 @@ COMMANDS = [
     "maddnet.analysis.amm_cli",
     "maddnet.train.cli",
     "maddnet.hw.energy_cli",
+    "maddnet.hw.export_cli",
 ]
 
 

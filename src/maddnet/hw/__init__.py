@@ -9,6 +9,8 @@
 * :mod:`~maddnet.hw.datapath`: a numpy model of the accelerator's datapath (FP16 encoder,
   integer LUT accumulator, de-quantisation; no torch);
 * :mod:`~maddnet.hw.exact`: :func:`set_hw_exact`, MADD layers computing exactly that.
+* :mod:`~maddnet.hw.export`: ``maddnet export`` (tables, ``$readmemh`` memories, golden
+  vectors); :mod:`~maddnet.hw.hw_check`: ``maddnet hw-check``, its torch-free reader and check.
 
 The model, its constants and what they assume: docs/hardware.md.
 """

@@ -157,6 +157,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    set_threads_from(args.threads)
     return hw_check.run(args)
 
 
@@ -246,5 +247,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "no torch: python DIR/reference/hw_check.py DIR runs it with numpy and safetensors only.",
     )
     hw_check.add_arguments(check)
+    # the golden vectors run through the numpy datapath; --end-to-end compares on the CPU
+    add_execution_arguments(check, device=False)
     check.set_defaults(func=run_check)
     return parser

@@ -1,15 +1,14 @@
-"""The Encoder seam: the tree behind it, and a second encoder written as a newcomer would.
+"""The Encoder seam: the tree behind it, and a second encoder through every entry point.
 
-``NearestPrototypeEncoder`` (product quantisation: each codebook's block of columns goes
-to its nearest centroid under L2) is the whole of what a new encoder needs: an
-``Encoder`` (learn / encode / columns read / cost) and its ``EncoderModule`` (the torch
-form with a soft-argmin surrogate backward). Registered by name, it plugs into
-``MaddnessMatmul``, ``MaddLinear`` and ``MaddConv2d``, trains, saves and loads.
+The second encoder is the package's "pq" (:class:`maddnet.amm.encoders.PQEncoder`:
+product quantisation, each codebook's block of columns goes to its nearest centroid
+under L2; it began here as the newcomer's example): an ``Encoder`` (learn / encode /
+columns read / cost) and its ``EncoderModule`` (soft-argmin surrogate backward).
+Registered by name, it plugs into ``MaddnessMatmul``, ``MaddLinear`` and ``MaddConv2d``,
+trains, saves and loads. tests/test_encoder_study.py tests the encoders themselves.
 """
 
 from __future__ import annotations
-
-from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -17,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from maddnet import MaddnessMatmul
-from maddnet.amm import Encoder, EncoderCost, TreeEncoder, register_encoder
+from maddnet.amm import EncoderCost, TreeEncoder
 from maddnet.amm.encoders import ENCODERS, create_encoder
 from maddnet.amm.lut import quantized_lut_sum
 from maddnet.nn import (
-    EncoderModule,
     LayerSpec,
     MaddConfig,
     MaddConv2d,
@@ -29,125 +27,9 @@ from maddnet.nn import (
     TreeEncoderModule,
     convert,
     load_converted,
-    register_encoder_module,
     save_converted,
 )
-
-
-# ---------------------------------------------------------------------- the newcomer's encoder
-@register_encoder
-class NearestPrototypeEncoder(Encoder):
-    """Codebook c's code is the nearest of K centroids of its block (D/C columns), under L2."""
-
-    name: ClassVar[str] = "test_nearest"
-    STATE: ClassVar[tuple[str, ...]] = ("centroids_", "prototypes_")
-
-    def __init__(
-        self, ncodebooks: int, nprototypes: int = 16, ridge: float | None = 1.0, iterations: int = 4
-    ):
-        super().__init__(ncodebooks, nprototypes, ridge)
-        self.iterations = iterations
-        self.centroids_: torch.Tensor | None = None
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "iterations": self.iterations}
-
-    def _blocks(self, rows: torch.Tensor) -> torch.Tensor:
-        if rows.shape[1] % self.ncodebooks:
-            raise ValueError(
-                f"test_nearest needs D divisible by C, got D={rows.shape[1]}, C={self.ncodebooks}"
-            )
-        return rows.float().reshape(rows.shape[0], self.ncodebooks, -1)  # (N, C, W)
-
-    def _fit_codes(self, rows, weight):
-        blocks = self._blocks(rows)
-        gen = torch.Generator().manual_seed(0)
-        start = torch.randperm(rows.shape[0], generator=gen)[: self.nprototypes]
-        self.centroids_ = blocks[start].transpose(0, 1).contiguous()  # (C, K, W)
-        for _ in range(self.iterations):  # Lloyd steps
-            codes = self.encode(rows).long()
-            onehot = F.one_hot(codes, self.nprototypes).float()  # (N, C, K)
-            counts = onehot.sum(0)[..., None]
-            sums = torch.einsum("nck,ncw->ckw", onehot, blocks)
-            self.centroids_ = torch.where(counts > 0, sums / counts.clamp_min(1), self.centroids_)
-        codes = self.encode(rows)
-        initial = torch.zeros(self.ncodebooks, self.nprototypes, rows.shape[1])
-        for c in range(self.ncodebooks):
-            width = self.centroids_.shape[2]
-            initial[c, :, c * width : (c + 1) * width] = self.centroids_[c]
-        return codes, initial
-
-    def encode(self, rows):
-        self.require_fitted()
-        distances = ((self._blocks(rows)[:, :, None, :] - self.centroids_[None]) ** 2).sum(-1)
-        return distances.argmin(-1).to(torch.uint8)
-
-    @property
-    def read_columns(self):
-        self.require_fitted()
-        return torch.arange(self.input_dim).reshape(self.ncodebooks, -1)
-
-    def cost(self):
-        width = self.centroids_.shape[2]
-        per_codebook = self.nprototypes * width
-        return EncoderCost(
-            compares=self.ncodebooks * (self.nprototypes - 1),
-            adds=self.ncodebooks * self.nprototypes * (2 * width - 1),
-            multiplies=self.ncodebooks * per_codebook,
-            reads=self.ncodebooks * width,
-        )
-
-
-@register_encoder_module
-class NearestPrototypeModule(EncoderModule):
-    """Torch form: trainable centroids; soft-argmin surrogate ``softmax(-||v - c_k||^2 / tau)``."""
-
-    name: ClassVar[str] = "test_nearest"
-
-    def __init__(self, ncodebooks, nprototypes=16, width=1, tau=1.0, device=None):
-        super().__init__(ncodebooks, nprototypes)
-        self.width, self.tau = width, tau
-        self.centroids = nn.Parameter(torch.zeros(ncodebooks, nprototypes, width, device=device))
-        columns = torch.arange(ncodebooks * width, device=device).reshape(ncodebooks, width)
-        self.register_buffer("columns", columns)
-
-    def get_config(self):
-        return {**super().get_config(), "width": self.width, "tau": self.tau}
-
-    @classmethod
-    def from_spec(cls, in_dim, ncodebooks, spec, device=None):
-        return cls(ncodebooks, spec.nprototypes, in_dim // ncodebooks, spec.temperature, device=device)
-
-    @property
-    def read_columns(self):
-        return self.columns
-
-    def load_encoder(self, encoder, rows, spec):
-        with torch.no_grad():
-            self.centroids.copy_(encoder.centroids_)
-
-    def encode_values(self, values):
-        return (
-            ((values[:, :, None, :] - self.centroids[None].detach()) ** 2).sum(-1).argmin(-1).to(torch.uint8)
-        )
-
-    def surrogate_tensors(self):
-        return (self.centroids,)
-
-    def surrogate_backward(self, values, codes, tensors, table, grad_out, needs):
-        (centroids,) = tensors
-        diff = values[:, :, None, :] - centroids[None]  # (N, C, K, W)
-        scores = torch.softmax(-(diff**2).sum(-1) / self.tau, dim=-1)  # (N, C, K)
-        grad_scores = torch.einsum("nm,ckm->nck", grad_out, table)
-        grad_dist = scores * (grad_scores - (scores * grad_scores).sum(-1, keepdim=True)) * (-1 / self.tau)
-        grad_values = (2 * grad_dist[..., None] * diff).sum(2) if needs[0] else None
-        grad_centroids = -(2 * grad_dist[..., None] * diff).sum(0) if needs[1] else None
-        return grad_values, (grad_centroids,)
-
-    def cost(self):
-        return EncoderCost(
-            multiplies=self.ncodebooks * self.nprototypes * self.width, reads=self.ncodebooks * self.width
-        )
+from maddnet.nn.encoders import PQModule as NearestPrototypeModule
 
 
 # ---------------------------------------------------------------------- data
@@ -186,7 +68,7 @@ def test_encoders_refuse_what_they_cannot_learn_from():
     with pytest.raises(ValueError, match="unknown encoder"):
         LayerSpec(encoder="nope")
     with pytest.raises(ValueError, match="configure the tree encoder"):
-        LayerSpec(encoder="test_nearest", surrogate="path")
+        LayerSpec(encoder="pq", surrogate="path")
 
 
 def test_hash_objective_reaches_the_layers():
@@ -203,9 +85,7 @@ def test_hash_objective_reaches_the_layers():
 # ---------------------------------------------------------------------- the second encoder
 def test_second_encoder_in_the_estimator():
     rows, weight = low_rank_rows(3000, 24), torch.randn(24, 7)
-    amm = MaddnessMatmul(
-        ncodebooks=4, lut_bits=None, encoder="test_nearest", encoder_options={"iterations": 3}
-    )
+    amm = MaddnessMatmul(ncodebooks=4, lut_bits=None, encoder="pq", encoder_options={"iterations": 3})
     amm.fit(rows[:2500], weight)
     test = rows[2500:]
     out = amm(test)
@@ -221,14 +101,15 @@ def test_second_encoder_in_the_estimator():
 
 def test_second_encoder_surrogate_equals_autograd_of_the_soft_argmin():
     torch.manual_seed(0)
-    module = NearestPrototypeModule(3, 4, width=2, tau=0.7).double()
+    module = NearestPrototypeModule(3, 4, ndims=6).double()
     with torch.no_grad():
         module.centroids.copy_(torch.randn(3, 4, 2))
+        module.temperature.fill_(0.7)
     values = torch.randn(5, 3, 2, dtype=torch.float64)
     table, grad_out = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
     codes = module.encode_values(values)
-    grad_values, (grad_centroids,) = module.surrogate_backward(
-        values, codes, (module.centroids.detach(),), table, grad_out, (True, True)
+    grad_values, (grad_centroids, _) = module.surrogate_backward(
+        values, codes, (module.centroids.detach(), module.temperature), table, grad_out, (True, True, False)
     )
     v, c = values.clone().requires_grad_(), module.centroids.detach().clone().requires_grad_()
     scores = torch.softmax(-((v[:, :, None] - c[None]) ** 2).sum(-1) / 0.7, -1)
@@ -239,10 +120,10 @@ def test_second_encoder_surrogate_equals_autograd_of_the_soft_argmin():
 
 def test_second_encoder_in_madd_linear_trains_saves_and_loads(tmp_path):
     rows, linear = low_rank_rows(2000, 16), nn.Linear(16, 3)
-    spec = LayerSpec(encoder="test_nearest", encoder_options={"iterations": 3}, lut_bits=8)
+    spec = LayerSpec(encoder="pq", encoder_options={"iterations": 3}, lut_bits=8)
     layer = MaddLinear.from_dense(linear, rows, ncodebooks=4, spec=spec)
     assert isinstance(layer.encoder, NearestPrototypeModule) and layer.encoder_reads == 16
-    amm = MaddnessMatmul(ncodebooks=4, lut_bits=8, encoder="test_nearest", encoder_options={"iterations": 3})
+    amm = MaddnessMatmul(ncodebooks=4, lut_bits=8, encoder="pq", encoder_options={"iterations": 3})
     amm.fit(rows, linear.weight.detach().T)
     with torch.no_grad():
         assert torch.equal(layer.eval()(rows[:300]), amm(rows[:300]) + linear.bias)
@@ -275,7 +156,7 @@ def test_second_encoder_in_a_converted_conv_net(tmp_path):
 
     model = build()
     batches = [(torch.randn(8, 2, 6, 6), None) for _ in range(3)]
-    spec = LayerSpec(encoder="test_nearest", encoder_options={"iterations": 2})
+    spec = LayerSpec(encoder="pq", encoder_options={"iterations": 2})
     convert(model, batches, MaddConfig(layers=["0"], ncodebooks=2, min_rows=64, spec=spec))
     assert isinstance(model[0], MaddConv2d) and isinstance(model[0].encoder, NearestPrototypeModule)
     x = torch.randn(4, 2, 6, 6)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..amm.checks import check_nprototypes
-from ..amm.encoders import Encoder, EncoderCost, TreeEncoder
+from ..amm.encoders import Encoder, EncoderCost, NearestPrototypeEncoder, TreeEncoder, nearest
 from ..amm.encoders.tree import tree_cost
 from . import functional
 from .spec import SURROGATES, LayerSpec
@@ -207,3 +207,131 @@ def encoder_module_class(name: str) -> type[EncoderModule]:
 
 
 register_encoder_module(TreeEncoderModule)
+
+
+class GlobalTreeEncoderModule(TreeEncoderModule):
+    """The whole-row hash trees (:class:`maddnet.amm.encoders.GlobalTreeEncoder`) in a layer:
+    the tree's module (split columns anywhere in the row; same surrogates, same cost)."""
+
+    name: ClassVar[str] = "tree-global"
+
+
+class NearestPrototypeModule(EncoderModule):
+    """A nearest-prototype encoder (:class:`maddnet.amm.encoders.NearestPrototypeEncoder`:
+    "pq", "pq-l1", "pq-linf") in a layer.
+
+    * ``centroids`` (Parameter, (C, K, W)): trained through the surrogate.
+    * ``columns`` (buffer, (C, W) int64): the block columns read (narrower blocks repeat
+      their last column; ``mask`` marks the real ones).
+    * ``temperature`` (buffer, (C,)): tau of the soft-argmin surrogate
+      ``softmax(-d(v, c_k) / tau)``, in the metric's distance units.
+
+    The forward pass is the hard nearest centroid; the backward pass is the gradient of the
+    soft-argmin's LUT sum (straight-through), computed with autograd of the metric's
+    distance (for L-infinity a subgradient: the coordinate of the largest difference).
+    """
+
+    name: ClassVar[str] = ""
+    metric: ClassVar[str] = "l2"
+
+    def __init__(
+        self, ncodebooks: int, nprototypes: int = 16, ndims: int = 1, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__(ncodebooks, nprototypes)
+        self.ndims = int(ndims)
+        columns = nearest.block_columns(self.ndims, ncodebooks, device)
+        self.register_buffer("columns", columns)
+        self.register_buffer("mask", nearest.block_mask(columns))
+        self.centroids = nn.Parameter(torch.zeros(ncodebooks, nprototypes, columns.shape[1], device=device))
+        self.register_buffer("temperature", torch.ones(ncodebooks, device=device))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "ndims": self.ndims}
+
+    @classmethod
+    def from_spec(
+        cls, in_dim: int, ncodebooks: int, spec: LayerSpec, device: torch.device | str | None = None
+    ):
+        return cls(ncodebooks, spec.nprototypes, in_dim, device=device)
+
+    @property
+    def read_columns(self) -> torch.Tensor:
+        return self.columns
+
+    def load_encoder(self, encoder: Encoder, rows: torch.Tensor | None, spec: LayerSpec) -> None:
+        """Take the centroids of a fitted encoder of the same metric. The surrogate's tau
+        per codebook is ``spec.temperature`` times the mean distance of ``rows`` (N, D) to
+        their nearest centroid (``spec.temperature`` as is without rows)."""
+        if not isinstance(encoder, NearestPrototypeEncoder) or encoder.metric != self.metric:
+            raise TypeError(
+                f"{type(self).__name__} loads a {self.name!r} encoder, got {type(encoder).__name__}"
+            )
+        with torch.no_grad():
+            self.centroids.copy_(encoder.centroids_)
+            tau = torch.full_like(self.temperature, float(spec.temperature))
+            if rows is not None:
+                values = rows.float()[:, self.columns.to(rows.device)]
+                nearest_d = nearest.distances(
+                    values, encoder.centroids_.to(rows.device), self.mask.to(rows.device), self.metric
+                )
+                scale = nearest_d.amin(-1).mean(0).to(tau.device)
+                tau = tau * torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
+            self.temperature.copy_(tau)
+
+    def encode_values(self, values: torch.Tensor) -> torch.Tensor:
+        return nearest.nearest_codes(values, self.centroids.detach(), self.mask, self.metric).to(torch.uint8)
+
+    def surrogate_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.centroids, self.temperature)
+
+    def soft_scores(
+        self, values: torch.Tensor, centroids: torch.Tensor, temperature: torch.Tensor
+    ) -> torch.Tensor:
+        """The surrogate's code scores ``softmax_k(-d(v_c, centroid_ck) / tau_c)``: (N, C, K)."""
+        dist = nearest.distances(values, centroids, self.mask, self.metric)
+        return torch.softmax(-dist / temperature[None, :, None], dim=-1)
+
+    def surrogate_backward(self, values, codes, tensors, table, grad_out, needs):
+        centroids, temperature = tensors
+        with torch.enable_grad():
+            inputs = (values.detach().requires_grad_(needs[0]), centroids.detach().requires_grad_(needs[1]))
+            wanted = [x for x in inputs if x.requires_grad]
+            if not wanted:
+                return None, (None, None)
+            scores = self.soft_scores(inputs[0], inputs[1], temperature.detach())
+            grad_scores = torch.einsum("nm,ckm->nck", grad_out.to(scores.dtype), table.to(scores.dtype))
+            grads = iter(torch.autograd.grad(scores, wanted, grad_scores))
+        grad_values = next(grads) if needs[0] else None
+        grad_centroids = next(grads) if needs[1] else None
+        return grad_values, (grad_centroids, None)
+
+    def cost(self) -> EncoderCost:
+        return nearest.nearest_cost(self.metric, self.ndims, self.ncodebooks, self.nprototypes)
+
+    def extra_repr(self) -> str:
+        return f"C={self.ncodebooks}, K={self.nprototypes}, metric={self.metric!r}"
+
+
+class PQModule(NearestPrototypeModule):
+    """Torch form of the "pq" encoder (L2)."""
+
+    name: ClassVar[str] = "pq"
+    metric: ClassVar[str] = "l2"
+
+
+class L1Module(NearestPrototypeModule):
+    """Torch form of the "pq-l1" encoder."""
+
+    name: ClassVar[str] = "pq-l1"
+    metric: ClassVar[str] = "l1"
+
+
+class LinfModule(NearestPrototypeModule):
+    """Torch form of the "pq-linf" encoder."""
+
+    name: ClassVar[str] = "pq-linf"
+    metric: ClassVar[str] = "linf"
+
+
+for _module in (GlobalTreeEncoderModule, PQModule, L1Module, LinfModule):
+    register_encoder_module(_module)

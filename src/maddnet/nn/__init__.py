@@ -12,8 +12,15 @@ from .convert import (
     unprepare,
 )
 from .diagnostics import dead_layers, reestimate_batchnorm, threshold_activity
-from .encoders import EncoderModule, TreeEncoderModule, register_encoder_module
+from .encoders import (
+    EncoderModule,
+    GlobalTreeEncoderModule,
+    NearestPrototypeModule,
+    TreeEncoderModule,
+    register_encoder_module,
+)
 from .functional import madd_lut, madd_lut_encoded
+from .fuse import fuse, fuse_report
 from .layers import MaddConv2d, MaddLayer, MaddLinear, MaddUnsupportedError, register_fast_path
 from .mapping import DEFAULT_MAPPING, kept_dense, madd_type_for, unsupported_reason
 from .plan import (
@@ -25,12 +32,15 @@ from .plan import (
     register_pass,
     save_converted,
 )
+from .prune import needed_inputs, prune_unread
 from .recording import RowRecorder
 from .spec import LayerSpec
 
 __all__ = [
     "DEFAULT_MAPPING",
     "EncoderModule",
+    "GlobalTreeEncoderModule",
+    "NearestPrototypeModule",
     "LayerSpec",
     "MaddConfig",
     "MaddConv2d",
@@ -44,6 +54,8 @@ __all__ = [
     "convert",
     "convert_layer",
     "dead_layers",
+    "fuse",
+    "fuse_report",
     "default_codebooks",
     "learn_layer",
     "kept_dense",
@@ -52,6 +64,8 @@ __all__ = [
     "madd_lut",
     "madd_lut_encoded",
     "madd_type_for",
+    "needed_inputs",
+    "prune_unread",
     "prepare",
     "rebuild",
     "record_inputs",

@@ -21,10 +21,11 @@ from .amm.checks import check_nprototypes
 from .amm.encoders import ENCODERS, HASH_OBJECTIVES
 from .amm.lut import GRANULARITIES
 from .nn.spec import SURROGATES, LayerSpec
+from .train.distributed import RankFailedError
 
 # what bad input raises (wrong names, shapes, values, missing files); other exceptions are
 # bugs and keep their traceback
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError)
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, NotADirectoryError, RankFailedError)
 
 DEFAULT_DEVICE = "auto"
 DEVICE_HELP = "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,6 +24,7 @@ from ..nn import MaddConfig, convert_layer, mapping, record_inputs
 from ..nn.config import named_leaf_layers
 from ..nn.mapping import input_dim
 from ..train import evaluate
+from ..train.distributed import fail_together, gather_objects, is_distributed
 from .amm_sweep import markdown_table
 from .output import pyplot_or_none, write_csv
 
@@ -104,6 +106,12 @@ def analyze_layers(
     Each row: layer, kind, D, M, C, D/C, top1, top5 (fractions), drop (points against
     the dense model), nmse (layer output against the dense layer on the same inputs),
     fit_s (seconds to learn the layer).
+
+    Under torch.distributed (torchrun) every rank records the same calibration rows (the
+    loaders must give every rank the same batches), the (layer, C) cells are dealt out
+    round-robin, each rank evaluates its cells on all of ``eval_loader``, and rank 0
+    gathers the rows in the one-process order (the other ranks get ``rows=[]``). A cell
+    that fails on any rank stops all ranks with one error naming the rank.
     """
     config = config or MaddConfig()
     device = torch.device(device)
@@ -118,38 +126,80 @@ def analyze_layers(
     rows_by_layer = record_inputs(model, names, calib, config=config)
     nmse_inputs = [b[0].to(device) for _, b in zip(range(nmse_batches), eval_loader, strict=False)]
     dense_outputs = _layer_outputs(model, names, nmse_inputs)
-    baseline = evaluate(model, eval_loader, device=device)
-    results = []
+    baseline = evaluate(model, eval_loader, device=device, reduce=False)
     jobs = {}  # (name, C) -> None: widths that round to the same C are run once
     for name in names:
         for width in widths:
             jobs[(name, codebooks_for_width(input_dim(model.get_submodule(name)), width))] = None
-    for name, ncodebooks in tqdm(list(jobs), desc="single-layer analysis", disable=not progress):
-        trial = copy.deepcopy(model)
-        start = time.perf_counter()
-        layer_config = dataclasses.replace(config, layers=None, exclude=(), ncodebooks=ncodebooks)
-        layer = convert_layer(trial, name, rows_by_layer[name].to(device), layer_config)
-        fit_s = time.perf_counter() - start
-        approx = _layer_outputs(trial, [name], nmse_inputs)[name]
-        exact = dense_outputs[name]
-        metrics = evaluate(trial, eval_loader, device=device)
-        results.append(
-            {
-                "layer": name,
-                "kind": layer.kind,
-                "D": layer.in_dim,
-                "M": layer.out_dim,
-                "C": ncodebooks,
-                "D_per_C": round(layer.in_dim / ncodebooks, 2),
-                "top1": metrics["top1"],
-                "top5": metrics["top5"],
-                "drop": 100 * (baseline["top1"] - metrics["top1"]),
-                "nmse": float(((approx - exact) ** 2).sum() / (exact**2).sum().clamp_min(1e-30)),
-                "fit_s": fit_s,
-                "calib_rows": int(rows_by_layer[name].shape[0]),
-            }
-        )
-    return {"baseline": baseline, "rows": results, "skipped": skipped}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    mine = list(jobs)[rank::world]
+
+    def run_cells() -> list[dict[str, Any]]:
+        cells = tqdm(mine, desc="single-layer analysis", disable=not progress or rank != 0)
+        return [
+            _analyze_cell(
+                model,
+                name,
+                c,
+                rows_by_layer[name],
+                nmse_inputs,
+                dense_outputs[name],
+                eval_loader,
+                config,
+                device,
+            )
+            for name, c in cells
+        ]
+
+    results = fail_together(lambda: _with_drop(run_cells(), baseline), "single-layer analysis")
+    gathered = gather_objects(results)
+    if gathered is None:
+        return {"baseline": baseline, "rows": [], "skipped": skipped}
+    # rank r holds cells r, r + world, ...: deal them back into the one-process order
+    ordered = [gathered[i % world][i // world] for i in range(len(jobs))]
+    return {"baseline": baseline, "rows": ordered, "skipped": skipped}
+
+
+def _with_drop(rows: list[dict[str, Any]], baseline: dict[str, float]) -> list[dict[str, Any]]:
+    """``rows`` with ``drop``: points of top-1 lost against the dense ``baseline``."""
+    return [{**row, "drop": 100 * (baseline["top1"] - row["top1"])} for row in rows]
+
+
+def _analyze_cell(
+    model: nn.Module,
+    name: str,
+    ncodebooks: int,
+    rows: torch.Tensor,
+    nmse_inputs: list[torch.Tensor],
+    exact: torch.Tensor,
+    eval_loader,
+    config: MaddConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    """One row of :func:`analyze_layers` (``drop`` is set by :func:`_with_drop`): a copy
+    of ``model`` with layer ``name`` alone replaced at C = ``ncodebooks``, learned from
+    ``rows`` (N, D); ``exact`` is the dense layer's output on ``nmse_inputs``."""
+    trial = copy.deepcopy(model)
+    start = time.perf_counter()
+    layer_config = dataclasses.replace(config, layers=None, exclude=(), ncodebooks=ncodebooks)
+    layer = convert_layer(trial, name, rows.to(device), layer_config)
+    fit_s = time.perf_counter() - start
+    approx = _layer_outputs(trial, [name], nmse_inputs)[name]
+    metrics = evaluate(trial, eval_loader, device=device, reduce=False)
+    return {
+        "layer": name,
+        "kind": layer.kind,
+        "D": layer.in_dim,
+        "M": layer.out_dim,
+        "C": ncodebooks,
+        "D_per_C": round(layer.in_dim / ncodebooks, 2),
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "drop": 0.0,
+        "nmse": float(((approx - exact) ** 2).sum() / (exact**2).sum().clamp_min(1e-30)),
+        "fit_s": fit_s,
+        "calib_rows": int(rows.shape[0]),
+    }
 
 
 def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> dict[str, Path]:

@@ -20,6 +20,7 @@ from ..cli_args import (
     spec_from_args,
 )
 from ..data.registry import SPLITS
+from ..train.distributed import DEFAULT_TIMEOUT_S
 
 
 def select_layers(
@@ -82,14 +83,28 @@ def settings(args: argparse.Namespace, spec, device: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under torchrun the (layer, C) cells are split over the ranks and rank 0 writes."""
+    from ..train.distributed import cleanup
+
+    try:
+        return _run(args)
+    finally:
+        cleanup()  # leave the process group (under torchrun)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..nn import MaddConfig
+    from ..train.distributed import fail_together, init_distributed, process_device
     from .single_layer import analyze_layers, write_analysis
 
     spec = spec_from_args(args)
     config = MaddConfig(spec=spec, max_rows=args.max_rows, min_rows=args.min_rows, seed=args.seed)
     device = resolve_device(args.device)
+    dist_info = init_distributed(process_device(device), args.dist_timeout)
+    if dist_info.enabled:
+        device = str(process_device(device))
     set_threads_from(args.threads)
-    model, calib_loader, eval_loader = _model_and_data(args)
+    model, calib_loader, eval_loader = fail_together(lambda: _model_and_data(args), "loading model and data")
     result = analyze_layers(
         model,
         calib_loader,
@@ -102,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         progress=args.progress,
     )
-    result["settings"] = settings(args, spec, device)
+    if not dist_info.is_main:
+        return 0
+    result["settings"] = settings(args, spec, device) | {"world_size": dist_info.world_size}
     paths = write_analysis(result, args.out, f"{args.model} on {args.data} ({args.eval_split} split)")
     print(paths["md"].read_text())
     print("written:", ", ".join(str(p) for p in paths.values()))
@@ -222,6 +239,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_input_arguments(parser)
     _add_selection_arguments(parser)
     add_spec_arguments(parser)
-    add_execution_arguments(parser.add_argument_group("execution"))
+    execution = parser.add_argument_group("execution")
+    add_execution_arguments(execution)
+    execution.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: seconds a rank waits for the others in a collective before the job "
+        f"stops with an error (default: {DEFAULT_TIMEOUT_S:g})",
+    )
     parser.set_defaults(func=run)
     return parser

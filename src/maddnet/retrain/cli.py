@@ -31,11 +31,17 @@ from .config import RetrainConfig, migrate_flat_spec
 
 def execute(config: RetrainConfig) -> int:
     from ..nn import summary
+    from ..train.distributed import cleanup
     from .pipeline import run_retrain
     from .report import markdown_report, write_report
 
     start = time.time()
-    result = run_retrain(config)
+    try:
+        result = run_retrain(config)
+    finally:
+        cleanup()  # leave the process group (under torchrun) also when a rank failed
+    if result["rank"] != 0:
+        return 0  # rank 0 writes the report and prints the summary
     saved = json.loads(Path(config.out_dir, "config.json").read_text())
     paths = write_report(config.out_dir, result["rows"], saved)
     print()
@@ -246,6 +252,20 @@ def _add_layer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _option(
         group,
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        field="fuse",
+        help="fold BatchNorm/activations into the MADD layers of the final model (docs/passes.md)",
+    )
+    _option(
+        group,
+        "--prune-unread",
+        action=argparse.BooleanOptionalAction,
+        field="prune_unread",
+        help="make producers compute only the channels the MADD layers read (docs/passes.md)",
+    )
+    _option(
+        group,
         "--calib-batches",
         type=positive_int,
         field="calib_batches",
@@ -400,5 +420,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     _add_loss_arguments(parser)
     execution = parser.add_argument_group("execution (may change when a run resumes)")
     add_execution_arguments(execution, suppress=True)
+    _option(
+        execution,
+        "--dist-timeout",
+        type=positive_float,
+        field="dist_timeout",
+        metavar="SECONDS",
+        help="under torchrun: seconds a rank waits for the others in a collective before the job "
+        "stops with an error",
+    )
     parser.set_defaults(func=run_retrain_command)
     return parser

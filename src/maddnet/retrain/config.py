@@ -54,10 +54,17 @@ class RetrainConfig(JsonConfig):
             (``len(layers) * steps_per_layer + final_steps`` steps) with the same loss and
             optimiser, in one final step. Separates what the extra training does from what
             the replacement costs.
+        fuse, prune_unread: after the final step, apply the inter-layer passes
+            :func:`maddnet.nn.fuse` (fold BatchNorm/activations into MADD layers) and/or
+            :func:`maddnet.nn.prune_unread` (producers compute only the channels MADD layers
+            read) to the final model, evaluate it, and save it as ``passes.pt`` with a
+            ``passes.json`` report (docs/passes.md); the resumable checkpoint is unchanged.
         eval_samples: evaluate the intermediate steps on the first N samples of the eval
             split only (the dense, last-replacement and final steps always use all of it).
         device, threads, progress: how the run executes (may change on resume); device
             ``"auto"`` becomes ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
+        dist_timeout: seconds a rank waits in a collective under torchrun before it
+            raises (a dead or stuck rank then stops the job instead of hanging it).
 
     ``from_dict``/``load`` also read the flat config.json of runs made before the ``spec``
     section, so their folders still resume and compare.
@@ -92,6 +99,8 @@ class RetrainConfig(JsonConfig):
     distill_temperature: float = 4.0
     recon: float = 0.0
     dense_control: bool = False
+    fuse: bool = False
+    prune_unread: bool = False
     label_smoothing: float = 0.0
     batch_size: int = 128
     eval_batch_size: int = 512
@@ -103,9 +112,10 @@ class RetrainConfig(JsonConfig):
     device: str = "cpu"
     threads: int | None = None
     progress: bool = True
+    dist_timeout: float = 600.0
 
     EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"out_dir", "data_root", "device", "threads", "progress"}
+        {"out_dir", "data_root", "device", "threads", "progress", "dist_timeout"}
     )
 
     def __post_init__(self) -> None:
@@ -147,6 +157,10 @@ class RetrainConfig(JsonConfig):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, int | float):
+            raise ValueError(f"dist_timeout must be a number of seconds, got {self.dist_timeout!r}")
+        if not 0 < self.dist_timeout < math.inf:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout!r}")
 
     def _check_ncodebooks(self) -> None:
         values = self.ncodebooks.values() if isinstance(self.ncodebooks, Mapping) else [self.ncodebooks]

@@ -6,6 +6,17 @@ the current, partly converted network produces, then fine-tunes
 ``steps_per_layer`` steps. Step n+1 fine-tunes everything still trainable.
 Every step ends with a checkpoint (conversion plan + state) and a metrics row, so a
 killed run started again with the same command continues at the step it was in.
+
+Under torchrun (``WORLD_SIZE`` > 1; gloo on CPU, nccl on CUDA) the same steps run on every
+rank: the first ``calib_batches`` calibration batches (the ones one process would take)
+are split into contiguous blocks, one per rank; each rank records at most its share of
+the layer's row capacity and rank 0 gathers them (so rank 0 holds no more rows than one
+process would, and the same rows in the same order when no reservoir sampling is
+needed); rank 0 learns the MADD layer and broadcasts it, and a state checksum checks that
+all ranks hold the same model. Fine-tuning uses DistributedDataParallel (``batch_size`` is
+per rank, gradients are averaged), evaluation adds correct counts over the shards, and
+rank 0 alone writes checkpoints, metrics and config; a resume reads the checkpoint on
+every rank. See docs/retrain.md ("Several processes and GPUs").
 """
 
 from __future__ import annotations
@@ -32,12 +43,28 @@ from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
 from ..nn.diagnostics import dead_layer_message, dead_layers
-from ..nn.mapping import input_dim
+from ..nn.mapping import LAYER_TYPES, input_dim
+from ..nn.plan import replace_module
 from ..nn.recording import capacity_for
 from ..threads import set_threads
 from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
+from ..train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    check_same_model,
+    fail_together,
+    gather_objects,
+    gather_rows,
+    init_distributed,
+    peak_memory_mib,
+    process_device,
+)
 from ..train.optim import warmup_cosine_schedule
 from ..train.runner import model_kwargs_for
+from ..train.sampler import ResumableSampler
 from .config import RetrainConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,8 +72,16 @@ METRICS = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------------------- setup
-def build_data(config: RetrainConfig) -> tuple[DataLoader, DataLoader, DataLoader, Any]:
-    """(train loader, calibration loader, eval loader, DatasetInfo)."""
+def build_data(
+    config: RetrainConfig, dist_info: DistInfo | None = None
+) -> tuple[DataLoader, DataLoader, DataLoader, Any]:
+    """(train loader, calibration loader, eval loader, DatasetInfo).
+
+    The train and eval loaders give this rank's shard (``dist_info``; one process: all);
+    ``batch_size`` is per rank. The calibration loader is the same on every rank, with
+    batches of ``batch_size * world_size`` samples (what one optimiser step sees in all);
+    the pipeline splits its first ``calib_batches`` batches between the ranks."""
+    dist_info = dist_info or DistInfo()
     train_set = create_dataset(
         config.dataset, "train", config.data_root, augment=config.augment, **config.dataset_kwargs
     )
@@ -56,12 +91,32 @@ def build_data(config: RetrainConfig) -> tuple[DataLoader, DataLoader, DataLoade
     eval_set = create_dataset(
         config.dataset, config.eval_split, config.data_root, augment=False, **config.dataset_kwargs
     )
-    gen = torch.Generator().manual_seed(config.seed)
-    train = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=gen)
+    train_sampler = ResumableSampler(
+        len(train_set), seed=config.seed, rank=dist_info.rank, world_size=dist_info.world_size
+    )
+    train = DataLoader(train_set, batch_size=config.batch_size, drop_last=True, sampler=train_sampler)
     calib_gen = torch.Generator().manual_seed(config.seed + 1)
-    calib = DataLoader(calib_set, batch_size=config.batch_size, shuffle=True, generator=calib_gen)
-    evaluation = DataLoader(eval_set, batch_size=config.eval_batch_size)
+    calib_batch = config.batch_size * dist_info.world_size
+    calib = DataLoader(calib_set, batch_size=calib_batch, shuffle=True, generator=calib_gen)
+    evaluation = DataLoader(
+        eval_set, batch_size=config.eval_batch_size, sampler=eval_sampler(len(eval_set), dist_info)
+    )
     return train, calib, evaluation, train_set.info
+
+
+def eval_sampler(num_samples: int, dist_info: DistInfo) -> ResumableSampler:
+    """In order, this rank's every world_size-th sample, unpadded (each sample counted once)."""
+    return ResumableSampler(
+        num_samples, shuffle=False, rank=dist_info.rank, world_size=dist_info.world_size, pad=False
+    )
+
+
+def rank_block(count: int, dist_info: DistInfo) -> range:
+    """This rank's contiguous block of ``count`` items (the first ranks get one more when
+    ``count`` does not divide evenly; ranks past ``count`` get none)."""
+    size, extra = divmod(count, dist_info.world_size)
+    start = dist_info.rank * size + min(dist_info.rank, extra)
+    return range(start, start + size + (dist_info.rank < extra))
 
 
 def build_dense_model(config: RetrainConfig, info) -> nn.Module:
@@ -266,11 +321,20 @@ class Retrainer:
     def __init__(self, config: RetrainConfig):
         self.config = config
         self.out = Path(config.out_dir)
-        self.device = torch.device(config.device)
+        self.device = process_device(config.device)
+        self.dist = init_distributed(self.device, config.dist_timeout)
         if config.threads:
             set_threads(config.threads)
-        self.train_loader, self.calib_loader, self.eval_loader, self.info = build_data(config)
+        data = fail_together(lambda: build_data(config, self.dist), "loading the data")
+        self.train_loader, self.calib_loader, self.eval_loader, self.info = data
         self.metrics = JsonlWriter(self.out / METRICS)
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        """Rank 0 writes ``row`` with every rank's peak memory so far (a collective: all
+        ranks call this)."""
+        peaks = gather_objects(peak_memory_mib(self.device))
+        if self.dist.is_main:
+            self.metrics.write({**row, "peak_mib_per_rank": peaks})
 
     # -- state
     def _check_config(self) -> None:
@@ -285,10 +349,17 @@ class Retrainer:
                     f"{self.out} holds a run with another config (differences: {diff}); "
                     "use another out_dir or delete the old run"
                 )
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.config.save(saved_path)
+        # every rank has read the old config before rank 0 replaces it
+        barrier()
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.config.save(saved_path)
+        barrier()
 
     def _save(self, model: nn.Module, next_step: int, order: list[str], dense_state: dict) -> None:
+        """Rank 0 writes the checkpoint atomically (the ranks hold the same model)."""
+        if not self.dist.is_main:
+            return
         save_checkpoint(
             self.out / CHECKPOINT,
             {
@@ -315,7 +386,8 @@ class Retrainer:
         loader = self.eval_loader
         if not full and self.config.eval_samples:
             subset = Subset(loader.dataset, range(min(self.config.eval_samples, len(loader.dataset))))
-            loader = DataLoader(subset, batch_size=self.config.eval_batch_size)
+            sampler = eval_sampler(len(subset), self.dist)
+            loader = DataLoader(subset, batch_size=self.config.eval_batch_size, sampler=sampler)
         return evaluate(model, loader, device=self.device)
 
     def _train(self, model: nn.Module, groups: list[dict], steps: int, loss: RetrainLoss, desc: str) -> dict:
@@ -323,23 +395,40 @@ class Retrainer:
             return {}
         optimizer = make_optimizer(groups, self.config)
         scheduler = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
-        return train_steps(
-            model,
+        trained = model
+        if self.dist.enabled:
+            # a new wrapper per call: which parameters train changes from step to step
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            trained = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        start = time.perf_counter()
+        stats = train_steps(
+            trained,
             self.train_loader,
             optimizer,
             scheduler,
             steps=steps,
             compute_loss=loss,
             device=self.device,
-            progress=self.config.progress,
+            progress=self.config.progress and self.dist.is_main,
             desc=desc,
         )
+        stats["seconds"] = time.perf_counter() - start
+        # DDP syncs buffers (BatchNorm statistics) before each forward, so after the last
+        # one they differ between ranks: take rank 0's, as evaluation and checkpoint do
+        broadcast_module(model)
+        if self.dist.enabled:
+            # every rank ran the same number of equal-sized batches: the mean of the
+            # ranks' means is the mean over all samples
+            world = self.dist.world_size
+            loss_sum, top1_sum = all_reduce_sum([stats["loss"], stats["top1"]], self.device)
+            stats = {**stats, "loss": loss_sum / world, "top1": top1_sum / world}
+        return stats
 
     def _reseed(self, step: int) -> None:
         """Seed every RNG a step uses from the step number alone, so a resumed step repeats exactly."""
         seed = self.config.seed + 1000 * step
         seed_everything(seed)
-        self.train_loader.generator.manual_seed(seed + 1)
+        self.train_loader.sampler.seed = seed + 1
         self.calib_loader.generator.manual_seed(seed + 2)
 
     # -- steps
@@ -362,11 +451,15 @@ class Retrainer:
 
         if next_step <= len(order) + 1:
             self._final_step(model, order, loss, dense_state)
+        if self.config.fuse or self.config.prune_unread:
+            self._apply_passes(model)
+        barrier()  # rank 0's last metrics row is written before anyone reads the rows
         return {
             "rows": self.metrics.read(),
             "order": order,
             "seconds_this_invocation": time.time() - start,
             "model": model,
+            "rank": self.dist.rank,
         }
 
     def _load_checkpoint(self) -> tuple[nn.Module | None, int, dict | None, list[str]]:
@@ -374,12 +467,21 @@ class Retrainer:
         (None, 0, None, []) for a new run; metric rows after the checkpoint are dropped."""
         checkpoint_path = self.out / CHECKPOINT
         if not checkpoint_path.exists():
-            self.metrics.truncate_after(-1)  # rows of a run killed before its first checkpoint
+            if self.dist.is_main:
+                self.metrics.truncate_after(-1)  # rows of a run killed before its first checkpoint
             return None, 0, None, []
-        saved = load_checkpoint(checkpoint_path, map_location=self.device)
-        model = rebuild(self._fresh_model(), saved["plan"])
-        model.load_state_dict(saved["state_dict"])
-        self.metrics.truncate_after(saved["next_step"] - 1)
+
+        def read() -> tuple[nn.Module, dict]:
+            saved = load_checkpoint(checkpoint_path, map_location=self.device)
+            model = rebuild(self._fresh_model(), saved["plan"])
+            model.load_state_dict(saved["state_dict"])
+            return model, saved
+
+        model, saved = fail_together(read, f"reading the checkpoint {checkpoint_path}")
+        if self.dist.is_main:
+            self.metrics.truncate_after(saved["next_step"] - 1)
+        # all ranks hold the checkpoint before rank 0 may write the next one
+        check_same_model(model, f"reading {checkpoint_path}", self.device)
         return model, saved["next_step"], saved["dense_state"], saved["order"]
 
     def _teacher(self, dense_state: dict) -> nn.Module:
@@ -414,13 +516,14 @@ class Retrainer:
             # no teacher: plain cross-entropy
             train_stats = self._train(model, groups, cfg.baseline_steps, RetrainLoss(cfg), "dense baseline")
         metrics = self._evaluate(model)
-        self.metrics.write(
+        self._write_row(
             {
                 "step": 0,
                 "phase": "dense",
                 "layer": None,
                 **_prefixed(metrics),
                 "train_loss": train_stats.get("loss"),
+                "train_seconds": train_stats.get("seconds"),
                 "seconds": time.time() - t0,
                 "replaced": 0,
             }
@@ -428,6 +531,21 @@ class Retrainer:
         dense_state = copy.deepcopy(model.state_dict())
         self._save(model, 1, order, dense_state)
         return model, dense_state, order
+
+    def _apply_passes(self, model: nn.Module) -> None:
+        """``fuse`` / ``prune_unread`` (docs/passes.md) on a copy of the final model: evaluate
+        both, save the passed model as ``passes.pt`` (save_converted) and ``passes.json``."""
+        from ..nn.passes import apply_passes
+        from ..nn.plan import save_converted
+
+        example = next(iter(self.calib_loader))[0][:8].to(self.device)
+        passed = copy.deepcopy(model)
+        reports = apply_passes(passed, example, self.config.fuse, self.config.prune_unread)
+        before, after = self._evaluate(model.eval()), self._evaluate(passed)
+        if self.dist.is_main:
+            save_converted(passed, self.out / "passes.pt")
+            summary = {"before": before, "after": after, "reports": reports}
+            (self.out / "passes.json").write_text(json.dumps(summary, indent=2))
 
     def _final_step(self, model: nn.Module, order: list[str], loss: RetrainLoss, dense_state: dict) -> None:
         """Step n + 1: fine-tune everything still trainable (the dense control: for the
@@ -438,23 +556,27 @@ class Retrainer:
         t0 = time.time()
         calib = [(b[0].to(self.device), b[1]) for b in first_n_batches(self.calib_loader, 1)]
         dead = self._check_dead_layers(model, calib, "final fine-tune") if madd_layers(model) else {}
+        broadcast_module(model)  # the check runs in train mode: BatchNorm statistics moved
         groups = parameter_groups(model, order, len(order), cfg, final=True)
         steps = cfg.final_steps + (len(order) * cfg.steps_per_layer if cfg.dense_control else 0)
         train_stats = self._train(
             model, groups, steps, loss, "dense control" if cfg.dense_control else "final fine-tune"
         )
         metrics = self._evaluate(model)
-        self.metrics.write(
+        checksum = check_same_model(model, "the final fine-tune", self.device)
+        self._write_row(
             {
                 "step": final_step,
                 "phase": "final",
                 "layer": None,
                 **_prefixed(metrics),
                 "train_loss": train_stats.get("loss"),
+                "train_seconds": train_stats.get("seconds"),
                 "train_steps": steps,
                 "seconds": time.time() - t0,
                 "replaced": len(madd_layers(model)),
                 "dead_layers": dead,
+                "state_checksum": checksum,
             }
         )
         self._save(model, final_step + 1, order, dense_state)
@@ -486,7 +608,8 @@ class Retrainer:
         cfg, madd = self.config, self.config.madd_config()
         needed = max(madd.min_rows, cfg.spec.nprototypes)
         nsamples = len(self.calib_loader.dataset)
-        samples = min(cfg.calib_batches * cfg.batch_size, nsamples)
+        calib_batch = self.calib_loader.batch_size
+        samples = min(cfg.calib_batches * calib_batch, nsamples)
         for name in order:
             rows_each = per_sample[name]
             capacity = capacity_for(
@@ -503,12 +626,13 @@ class Retrainer:
             if nsamples * rows_each < needed:
                 fix = f"the data set has only {nsamples} training samples; use a larger one"
             else:
-                batches = math.ceil(needed / (cfg.batch_size * rows_each))
-                size = math.ceil(needed / (cfg.calib_batches * rows_each))
+                batches = math.ceil(needed / (calib_batch * rows_each))
+                # a calibration batch is batch_size (per rank) times the number of ranks
+                size = math.ceil(needed / (cfg.calib_batches * rows_each * self.dist.world_size))
                 fix = f"use --calib-batches {batches} or --batch-size {size}"
             raise ValueError(
                 f"layer {name!r} gets {rows_each:g} rows per sample, so {cfg.calib_batches} calibration "
-                f"batches of {cfg.batch_size} ({samples} samples) give {rows} rows, fewer than the "
+                f"batches of {calib_batch} ({samples} samples) give {rows} rows, fewer than the "
                 f"{needed} needed (max(MaddConfig.min_rows, K)); {fix}"
             )
 
@@ -521,12 +645,16 @@ class Retrainer:
         cfg = self.config
         name = order[index]
         t0 = time.time()
-        batches = first_n_batches(self.calib_loader, cfg.calib_batches)
-        batches = [(b[0].to(self.device), b[1]) for b in batches]
-        rows = record_inputs(model, [name], batches, max_rows=cfg.max_rows, config=cfg.madd_config())[name]
+        batches = self._calibration_batches()
+        rows = self._record_rows(model, name, batches)
         dense_layer = copy.deepcopy(model.get_submodule(name)).requires_grad_(False)
-        layer = convert_layer(model, name, rows.to(self.device), cfg.madd_config())
-        dead = self._check_dead_layers(model, batches[:1], f"step {index + 1}/{len(order)} ({name})")
+        layer = self._learn_layer(model, name, rows)
+        where = f"step {index + 1}/{len(order)} ({name})"
+        # rank 0 has the first batch, as one process has: its check (train mode, which
+        # moves BatchNorm statistics) is the one that counts, and its state is broadcast
+        dead = self._check_dead_layers(model, batches[:1], where) if self.dist.is_main else {}
+        broadcast_module(model)
+        check_same_model(model, f"learning layer {name!r}", self.device)
         after_replace = self._evaluate(model, full=False)
         groups = parameter_groups(model, order, index, cfg)
         step_loss = dataclasses.replace(loss, teacher=teacher, layer=layer, dense_layer=dense_layer)
@@ -534,7 +662,8 @@ class Retrainer:
             model, groups, cfg.steps_per_layer, step_loss, f"step {index + 1}/{len(order)} {name}"
         )
         metrics = self._evaluate(model, full=index + 1 == len(order))
-        self.metrics.write(
+        checksum = check_same_model(model, f"fine-tuning after {name!r}", self.device)
+        self._write_row(
             {
                 "step": index + 1,
                 "phase": "replace",
@@ -544,15 +673,78 @@ class Retrainer:
                 "M": layer.out_dim,
                 "C": layer.ncodebooks,
                 "K": layer.nprototypes,
-                "calib_rows": int(rows.shape[0]),
+                "calib_rows": 0 if rows is None else int(rows.shape[0]),
                 **_prefixed(after_replace, "replaced_"),
                 **_prefixed(metrics),
                 "train_loss": train_stats.get("loss"),
+                "train_seconds": train_stats.get("seconds"),
                 "seconds": time.time() - t0,
                 "replaced": len(madd_layers(model)),
                 "dead_layers": dead,
+                "state_checksum": checksum,
             }
         )
+
+    def _calibration_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's block (:func:`rank_block`) of the first ``calib_batches`` batches of
+        the calibration loader, inputs on the device; only that block is loaded."""
+        loader = self.calib_loader
+        # iterating a DataLoader draws its workers' base seed from the generator before the
+        # sampler's permutation: draw it too, so the batches are those the loader gives
+        torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
+        index_batches = list(itertools.islice(iter(loader.batch_sampler), self.config.calib_batches))
+        batches = []
+        for position in rank_block(len(index_batches), self.dist):
+            inputs, labels = loader.collate_fn([loader.dataset[i] for i in index_batches[position]])
+            batches.append((inputs.to(self.device), labels))
+        return batches
+
+    def _record_rows(self, model: nn.Module, name: str, batches: list) -> torch.Tensor | None:
+        """Input rows (N, D) float32 of layer ``name`` on ``batches``, on the device.
+
+        One process: all rows (a reservoir sample of ``capacity`` rows when there are
+        more). Distributed: each rank keeps at most its share of that capacity (capacity
+        // world_size, one more on the first ranks) and rank 0 gets them all, in rank
+        order (None on the other ranks)."""
+        cfg, madd = self.config, self.config.madd_config()
+        if not self.dist.enabled:
+            rows = record_inputs(model, [name], batches, max_rows=cfg.max_rows, config=madd)[name]
+            return rows.to(self.device)
+        module = model.get_submodule(name)
+        ndims = input_dim(module)
+        capacity = capacity_for(ndims, cfg.max_rows, madd.max_bytes_per_layer)
+        world, rank = self.dist.world_size, self.dist.rank
+        share = max(1, capacity // world + (rank < capacity % world))
+        # rank 0 samples as one process would; the others draw other reservoir slots
+        seeded = dataclasses.replace(madd, seed=madd.seed + 7919 * rank)
+
+        def record() -> torch.Tensor:
+            if not batches:
+                return torch.empty(0, ndims)
+            return record_inputs(model, [name], batches, max_rows=share, config=seeded)[name]
+
+        rows = fail_together(record, f"recording the inputs of layer {name!r}")
+        return gather_rows(rows.to(self.device))
+
+    def _learn_layer(self, model: nn.Module, name: str, rows: torch.Tensor | None) -> MaddLayer:
+        """Rank 0 learns layer ``name`` from ``rows`` and swaps it in; the other ranks swap
+        in an empty layer of the same config (the caller broadcasts rank 0's state)."""
+        madd = self.config.madd_config()
+        if not self.dist.enabled:
+            return convert_layer(model, name, rows, madd)
+        learned = fail_together(
+            lambda: convert_layer(model, name, rows, madd) if self.dist.is_main else None,
+            f"learning layer {name!r} on rank 0",
+        )
+        config = None if learned is None else {"kind": learned.kind, "config": learned.get_config()}
+        entry = broadcast_object(config)
+        if learned is not None:
+            return learned
+        dense = model.get_submodule(name)
+        layer = LAYER_TYPES[entry["kind"]].from_config(entry["config"], device=self.device)
+        layer.train(dense.training)
+        replace_module(model, name, layer)
+        return layer
 
     @staticmethod
     def _check_dead_layers(model: nn.Module, batches: list, where: str) -> dict[str, float]:

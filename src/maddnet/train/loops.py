@@ -202,12 +202,14 @@ def evaluate(
     loss_fn: LossFn | None = None,
     progress: bool = False,
     desc: str = "eval",
+    reduce: bool = True,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (fractions in [0, 1]) and mean loss over ``loader``.
 
     Under torch.distributed each process evaluates its shard and the sums are added
-    over processes, so all get the numbers of the whole data set. The model's train/eval
-    mode is restored afterwards.
+    over processes, so all get the numbers of the whole data set; ``reduce=False`` keeps
+    this process's numbers (each process evaluates a different model on all the data).
+    The model's train/eval mode is restored afterwards.
     """
     model = unwrap(model)
     device = device or model_device(model)
@@ -225,7 +227,8 @@ def evaluate(
         top5 += c5
         count += labels.shape[0]
     model.train(was_training)
-    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], device)
+    if reduce:
+        loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], device)
     if count == 0:
         raise ValueError("evaluate got an empty loader")
     return {"top1": top1 / count, "top5": top5 / count, "loss": loss_sum / count, "samples": int(count)}

@@ -12,7 +12,7 @@ Measured in one process, dense and MADD interleaved call by call, repeated; medi
                  with the soft-tree surrogate (default) and the hard-path one.
 
 Usage:  python benchmarks/layers.py [--repeats 7] [--batch 32] [--out benchmarks/results]
-                                   [--suffix ""]
+                                   [--suffix ""] [--threads N] [--eval-only]
 Writes ``layers{suffix}.json`` and ``layers{suffix}.md`` under ``--out``. The OpenMP wait
 policy matters on CPU (torch's and numba's thread pools hand over many times per
 training step; spinning threads slow the other pool down), so the results note
@@ -59,7 +59,7 @@ def learn_layer(conv: nn.Conv2d, x: torch.Tensor, lut_bits: int | None, nrows: i
     return MaddConv2d.from_dense(conv, rows, ncodebooks=conv.in_channels, lut_bits=lut_bits)
 
 
-def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int) -> dict:
+def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int, train: bool = True) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size).relu()
     conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -81,6 +81,21 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int) 
         {"dense": forward(conv), "madd_int8": forward(madd), "madd_float": forward(madd_float)}, repeats
     )
 
+    result = {
+        "shape": label,
+        "batch": batch,
+        "D": channels * 9,
+        "C": channels,
+        "rows": batch * size * size,
+        "learn_s": learn_s,
+        "eval_dense_s": eval_s["dense"],
+        "eval_madd_int8_s": eval_s["madd_int8"],
+        "eval_madd_float_s": eval_s["madd_float"],
+        "eval_ratio_int8": eval_s["madd_int8"] / eval_s["dense"],
+        "eval_ratio_float": eval_s["madd_float"] / eval_s["dense"],
+    }
+    if not train:
+        return result
     x_train = x.clone().requires_grad_()
     grad = torch.randn(batch, channels, size, size)
 
@@ -101,17 +116,7 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int) 
         {"dense": step(conv), "madd": step(madd), "madd_path": step(madd_path)}, repeats
     )
     return {
-        "shape": label,
-        "batch": batch,
-        "D": channels * 9,
-        "C": channels,
-        "rows": batch * size * size,
-        "learn_s": learn_s,
-        "eval_dense_s": eval_s["dense"],
-        "eval_madd_int8_s": eval_s["madd_int8"],
-        "eval_madd_float_s": eval_s["madd_float"],
-        "eval_ratio_int8": eval_s["madd_int8"] / eval_s["dense"],
-        "eval_ratio_float": eval_s["madd_float"] / eval_s["dense"],
+        **result,
         "train_dense_s": train_s["dense"],
         "train_madd_s": train_s["madd"],
         "train_ratio": train_s["madd"] / train_s["dense"],
@@ -136,12 +141,16 @@ def markdown(results: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        train = (
+            f"{1e3 * r['train_dense_s']:.1f} | {1e3 * r['train_madd_s']:.1f} | {r['train_ratio']:.2f} | "
+            f"{1e3 * r['train_madd_path_s']:.1f} | {r['train_ratio_path']:.2f} |"
+            if "train_dense_s" in r
+            else "– | – | – | – | – |"
+        )
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['D']} | {r['C']} | {1e3 * r['eval_dense_s']:.1f} | "
             f"{1e3 * r['eval_madd_int8_s']:.1f} | {r['eval_ratio_int8']:.2f} | "
-            f"{1e3 * r['eval_madd_float_s']:.1f} | {r['eval_ratio_float']:.2f} | "
-            f"{1e3 * r['train_dense_s']:.1f} | {1e3 * r['train_madd_s']:.1f} | {r['train_ratio']:.2f} | "
-            f"{1e3 * r['train_madd_path_s']:.1f} | {r['train_ratio_path']:.2f} |"
+            f"{1e3 * r['eval_madd_float_s']:.1f} | {r['eval_ratio_float']:.2f} | " + train
         )
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
@@ -156,13 +165,14 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--suffix", default="", help="appended to the output file names")
     parser.add_argument("--threads", type=int, default=0, help="torch and numba threads (0: all cores)")
+    parser.add_argument("--eval-only", action="store_true", help="skip the training steps")
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
     if args.threads:
         set_threads(args.threads)
     results = []
     for label, channels, size in SHAPES:
-        result = bench_shape(label, channels, size, args.batch, args.repeats)
+        result = bench_shape(label, channels, size, args.batch, args.repeats, train=not args.eval_only)
         print(json.dumps(result))
         results.append(result)
     meta = {
@@ -170,6 +180,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average_before": load_before,
+        "load_average_after": os.getloadavg()[0],
         "repeats": args.repeats,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "command": " ".join(
@@ -177,6 +188,7 @@ def main() -> None:
             + ["python benchmarks/layers.py", f"--repeats {args.repeats}", f"--batch {args.batch}"]
             + ([f"--suffix {args.suffix}"] if args.suffix else [])
             + ([f"--threads {args.threads}"] if args.threads else [])
+            + (["--eval-only"] if args.eval_only else [])
         ),
     }
     os.makedirs(args.out, exist_ok=True)

@@ -18,7 +18,8 @@ exactly for finite ``x`` and NaN otherwise); the caller finds the row and raises
 
 :func:`lut_sum_u8` is the integer LUT sum: per row, the uint8 entries of the C selected
 LUT rows are added in uint16 (exact while ``C * (2**bits - 1) < 2**16``), four codebooks
-per pass over the accumulator, then de-quantised with the power-of-two scale.
+per pass over the accumulator, then de-quantised with the power-of-two scale (and, for a
+MADD layer, its bias added in the same pass).
 """
 
 from __future__ import annotations
@@ -170,11 +171,25 @@ def encode_any(rows, split_dims, thresholds, block):  # pragma: no cover - jit
     return codes, bad
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _finish_row(acc, inv_scale, offset_sum, bias, row_out):  # pragma: no cover - jit
+    """De-quantise one row's integer sums into ``row_out``; a non-empty ``bias`` is added
+    after the offsets, in its own float32 rounding, as ``lut_sum(...) + bias`` would."""
+    nout = row_out.shape[0]
+    if bias.shape[0] == 0:
+        for m in range(nout):
+            row_out[m] = np.float32(acc[m]) * inv_scale[m] + offset_sum[m]
+    else:
+        for m in range(nout):
+            row_out[m] = (np.float32(acc[m]) * inv_scale[m] + offset_sum[m]) + bias[m]
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def lut_sum_u8(codes, values, inv_scale, offset_sum, block):  # pragma: no cover - jit
+def lut_sum_u8(codes, values, inv_scale, offset_sum, bias, block):  # pragma: no cover - jit
     """Integer LUT sum: codes (N, C) uint8, values (C, K, Mp) uint8 (Mp >= M, padded with
-    zeros), inv_scale (M,) and offset_sum (M,) float32 -> (N, M) float32
-    ``sum_c values[c, codes[n, c], m] * inv_scale[m] + offset_sum[m]``.
+    zeros), inv_scale (M,), offset_sum (M,) and bias (M,) or (0,) float32 -> (N, M) float32
+    ``(sum_c values[c, codes[n, c], m] * inv_scale[m] + offset_sum[m]) + bias[m]``
+    (fusing a layer's bias saves a pass over the output).
 
     The sum is accumulated in uint16: the caller guarantees ``C * max(values) < 2**16``.
     """
@@ -202,14 +217,12 @@ def lut_sum_u8(codes, values, inv_scale, offset_sum, block):  # pragma: no cover
                 for m in range(padded):
                     acc[m] += r0[m]
                 c += 1
-            row_out = out[n]
-            for m in range(nout):
-                row_out[m] = np.float32(acc[m]) * inv_scale[m] + offset_sum[m]
+            _finish_row(acc, inv_scale, offset_sum, bias, out[n])
     return out
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, block):  # pragma: no cover - jit
+def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, bias, block):  # pragma: no cover - jit
     """:func:`lut_sum_u8` on a table of codebook pairs: pairs (ceil(C/2), K*K, Mp) uint16 with
     ``pairs[p, a*K + b] = values[2p, a] + values[2p+1, b]`` (a last unpaired codebook uses
     ``b = 0`` and adds nothing there): half the additions, from a K times larger table."""
@@ -243,7 +256,5 @@ def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, block):  # p
                 for m in range(padded):
                     acc[m] += r0[m]
                 p += 1
-            row_out = out[n]
-            for m in range(nout):
-                row_out[m] = np.float32(acc[m]) * inv_scale[m] + offset_sum[m]
+            _finish_row(acc, inv_scale, offset_sum, bias, out[n])
     return out

@@ -181,20 +181,38 @@ def pack_lut(qlut: QuantizedLut) -> PackedLut | None:
     return PackedLut(table, np.ascontiguousarray(inv_scale), np.ascontiguousarray(offset_sum), pairs)
 
 
-def packed_lut_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tensor:
+def packed_lut_sum(codes: torch.Tensor, packed: PackedLut, bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`quantized_lut_sum` on CPU through a numba kernel: codes (N, C) in
     ``[0, K)`` -> (N, M) float32, bit for bit the same result.
 
     The uint8 entries are summed in uint16 and scaled by ``1/scale`` (a power of two, so
     exact) before the one rounding ``+ offsets.sum(0)``, as the float32 embedding bag does.
+    ``bias`` ((M,) float32, CPU), if given, is added in the same pass, after the offsets, so
+    the result equals ``quantized_lut_sum(codes, qlut) + bias`` bit for bit without a second
+    pass over the (N, M) output.
+
+    Raises:
+        ValueError: ``bias`` is not an (M,) float32 CPU tensor.
     """
     _lut_kernel.launch_threads()
+    nout = packed.inv_scale.shape[0]
+    if bias is None:
+        bias_np = np.empty(0, np.float32)
+    else:
+        if bias.shape != (nout,) or bias.dtype != torch.float32 or bias.device.type != "cpu":
+            raise ValueError(
+                f"packed_lut_sum: bias must be a ({nout},) float32 CPU tensor, got "
+                f"{tuple(bias.shape)} {bias.dtype} on {bias.device}"
+            )
+        bias_np = bias.detach().contiguous().numpy()
     codes_np = np.ascontiguousarray(codes.numpy(), dtype=np.uint8)
     if packed.pairs is not None:
         nprototypes = packed.values.shape[1]
         out = _lut_kernel.lut_sum_pairs(
-            codes_np, packed.pairs, nprototypes, packed.inv_scale, packed.offset_sum, _SUM_BLOCK
+            codes_np, packed.pairs, nprototypes, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK
         )
     else:
-        out = _lut_kernel.lut_sum_u8(codes_np, packed.values, packed.inv_scale, packed.offset_sum, _SUM_BLOCK)
+        out = _lut_kernel.lut_sum_u8(
+            codes_np, packed.values, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK
+        )
     return torch.from_numpy(out)

@@ -24,7 +24,13 @@ or nothing requiring grad) the fast path runs: encode + LUT sum. With gradients,
 :func:`maddnet.nn.functional.madd_lut_encoded` runs the same encoding and LUT sum and adds
 the backward pass (exact LUT gradient, the encoder's surrogate for the rest). Where a
 fused kernel exists for a (layer type, encoder type) pair it is registered with
-:func:`register_fast_path` and used instead (the CPU conv kernels for the tree).
+:func:`register_fast_path` and used instead (for the tree on CPU: the fused conv kernels,
+and for ``MaddLinear`` eval with an integer LUT the packed uint8 LUT-sum kernel of
+``MaddnessMatmul``, :class:`TreeLinearFastPath`).
+
+``drop_float_lut()`` (or ``save_converted(..., for_inference=True)``) makes a layer
+inference-only: the float ``lut`` is freed and not saved, eval reads the integer LUT as
+before; ``restore_float_lut()`` makes it trainable again.
 
 A layer is built from its config alone (``type(layer).from_config(layer.get_config())``;
 zeros until learned or loaded), so a saved converted model loads into a freshly built
@@ -41,9 +47,18 @@ import torch
 from torch import nn
 from torch.autograd import forward_ad
 
-from ..amm import MaddnessMatmul, NotFittedError
+from ..amm import MaddnessMatmul, NotFittedError, hashing
 from ..amm.hashing import NonFiniteInputError
-from ..amm.lut import QuantizedLut, lut_sum, quantize_lut, quantized_lut_sum, unchanged_since
+from ..amm.lut import (
+    PackedLut,
+    QuantizedLut,
+    lut_sum,
+    pack_lut,
+    packed_lut_sum,
+    quantize_lut,
+    quantized_lut_sum,
+    unchanged_since,
+)
 from ..amm.prototypes import code_indices
 from .encoders import TreeEncoderModule, encoder_module_class
 from .functional import compute_dtype, encode_values, madd_lut_encoded, no_autocast, widen, widen_quantized
@@ -275,6 +290,10 @@ class _MaddLayer(nn.Module):
             self.register_buffer("lut_q_scale", torch.ones(out_dim, **kw))
         # the float LUT the integer buffers were made from (not state: a cache check)
         self._quantized_source: torch.Tensor | None = None
+        # (storage and versions of the integer buffers, their CPU kernel layout): packed_lut()
+        self._packed_cache: tuple[tuple, PackedLut | None] | None = None
+        # False after drop_float_lut(): an inference-only layer (the integer LUT is the state)
+        self._float_lut = True
         # Fused fast paths (nn.TransformerEncoderLayer, nn.MultiheadAttention in eval mode)
         # read their Linear children's .weight instead of calling them; they fall back to
         # calling each child when any submodule has a hook, so this hook keeps the MADD layer
@@ -303,6 +322,8 @@ class _MaddLayer(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_packed_cache", None)  # pickled by older maddnet
+        self.__dict__.setdefault("_float_lut", True)
         # whole layers pickled by older maddnet lack the guard hooks
         if _keep_out_of_fused_paths not in self._forward_pre_hooks.values():
             self.register_forward_pre_hook(_keep_out_of_fused_paths)
@@ -372,8 +393,12 @@ class _MaddLayer(nn.Module):
 
     # ------------------------------------------------------------------ config
     def get_config(self) -> dict[str, Any]:
-        """Constructor arguments (JSON-friendly); ``from_config`` rebuilds the skeleton."""
-        return {"ncodebooks": self.ncodebooks, "bias": self.bias is not None, "spec": self._spec.to_dict()}
+        """Constructor arguments (JSON-friendly); ``from_config`` rebuilds the skeleton.
+        An inference-only layer (:meth:`drop_float_lut`) adds ``"float_lut": False``."""
+        config = {"ncodebooks": self.ncodebooks, "bias": self.bias is not None, "spec": self._spec.to_dict()}
+        if not self._float_lut:
+            config["float_lut"] = False
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any], device: torch.device | str | None = None):
@@ -381,11 +406,15 @@ class _MaddLayer(nn.Module):
 
         Flat configs of plans saved before ``LayerSpec`` existed are migrated."""
         config = dict(config)
+        float_lut = config.pop("float_lut", True)
         if "spec" in config:
             spec = LayerSpec.from_dict(config.pop("spec"))
         else:
             spec = LayerSpec(**{key: config.pop(key) for key in _LEGACY_SPEC_KEYS if key in config})
-        return cls(**config, spec=spec, device=device)
+        layer = cls(**config, spec=spec, device=device)
+        if not float_lut:
+            layer.drop_float_lut()
+        return layer
 
     @property
     def encoder_reads(self) -> int:
@@ -434,6 +463,8 @@ class _MaddLayer(nn.Module):
         if expected != got:
             raise ValueError(f"MaddnessMatmul has (C, K, D, M, encoder) = {got}, this layer needs {expected}")
         self.encoder.load_encoder(amm.encoder_, rows, self._spec)
+        if not self._float_lut:  # learning makes a float LUT again
+            self._zero_float_lut()
         with torch.no_grad():
             self.lut.copy_(amm.lut_)
             if self.bias is not None:
@@ -455,7 +486,7 @@ class _MaddLayer(nn.Module):
         LUT (about 0.6 ms per million entries), on other devices the LUT is re-quantised at
         every use instead (comparing would need a host synchronisation).
         """
-        if self.lut_bits is None:
+        if self.lut_bits is None or not self._float_lut:  # inference-only: the integer LUT is the state
             return
         lut = self.lut.detach()
         if unchanged_since(lut, self._quantized_source):
@@ -473,6 +504,94 @@ class _MaddLayer(nn.Module):
             return None
         self.refresh_quantized_lut()
         return QuantizedLut(self.lut_q_values, self.lut_q_offsets, self.lut_q_scale, self.lut_bits)
+
+    def packed_lut(self) -> PackedLut | None:
+        """The integer LUT in the layout of the CPU LUT-sum kernel
+        (:func:`maddnet.amm.lut.pack_lut`), or None where that kernel cannot reproduce
+        :func:`~maddnet.amm.lut.quantized_lut_sum` exactly (no integer LUT, not on the CPU,
+        more than 257 codebooks at 8 bits).
+
+        Made once per integer LUT. The integer buffers are derived state (re-made from the
+        float LUT, which is compared by value, or loaded), so the cache is keyed on their
+        storage and version counters: every in-place write to them, re-quantising included,
+        makes it re-pack; only writes through ``.data`` to the integer buffers themselves
+        would go unseen (the float LUT's are seen). A value compare here cost as much as the
+        LUT sum of a 128-row layer.
+        """
+        q = self.quantized_lut()
+        if q is None or q.values.device.type != "cpu":
+            return None
+        buffers = (q.values, q.offsets, q.scale)  # before widening (a cast makes new tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in buffers)
+        if self._packed_cache is not None and self._packed_cache[0] == key:
+            return self._packed_cache[1]
+        packed = pack_lut(widen_quantized(q))
+        self._packed_cache = (key, packed)
+        return packed
+
+    # ------------------------------------------------------------------ inference-only layers
+    def _zero_float_lut(self) -> None:
+        """Give an inference-only layer a zero float LUT of the full shape (to be filled)."""
+        shape = (self.ncodebooks, self.nprototypes, self.out_dim)
+        self.lut = nn.Parameter(torch.zeros(shape, device=self.lut.device, dtype=self.lut.dtype))
+        self._float_lut = True
+
+    @property
+    def has_float_lut(self) -> bool:
+        """False for an inference-only layer (:meth:`drop_float_lut`)."""
+        return self._float_lut
+
+    def drop_float_lut(self) -> None:
+        """Make this an inference-only layer: the float ``lut`` (what training updates) is
+        freed and no longer saved; the integer LUT (what eval reads) becomes the state.
+
+        Eval outputs are unchanged (bit for bit; the layer's own parameters then get no
+        gradients). Train mode, or an input that requires grad, raises
+        :class:`MaddUnsupportedError` until :meth:`restore_float_lut` is called. A saved
+        model stores a quarter of the LUT bytes (``maddnet.nn.save_converted(...,
+        for_inference=True)`` saves any model this way without changing it).
+
+        Raises:
+            ValueError: the layer has float LUTs only (``lut_bits=None``).
+        """
+        if self.lut_bits is None:
+            raise ValueError(
+                f"{self._describe()} has no integer LUT (lut_bits=None): its float LUT is what "
+                "inference reads and cannot be dropped"
+            )
+        if not self._float_lut:
+            return
+        self.refresh_quantized_lut()
+        # an empty tensor keeps the dtype and device that the forward pass reads from ``lut``
+        self.lut = nn.Parameter(self.lut.detach().new_empty(self.ncodebooks, self.nprototypes, 0), False)
+        self._float_lut = False
+        self._quantized_source = None
+
+    def restore_float_lut(self) -> None:
+        """Give an inference-only layer a float LUT again, the de-quantised integer LUT
+        (``values / scale + offsets``, within ``quantized_lut().max_abs_error()`` per output
+        of the float LUT it was made from), so that it can be trained; the integer LUT is
+        kept as it is (it is the integer LUT of that float LUT)."""
+        if self._float_lut:
+            return
+        q = QuantizedLut(self.lut_q_values, self.lut_q_offsets, self.lut_q_scale, self.lut_bits)
+        q = widen_quantized(q)
+        lut = q.dequantize().to(self.lut.dtype)
+        self.lut = nn.Parameter(lut)
+        self._float_lut = True
+        self._quantized_source = lut.detach().clone() if lut.device.type == "cpu" else None
+
+    def _refuse_without_float_lut(self, x: torch.Tensor) -> None:
+        """An inference-only layer runs in eval mode for inputs that need no gradient (its own
+        parameters' gradients cannot exist without the float LUT, so they are not asked for)."""
+        if self._float_lut or not (self.training or (x.requires_grad and torch.is_grad_enabled())):
+            return
+        raise MaddUnsupportedError(
+            f"{self._describe()} is inference-only (saved or made without its float LUT: "
+            "save_converted(..., for_inference=True) or drop_float_lut()): it runs in eval mode "
+            "without gradients only. Call restore_float_lut() on each MADD layer to train from the "
+            "de-quantised integer LUT"
+        )
 
     @property
     def reads_quantized_lut(self) -> bool:
@@ -504,13 +623,21 @@ class _MaddLayer(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.refresh_quantized_lut()  # never save integer buffers older than the float LUT
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self._float_lut:  # its empty stand-in is no state
+            destination.pop(prefix + "lut", None)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # format 1: the tree's tensors sat on the layer; they now belong to its encoder
         for key in _LEGACY_ENCODER_KEYS:
             if prefix + key in state_dict and prefix + "encoder." + key not in state_dict:
                 state_dict[prefix + "encoder." + key] = state_dict.pop(prefix + key)
+        if not self._float_lut:
+            if prefix + "lut" in state_dict:  # a full state: the layer trains again
+                self._zero_float_lut()
+            else:
+                state_dict[prefix + "lut"] = self.lut.detach()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._packed_cache = None
         # re-derived from the loaded float LUT at first use (identical for a consistent state;
         # a state whose integer buffers went stale is made consistent)
         self._quantized_source = None
@@ -689,10 +816,11 @@ class _MaddLayer(nn.Module):
                     "the mode off (maddnet.hw.set_hw_exact(model, False)) to train"
                 )
             return self._hw_forward(x)
+        self._refuse_without_float_lut(x)
         quantized = self.reads_quantized_lut
         fast = fast_path_for(self)
         lut = widen(self.lut)
-        if self._needs_grad(x):
+        if self._float_lut and self._needs_grad(x):
             out = None if fast is None else fast.train_forward(self, x, quantized)
             if out is not None:
                 return out
@@ -1062,12 +1190,15 @@ class TreeConvFastPath:
 
     def forward(self, layer: MaddConv2d, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
         images, (_, _, _, unbatched) = layer._check_input(x)
+        lut = widen(layer.lut)
+        if not layer.has_float_lut:  # the kernel reads the integer LUT; only the shape is taken here
+            lut = lut.new_empty(1).expand(layer.ncodebooks, layer.nprototypes, layer.out_dim)
         out = conv_lut_forward(
             images.to(compute_dtype(layer.lut.dtype)),
             layer.geometry,
             layer.split_dims,
             layer.thresholds,
-            widen(layer.lut),
+            lut,
             widen_quantized(layer.quantized_lut()) if quantized else None,
             layer.bias,
         )
@@ -1102,3 +1233,45 @@ class TreeConvFastPath:
 
 
 register_fast_path(MaddConv2d, TreeEncoderModule, TreeConvFastPath())
+
+
+class TreeLinearFastPath:
+    """The CPU inference path of a tree-encoded :class:`MaddLinear` with an integer LUT, the
+    kernels of ``MaddnessMatmul``: the trees read their split columns straight from the
+    input rows (no gathered (N, C, L) copy) and :func:`maddnet.amm.lut.packed_lut_sum` adds
+    the uint8 LUT rows in uint16 with the bias fused (no float table made per call). Equal
+    bit for bit to the general path (``quantized_lut_sum(...) + bias``)."""
+
+    @staticmethod
+    def _rows(layer: MaddLinear, x: torch.Tensor) -> torch.Tensor | None:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        if x.shape[-1] != layer.in_features:
+            layer._gather(x)  # raises the shape error the general path gives
+        return x.detach().reshape(-1, layer.in_features)
+
+    def codes(self, layer: MaddLinear, x: torch.Tensor) -> torch.Tensor | None:
+        rows = self._rows(layer, x)
+        if rows is None:
+            return None
+        return hashing.encode(rows, layer.split_dims, layer.thresholds.detach())
+
+    def forward(self, layer: MaddLinear, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
+        rows = self._rows(layer, x) if quantized else None
+        if rows is None:
+            return None
+        bias = widen(layer.bias)
+        if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32):
+            return None
+        packed = layer.packed_lut()
+        if packed is None:
+            return None
+        codes = hashing.encode(rows, layer.split_dims, layer.thresholds.detach())
+        out = packed_lut_sum(codes, packed, None if bias is None else bias.detach())
+        return layer._restore(out, x.shape[:-1])
+
+    def train_forward(self, layer: MaddLinear, x: torch.Tensor, quantized: bool) -> None:
+        return None  # the general path: gathered values feed the surrogate backward
+
+
+register_fast_path(MaddLinear, TreeEncoderModule, TreeLinearFastPath())

@@ -191,9 +191,25 @@ def _check_matches(name: str, dense: nn.Module, kind: str, config: dict[str, Any
         )
 
 
-def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
-    """``torch.save`` the conversion plan and the state_dict of a converted model."""
-    torch.save({"plan": conversion_plan(model), "state_dict": model.state_dict()}, path)
+def save_converted(model: nn.Module, path: str | os.PathLike, for_inference: bool = False) -> None:
+    """``torch.save`` the conversion plan and the state_dict of a converted model.
+
+    ``for_inference``: store what inference reads only: MADD layers with an integer LUT are
+    saved without their float LUT (``layer.drop_float_lut()``, a quarter of the LUT bytes at
+    8 bits); ``model`` itself is not changed. The loaded model gives the same eval outputs
+    bit for bit; its layers are inference-only until ``restore_float_lut()``.
+    """
+    plan = conversion_plan(model)
+    state = model.state_dict()
+    if for_inference:
+        names = module_names(model)
+        for name, layer in madd_layers(model).items():
+            if layer.lut_bits is None or not layer.has_float_lut:
+                continue
+            plan["layers"][name]["config"]["float_lut"] = False
+            for alias in names[id(layer)]:
+                state.pop(f"{alias}.lut" if alias else "lut", None)
+    torch.save({"plan": plan, "state_dict": state}, path)
 
 
 def load_converted(

@@ -139,12 +139,19 @@ class TreeFit:
     leaves: torch.Tensor
 
 
-def _bucket_stats(block: torch.Tensor, buckets: torch.Tensor, nbuckets: int):
-    """Row counts (B,), column sums (B, d) and column sums of squares (B, d) per bucket."""
+def _bucket_onehot(buckets: torch.Tensor, nbuckets: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N) one-hot of the rows' buckets (a transposed view)."""
+    return torch.nn.functional.one_hot(buckets, nbuckets).to(dtype).T
+
+
+def _bucket_stats(
+    onehot: torch.Tensor, block: torch.Tensor, block_sq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Row counts (B,), column sums (B, d) and, given ``block_sq = block * block``, column
+    sums of squares (B, d) per bucket (else None), from :func:`_bucket_onehot`."""
     # A (B, N) one-hot product runs on BLAS; index_add_ is several times slower on CPU.
-    onehot = torch.nn.functional.one_hot(buckets, nbuckets).to(block.dtype).T
     counts = onehot.sum(1)
-    return counts, onehot @ block, onehot @ (block * block)
+    return counts, onehot @ block, None if block_sq is None else onehot @ block_sq
 
 
 def _best_splits_torch(
@@ -232,28 +239,57 @@ BACKENDS = ("auto", "numba", "torch")
 
 
 class _SplitSearch:
-    """Best threshold per bucket on one candidate column (numba kernel on CPU, tensor ops
-    elsewhere), with each column's sort order kept across levels."""
+    """Best threshold per bucket on every candidate column of a level (numba kernel on
+    CPU, tensor ops elsewhere), with each column's sort order kept across levels."""
 
-    def __init__(self, block: torch.Tensor, loss_values: torch.Tensor, use_numba: bool) -> None:
+    def __init__(
+        self,
+        block: torch.Tensor,
+        loss_source: torch.Tensor,
+        loss_mean: torch.Tensor,
+        loss_values: torch.Tensor,
+        use_numba: bool,
+    ) -> None:
+        """``loss_values = loss_source.double() - loss_mean``: the centred rows whose SSE
+        the splits minimise."""
         self.block, self.loss_values, self.use_numba = block, loss_values, use_numba
-        self.row_sqnorm = None if use_numba else (loss_values * loss_values).sum(1)
-        self.loss_np = loss_values.numpy() if use_numba else None
         self.value_orders: dict[int, np.ndarray] = {}
+        if use_numba:
+            _lut_kernel.launch_threads()
+            self.block_np = block.numpy()
+            self.source_np = np.ascontiguousarray(loss_source.numpy())
+            self.mean_np = np.ascontiguousarray(loss_mean.numpy())
+            self.row_sq = _split_kernel.row_sqnorms(np.ascontiguousarray(loss_values.numpy()))
+        else:
+            self.row_sqnorm = (loss_values * loss_values).sum(1)
 
-    def splits(self, col: int, buckets: torch.Tensor, counts: torch.Tensor, nbuckets: int):
-        """(loss (B,), lower (B,), upper (B,)) as :func:`_best_splits_torch` returns them."""
+    def splits(
+        self, cols: list[int], buckets: torch.Tensor, counts: torch.Tensor, nbuckets: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(loss (B,), lower (B,), upper (B,)) per column of ``cols``, as
+        :func:`_best_splits_torch` returns them."""
         if not self.use_numba:
-            return _best_splits_torch(
-                self.block[:, col], self.loss_values, self.row_sqnorm, buckets, counts, nbuckets
-            )
-        values = np.ascontiguousarray(self.block[:, col].numpy())
-        if col not in self.value_orders:
-            self.value_orders[col] = np.argsort(values, kind="stable")
-        outputs = _split_kernel.best_splits(
-            values, self.value_orders[col], self.loss_np, buckets.numpy(), nbuckets
+            return [
+                _best_splits_torch(
+                    self.block[:, col], self.loss_values, self.row_sqnorm, buckets, counts, nbuckets
+                )
+                for col in cols
+            ]
+        values = np.ascontiguousarray(self.block_np[:, cols].T)
+        new = [k for k, col in enumerate(cols) if col not in self.value_orders]
+        if new:
+            for k, order in zip(new, _split_kernel.stable_argsort(values[new]), strict=True):
+                self.value_orders[cols[k]] = order
+        orders = np.stack([self.value_orders[col] for col in cols])
+        buckets_np = buckets.numpy()
+        bucket_sq = np.bincount(buckets_np, weights=self.row_sq, minlength=nbuckets)
+        loss, lower, upper = _split_kernel.best_splits_level(
+            values, orders, self.source_np, self.mean_np, self.row_sq, bucket_sq, buckets_np, nbuckets
         )
-        return tuple(torch.from_numpy(out) for out in outputs)
+        return [
+            (torch.from_numpy(loss[k]), torch.from_numpy(lower[k]), torch.from_numpy(upper[k]))
+            for k in range(len(cols))
+        ]
 
 
 def learn_tree(
@@ -287,27 +323,32 @@ def learn_tree(
         raise ValueError(f"the numba backend needs CPU tensors, got {block.device}; use 'torch'")
     nrows, width = block.shape
     block = block.float()
-    centred = block.double() - block.double().mean(0)  # less cancellation in the sums
+    block64 = block.double()
+    block_mean = block64.mean(0)
+    centred = block64 - block_mean  # less cancellation in the sums
+    centred_sq = centred * centred
     if targets is not None:
         if targets.shape[0] != nrows:
             raise ValueError(f"targets has {targets.shape[0]} rows, the block {nrows}")
-        loss_values = targets.double() - targets.double().mean(0)
+        targets_mean = targets.double().mean(0)
+        search = _SplitSearch(block, targets, targets_mean, targets.double() - targets_mean, use_numba)
     else:
-        loss_values = centred
-    search = _SplitSearch(block, loss_values, use_numba)
+        search = _SplitSearch(block, block, block_mean, centred, use_numba)
     buckets = torch.zeros(nrows, dtype=torch.int64, device=block.device)
     split_dims = torch.zeros(depth, dtype=torch.int64, device=block.device)
     thresholds = torch.zeros(2**depth - 1, dtype=torch.float32, device=block.device)
-    means = block.double().mean(0, keepdim=True)  # (1, d) root mean
+    means = block64.mean(0, keepdim=True)  # (1, d) root mean
 
+    onehot = _bucket_onehot(buckets, 1, centred.dtype)
     for level in range(depth):
         nbuckets = 2**level
-        counts, sums, sumsq = _bucket_stats(centred, buckets, nbuckets)
+        counts, sums, sumsq = _bucket_stats(onehot, centred, centred_sq)
         column_sse = (sumsq - sums * sums / counts.clamp_min(1)[:, None]).sum(0)
-        candidates = torch.topk(column_sse, min(ncandidates, width)).indices
+        candidates = torch.topk(column_sse, min(ncandidates, width)).indices.tolist()
         best = None
-        for col in candidates.tolist():
-            loss, lower, upper = search.splits(col, buckets, counts, nbuckets)
+        for col, (loss, lower, upper) in zip(
+            candidates, search.splits(candidates, buckets, counts, nbuckets), strict=True
+        ):
             total = float(loss.sum())
             if best is None or total < best[0]:
                 best = (total, col, lower, upper)
@@ -319,7 +360,8 @@ def learn_tree(
         # partition is exactly the one inference will see.
         buckets = 2 * buckets + (block[:, col] > level_thresholds[buckets]).long()
 
-        child_counts, child_sums, _ = _bucket_stats(block.double(), buckets, 2 * nbuckets)
+        onehot = _bucket_onehot(buckets, 2 * nbuckets, centred.dtype)  # also the next level's
+        child_counts, child_sums, _ = _bucket_stats(onehot, block64)
         parent_means = means.repeat_interleave(2, dim=0)
         child_means = child_sums / child_counts.clamp_min(1)[:, None]
         means = torch.where(child_counts[:, None] > 0, child_means, parent_means)

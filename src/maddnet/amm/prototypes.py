@@ -5,13 +5,16 @@ With ``G`` the (N, C*K) one-hot matrix of codes, the prototypes ``P`` (C*K, D) s
     min_P ||A - G P||^2 + ridge * ||P - P0||^2,
 
 i.e. ``(G^T G + ridge I) P = G^T A + ridge P0``. ``G`` is never formed: ``G^T G`` is a
-count matrix (co-occurrences of codes) built with ``bincount`` and ``G^T A`` sums rows of
-``A`` per code with ``index_add``.
+count matrix (co-occurrences of codes, :func:`code_cooccurrence`) and ``G^T A`` sums rows
+of ``A`` per code with one (K, N) one-hot product per codebook.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from . import _lut_kernel, _split_kernel
 
 
 def leaf_mean_prototypes(
@@ -33,9 +36,29 @@ def code_indices(codes: torch.Tensor, nprototypes: int) -> torch.Tensor:
 
 
 def code_cooccurrence(codes: torch.Tensor, nprototypes: int, max_chunk: int = 1 << 24) -> torch.Tensor:
-    """``G^T G`` for the one-hot code matrix G: (C*K, C*K) float64 co-occurrence counts."""
+    """``G^T G`` for the one-hot code matrix G: (C*K, C*K) float64 co-occurrence counts.
+
+    Args:
+        codes: (N, C) integer codes in ``[0, K)`` (uint8, or int64 for K > 256), any device.
+        nprototypes: K.
+        max_chunk: off-CPU path only: at most this many (row, codebook pair) entries are
+            counted per ``bincount`` call (bounds its temporaries).
+
+    Returns:
+        (C*K, C*K) float64 exact counts on ``codes``' device: entry ``(c*K + a, c'*K + b)``
+        is the number of rows whose code of codebook c is a and of codebook c' is b.
+
+    CPU tensors are counted by a numba kernel (``_split_kernel.cooccurrence``: one (K, K)
+    table per codebook pair, O(N C^2) increments and no (N, C^2) or (C*K)^2 temporaries
+    besides the result); other devices chunk ``bincount`` over flattened pair indices.
+    Both give the same integers.
+    """
     nrows, ncodebooks = codes.shape
     size = ncodebooks * nprototypes
+    if codes.device.type == "cpu":
+        _lut_kernel.launch_threads()
+        codes_t = np.ascontiguousarray(codes.numpy().T)
+        return torch.from_numpy(_split_kernel.cooccurrence(codes_t, nprototypes))
     index = code_indices(codes, nprototypes)
     gram = torch.zeros(size * size, dtype=torch.float64, device=codes.device)
     rows_per_chunk = max(1, max_chunk // (ncodebooks * ncodebooks))

@@ -60,6 +60,71 @@ def parse_layer_codebooks(pairs: Sequence[str] | None, option: str = "--ncodeboo
     return result
 
 
+def add_budget_arguments(group: argparse._ArgumentGroup, *, suppress: bool = False) -> None:
+    """``--ncodebooks-from ANALYSIS.json``, ``--budget UNIT[:VALUE|:width=W]``,
+    ``--budget-metric``, ``--budget-octaves`` and ``--budget-method``: C per layer chosen
+    under a network budget (:class:`maddnet.nn.budget.CodebookBudget`, docs/encoders.md).
+    ``suppress=True``: flags not given leave no attribute (a config file supplies them)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group.add_argument(
+        "--ncodebooks-from",
+        metavar="ANALYSIS.json",
+        default=default(None),
+        help="choose C per layer from this maddnet analyze report (single_layer.json) under --budget",
+    )
+    group.add_argument(
+        "--budget",
+        metavar="UNIT[:VALUE|:width=W]",
+        default=default("lut-bytes"),
+        help="total cost for --ncodebooks-from: UNIT lut-bytes (LUT + threshold bytes) or compares "
+        "(encoder compares per inference); VALUE an absolute total, width=W the uniform rule's cost at "
+        "codebook width W (default: lut-bytes, the uniform rule at --codebook-width)",
+    )
+    group.add_argument(
+        "--budget-metric",
+        choices=["drop", "nmse"],
+        default=default("drop"),
+        help="sensitivity minimised: top-1 drop or output NMSE of the analysis (default: drop)",
+    )
+    group.add_argument(
+        "--budget-octaves",
+        type=non_negative_int,
+        default=default(1),
+        help="factors of 2 beyond the measured C that C may take (extrapolated; default: 1)",
+    )
+    group.add_argument(
+        "--budget-method",
+        choices=["exact", "greedy"],
+        default=default("exact"),
+        help="exact (Pareto dynamic programming) or greedy marginal gain (default: exact)",
+    )
+
+
+def budget_from_args(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> Any:
+    """The :class:`~maddnet.nn.budget.CodebookBudget` of the budget flags over ``previous``
+    (a config file's), or None without ``--ncodebooks-from`` in either."""
+    from .nn.budget import CodebookBudget, parse_budget
+
+    values = dict(previous or {})
+    analysis = getattr(args, "ncodebooks_from", None) or values.get("analysis")
+    if analysis is None:
+        if getattr(args, "budget", "lut-bytes") != "lut-bytes":
+            raise ValueError("--budget needs --ncodebooks-from ANALYSIS.json (the sensitivity per layer)")
+        return None
+    options = {
+        key: getattr(args, "budget_" + key, values.get(key))
+        for key in ("metric", "octaves", "method")
+        if getattr(args, "budget_" + key, values.get(key)) is not None
+    }
+    text = getattr(args, "budget", None)
+    if text is None:
+        return CodebookBudget(**{**values, **options, "analysis": analysis})
+    return parse_budget(analysis, text, **options)
+
+
 # ---------------------------------------------------------------------------- number types
 def number_type(
     kind: type,

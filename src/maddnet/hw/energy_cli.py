@@ -4,11 +4,14 @@ original under a documented cost model (docs/hardware.md)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from ..cli_args import (
+    add_budget_arguments,
     add_execution_arguments,
+    budget_from_args,
     lut_bits_type,
     nprototypes_type,
     parse_key_values,
@@ -35,6 +38,41 @@ def _conversion(args: argparse.Namespace) -> MaddConfig:
         ncodebooks=ncodebooks,
         codebook_width=args.codebook_width,
         spec=spec,
+    )
+
+
+def _network_under_budget(args: argparse.Namespace, network, budget, out: str):
+    """``--ncodebooks-from``: the network again with C per layer chosen under the budget (the
+    rule's network gives the shapes); budget.json/.md written to ``out``."""
+    from ..nn.budget import plan_codebooks, write_allocation
+
+    if Path(args.target).is_dir() and (Path(args.target) / "checkpoint.pt").is_file():
+        raise ValueError(
+            f"--ncodebooks-from: run folder {args.target!r} has a saved conversion plan; its C are fixed"
+        )
+    if args.ncodebooks_pairs or args.all_ncodebooks is not None:
+        raise ValueError("give --ncodebooks-from or --ncodebooks / --all-ncodebooks, not both")
+    if budget.width is not None and budget.width != args.codebook_width:
+        args = argparse.Namespace(**{**vars(args), "codebook_width": budget.width})
+        network = _load(args, _conversion(args))
+    rule = {layer.name: layer.madd.ncodebooks for layer in network.layers if layer.madd is not None}
+    allocation = plan_codebooks(network.layers, rule, budget, _conversion(args).spec)
+    paths = write_allocation(allocation, out, f"Per-layer C under a budget: {network.name}")
+    print("per-layer C:", ", ".join(f"{k}={v}" for k, v in allocation.ncodebooks.items()), "->", paths["md"])
+    config = _conversion(args)
+    return _load(args, dataclasses.replace(config, ncodebooks=allocation.ncodebooks))
+
+
+def _load(args: argparse.Namespace, config: MaddConfig):
+    return load_network(
+        args.target,
+        model_kwargs=parse_key_values(args.model_kw, "--model-kw"),
+        in_chans=args.in_chans,
+        input_size=parse_input_size(args.input_size),
+        num_classes=args.num_classes,
+        config=config,
+        batch=args.batch_size or 1,
+        device=resolve_device(args.device),
     )
 
 
@@ -65,18 +103,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.target:
         raise ValueError("give MODEL_OR_RUN (a registered model or a run folder), or --headline / --combine")
     set_threads_from(args.threads)
-    network = load_network(
-        args.target,
-        model_kwargs=parse_key_values(args.model_kw, "--model-kw"),
-        in_chans=args.in_chans,
-        input_size=parse_input_size(args.input_size),
-        num_classes=args.num_classes,
-        config=_conversion(args),
-        batch=args.batch_size or 1,
-        device=resolve_device(args.device),
-    )
-    result = estimate(network, model)
+    network = _load(args, _conversion(args))
     out = args.out or str(Path("runs") / "energy" / Path(args.target).name)
+    budget = budget_from_args(args)
+    if budget is not None:
+        network = _network_under_budget(args, network, budget, out)
+    result = estimate(network, model)
     paths = write_report(result, out)
     data = json.loads(paths["json"].read_text())
     print(
@@ -150,6 +182,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     conv.add_argument(
         "--exclude", nargs="+", metavar="PATTERN", help="name patterns kept dense (default: none)"
     )
+    add_budget_arguments(conv)
     conv.add_argument(
         "--nprototypes",
         "-K",

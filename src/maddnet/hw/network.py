@@ -145,7 +145,12 @@ def _info(
     return DatasetInfo(base.name, classes, shape)  # type: ignore[arg-type]
 
 
-def _build(model: str, info: DatasetInfo, model_kwargs: dict[str, Any]) -> nn.Module:
+def meta_model(model: str, info: DatasetInfo, model_kwargs: dict[str, Any]) -> nn.Module:
+    """Registry ``model`` for data set ``info``, built on the meta device (shapes only).
+
+    Raises:
+        KeyError: an unknown model name; ValueError: arguments the model does not take.
+    """
     from ..train.runner import model_kwargs_for
 
     if model not in list_models():
@@ -216,7 +221,7 @@ def registry_network(
     shape, classes = default_input(model)
     base = DatasetInfo("input", tuple(str(i) for i in range(classes)), shape)
     info = _info(base, in_chans, input_size, num_classes)
-    dense = _build(model, info, dict(model_kwargs or {})).eval()
+    dense = meta_model(model, info, dict(model_kwargs or {})).eval()
     shapes, other = _forward_shapes(dense, info, batch, device)
     params = madd_params_by_rule(dense, config or MaddConfig())
     kwargs = "" if not model_kwargs else " (" + ", ".join(f"{k}={v}" for k, v in model_kwargs.items()) + ")"
@@ -257,7 +262,7 @@ def run_network(
     info = _info(
         dataset_info(values["dataset"], values.get("dataset_kwargs")), in_chans, input_size, num_classes
     )
-    dense = _build(model_name, info, model_kwargs).eval()
+    dense = meta_model(model_name, info, model_kwargs).eval()
     notes: list[str] = []
     checkpoint = folder / "checkpoint.pt"
     saved = read_checkpoint(checkpoint, map_location="cpu") if checkpoint.is_file() else None

@@ -1,5 +1,6 @@
 """Drop-in MADD layers, model conversion (prepare -> calibrate -> convert), training."""
 
+from .budget import CodebookBudget, allocate_codebooks, allocate_for_model
 from .config import MaddConfig, default_codebooks
 from .convert import (
     calibrate,
@@ -38,6 +39,9 @@ from .spec import LayerSpec
 
 __all__ = [
     "DEFAULT_MAPPING",
+    "CodebookBudget",
+    "allocate_codebooks",
+    "allocate_for_model",
     "EncoderModule",
     "GlobalTreeEncoderModule",
     "NearestPrototypeModule",

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_args import (
+    add_budget_arguments,
     add_execution_arguments,
     add_spec_arguments,
+    budget_from_args,
     fraction,
     fraction_below_one,
     load_config_file,
@@ -44,6 +46,11 @@ def execute(config: RetrainConfig) -> int:
         return 0  # rank 0 writes the report and prints the summary
     saved = json.loads(Path(config.out_dir, "config.json").read_text())
     paths = write_report(config.out_dir, result["rows"], saved)
+    allocation = config.codebook_allocation()
+    if allocation is not None:
+        from ..nn.budget import write_allocation
+
+        paths.update({f"budget_{k}": v for k, v in write_allocation(allocation, config.out_dir).items()})
     print()
     summary(result["model"])
     print()
@@ -76,6 +83,8 @@ def config_values_from_args(args: argparse.Namespace) -> dict[str, Any]:
         values["ncodebooks"] = {**previous, **parse_layer_codebooks(given["ncodebooks_pairs"])}
     if "all_ncodebooks" in given:
         values["ncodebooks"] = given["all_ncodebooks"]
+    budget = budget_from_args(args, values.get("codebook_budget"))
+    values["codebook_budget"] = None if budget is None else budget.to_dict()
     if "freeze_replaced" in given:
         values["train_replaced"] = not given["freeze_replaced"]
     spec = values.get("spec") or {}
@@ -243,6 +252,7 @@ def _add_layer_arguments(parser: argparse.ArgumentParser) -> None:
         help="C for named layers (others follow the rule; merged into a --config file's mapping)",
     )
     _option(group, "--all-ncodebooks", type=positive_int, metavar="C", help="one C for every layer")
+    add_budget_arguments(group, suppress=True)
     _option(
         group,
         "--codebook-width",

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from ..data.registry import SPLITS
 from ..nn import MaddConfig
+from ..nn.budget import Allocation, CodebookBudget
 from ..nn.spec import DEFAULT_TEMPERATURE, LayerSpec
 from ..train.config import JsonConfig
 from ..train.distributed import pick_device
@@ -33,6 +34,9 @@ class RetrainConfig(JsonConfig):
         exclude: name patterns kept dense.
         ncodebooks: C per layer name (others follow the MaddConfig rule), or one int.
         codebook_width: target D/C of linear and 1x1 layers (see :class:`maddnet.nn.MaddConfig`).
+        codebook_budget: C per layer chosen from a single-layer analysis under a network
+            budget (:class:`maddnet.nn.budget.CodebookBudget`, or a mapping of its fields);
+            excludes ``ncodebooks``. Recomputed from the saved settings on resume.
         spec: the MADD layer settings (K, encoder, ridge, LUT bits, QAT, surrogate, ...), a
             :class:`maddnet.nn.spec.LayerSpec` passed whole to every layer; saved as the
             ``spec`` section of config.json (a mapping of its fields is accepted too).
@@ -82,6 +86,7 @@ class RetrainConfig(JsonConfig):
     exclude: list[str] = field(default_factory=list)
     ncodebooks: dict[str, int] | int | None = None
     codebook_width: int = 8
+    codebook_budget: CodebookBudget | None = None
     spec: LayerSpec = field(default_factory=LayerSpec)
     calib_batches: int = 8
     max_rows: int = 16384
@@ -135,6 +140,10 @@ class RetrainConfig(JsonConfig):
         if self.eval_split not in SPLITS:
             raise ValueError(f"eval_split must be one of {SPLITS}, got {self.eval_split!r}")
         self._check_ncodebooks()
+        if isinstance(self.codebook_budget, Mapping):
+            self.codebook_budget = CodebookBudget.from_dict(self.codebook_budget)
+        if self.codebook_budget is not None and self.ncodebooks is not None:
+            raise ValueError("give ncodebooks or codebook_budget (--ncodebooks-from), not both")
         if self.checkpoint is None and self.baseline_steps == 0:
             self._check_names()  # a more specific problem is worth more than "no checkpoint"
             raise ValueError(
@@ -193,11 +202,27 @@ class RetrainConfig(JsonConfig):
             resolve_device(self.device)
         self.madd_config().select(create_model(self.model, **self.model_kwargs))
 
+    def codebook_allocation(self) -> Allocation | None:
+        """C per layer under ``codebook_budget`` (None without one), for the model built on
+        the meta device with the data set's input shape."""
+        if self.codebook_budget is None:
+            return None
+        from ..hw.network import dataset_info, meta_model
+        from ..nn.budget import allocate_for_model
+
+        info = dataset_info(self.dataset, self.dataset_kwargs)
+        model = meta_model(self.model, info, self.model_kwargs)
+        return allocate_for_model(model, info.input_shape, self._madd_config(None), self.codebook_budget)
+
     def madd_config(self) -> MaddConfig:
+        allocation = self.codebook_allocation()
+        return self._madd_config(self.ncodebooks if allocation is None else allocation.ncodebooks)
+
+    def _madd_config(self, ncodebooks: dict[str, int] | int | None) -> MaddConfig:
         return MaddConfig(
             layers=self.layers,
             exclude=list(self.exclude),
-            ncodebooks=self.ncodebooks,
+            ncodebooks=ncodebooks,
             codebook_width=self.codebook_width,
             spec=self.spec,
             max_rows=self.max_rows,
@@ -208,6 +233,8 @@ class RetrainConfig(JsonConfig):
     def to_dict(self) -> dict[str, Any]:
         values = super().to_dict()
         values["spec"] = self.spec.to_dict()
+        if self.codebook_budget is not None:
+            values["codebook_budget"] = self.codebook_budget.to_dict()
         return values
 
     @classmethod

@@ -1,0 +1,478 @@
+"""Per-layer C under a network budget: spend codebooks where a single-layer analysis says
+they matter.
+
+One rule (``MaddConfig``: D/C = 9 for 3x3 convs, ``D // codebook_width`` otherwise) gives
+every layer the same D/C. Layers differ in how much one codebook more or less costs the
+network (``maddnet analyze`` measures it: the accuracy drop or the output NMSE of each layer
+replaced alone at several C). :func:`allocate_codebooks` picks C per layer minimising the
+summed sensitivity under a total cost (LUT + threshold bytes, or encoder compares per
+inference): a multiple-choice knapsack, solved exactly (dynamic programming over Pareto
+fronts) or with the greedy marginal-gain rule of bit allocation.
+
+Modelling assumptions (stated in the reports too):
+
+* the sensitivity of the network to several replaced layers is the **sum** of the
+  single-layer sensitivities (the classic additivity assumption of bit allocation);
+* between measured C the sensitivity is **linear in log2 C**, and up to ``octaves`` factors
+  of 2 beyond the measured range it is extrapolated along the nearest measured segment,
+  clipped at 0 (a layer measured at one C only stays at that C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # hw imports nn: import it lazily at run time
+    from ..hw.costs import AcceleratorConfig
+    from ..hw.counts import LayerShape
+    from .spec import LayerSpec
+
+UNITS = ("lut_bytes", "compares")
+METRICS = ("drop", "nmse")
+METHODS = ("exact", "greedy")
+
+
+# ---------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class CodebookBudget:
+    """How C per layer is chosen from a single-layer analysis (``--ncodebooks-from`` /
+    ``--budget``); saved whole in a run's config.json.
+
+    Attributes:
+        analysis: path of a ``maddnet analyze`` report (``single_layer.json``).
+        unit: ``"lut_bytes"`` (LUT bytes ``ceil(C K M b / 8)`` plus encoder bytes: the
+            thresholds and split indices at the accelerator's threshold bits, per layer) or
+            ``"compares"`` (encoder compares of one inference: rows x the encoder's compares
+            per row, ``N C log2 K`` for the tree).
+        value: the total budget in ``unit``; ``None``: the cost of the uniform rule at
+            ``width``.
+        width: D/C target of linear and 1x1 layers of the uniform rule whose cost is the
+            budget (``MaddConfig.codebook_width``; kxk convs keep D/C = 9); ``None`` with
+            ``value=None``: the run's own ``codebook_width``.
+        metric: the sensitivity: ``"drop"`` (top-1 points lost) or ``"nmse"`` (output NMSE).
+        octaves: how many factors of 2 beyond the measured C range C may go (extrapolated).
+        method: ``"exact"`` (Pareto dynamic programming) or ``"greedy"``.
+    """
+
+    analysis: str
+    unit: str = "lut_bytes"
+    value: float | None = None
+    width: int | None = None
+    metric: str = "drop"
+    octaves: int = 1
+    method: str = "exact"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.analysis, str) or not self.analysis:
+            raise ValueError(f"CodebookBudget.analysis must be a file path, got {self.analysis!r}")
+        for name, allowed in (("unit", UNITS), ("metric", METRICS), ("method", METHODS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"CodebookBudget.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.value is not None and (
+            isinstance(self.value, bool)
+            or not isinstance(self.value, int | float)
+            or not 0 < self.value < math.inf
+        ):
+            raise ValueError(f"CodebookBudget.value must be a positive number, got {self.value!r}")
+        if self.value is not None and self.width is not None:
+            raise ValueError("CodebookBudget: give the budget as value or as width, not both")
+        for name in ("width", "octaves"):
+            number = getattr(self, name)
+            if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 0):
+                raise ValueError(f"CodebookBudget.{name} must be an int >= 0, got {number!r}")
+        if self.width == 0:
+            raise ValueError("CodebookBudget.width must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CodebookBudget:
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"codebook budget: unknown settings {unknown}")
+        return cls(**values)
+
+
+def parse_budget(analysis: str, text: str, **options: Any) -> CodebookBudget:
+    """``--budget`` text: ``UNIT`` (the uniform rule's cost at the run's width),
+    ``UNIT:VALUE`` or ``UNIT:width=W``, with UNIT ``lut-bytes`` or ``compares``.
+    Raises ``ValueError`` naming the bad part."""
+    unit, _, rest = text.strip().partition(":")
+    unit = unit.strip().replace("-", "_")
+    if unit not in UNITS:
+        raise ValueError(f"--budget: unit must be lut-bytes or compares, got {text!r}")
+    value = width = None
+    rest = rest.strip()
+    try:
+        if rest.startswith("width="):
+            width = int(rest.removeprefix("width="))
+        elif rest:
+            value = float(rest)
+    except ValueError:
+        raise ValueError(f"--budget takes UNIT, UNIT:VALUE or UNIT:width=W, got {text!r}") from None
+    return CodebookBudget(analysis=analysis, unit=unit, value=value, width=width, **options)
+
+
+# ---------------------------------------------------------------------------- sensitivity
+def read_sensitivity(path: str | Path, metric: str = "drop") -> dict[str, dict[int, float]]:
+    """``{layer: {C: sensitivity}}`` from a ``maddnet analyze`` report (its ``rows``: one
+    per layer and C with ``layer``, ``C``, ``drop`` in top-1 points, ``nmse``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a single-layer report, or a row without the metric.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"single-layer analysis {str(path)!r} does not exist (run maddnet analyze)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path} is not a maddnet analyze report (no 'rows' of layer results)")
+    table: dict[str, dict[int, float]] = {}
+    for row in rows:
+        value = row.get(metric) if isinstance(row, dict) else None
+        if (
+            not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or "layer" not in row
+            or "C" not in row
+        ):
+            raise ValueError(f"{path}: row {row!r} has no layer, C and finite {metric!r}")
+        table.setdefault(str(row["layer"]), {})[int(row["C"])] = float(value)
+    return table
+
+
+def interpolate_log(measured: Mapping[int, float], ncodebooks: int) -> float:
+    """The sensitivity at C = ``ncodebooks``: piecewise linear in log2 C through the
+    ``measured`` ``{C: value}`` points; outside them, the nearest segment extended, clipped
+    at 0 (no layer does better than exact). A modelling assumption, not a measurement.
+
+    Raises ``ValueError`` for one measured point and another C (no slope to extend)."""
+    points = sorted(measured.items())
+    if ncodebooks in measured:
+        return float(measured[ncodebooks])
+    if len(points) < 2:
+        raise ValueError(f"one measured C ({points[0][0]}) cannot be extended to C = {ncodebooks}")
+    x = math.log2(ncodebooks)
+    index = next((i for i, (c, _) in enumerate(points) if c > ncodebooks), len(points))
+    index = min(max(index, 1), len(points) - 1)
+    (c0, y0), (c1, y1) = points[index - 1], points[index]
+    t = (x - math.log2(c0)) / (math.log2(c1) - math.log2(c0))
+    value = y0 + t * (y1 - y0)
+    return max(0.0, value) if not c0 <= ncodebooks <= c1 else value
+
+
+def candidate_codebooks(
+    measured: Sequence[int], ndims: int, octaves: int = 1, extra: Sequence[int] = ()
+) -> list[int]:
+    """C values a layer may take: the measured ones, ``extra`` (e.g. the rule's C) and every
+    power of 2, within ``[min measured / 2**octaves, max measured * 2**octaves]`` and
+    ``[1, D]``; only the measured C when one was measured (nothing to extend)."""
+    if len(set(measured)) < 2:
+        return sorted(set(measured))
+    low = max(1, math.ceil(min(measured) / 2**octaves))
+    high = min(ndims, max(measured) * 2**octaves)
+    powers = (2**i for i in range(int(math.log2(high)) + 1))
+    return sorted(c for c in {*measured, *extra, *powers} if low <= c <= high)
+
+
+# ---------------------------------------------------------------------------- allocation
+def allocate_codebooks(
+    costs: Mapping[str, Mapping[int, float]],
+    sensitivity: Mapping[str, Mapping[int, float]],
+    budget: float,
+    method: str = "exact",
+) -> dict[str, int]:
+    """C per layer minimising ``sum sensitivity[layer][C]`` subject to
+    ``sum costs[layer][C] <= budget`` (a multiple-choice knapsack).
+
+    ``method="exact"``: dynamic programming over Pareto fronts of (cost, sensitivity),
+    layer after layer (the exact multiple-choice knapsack; Sinha & Zoltners, Oper. Res.
+    1979); ties go to the lower cost. ``method="greedy"``: start every layer at its cheapest
+    C and repeatedly take the move to a costlier C with the largest sensitivity decrease per
+    unit cost that still fits (the marginal-return rule of bit allocation; Fox, Manage. Sci.
+    1966; Gersho & Gray, Vector Quantization and Signal Compression, 1992, sec. 8.4):
+    optimal on convex (cost, sensitivity) curves, a heuristic otherwise.
+
+    Args:
+        costs: ``{layer: {C: cost}}`` in the budget's unit (>= 0).
+        sensitivity: ``{layer: {C: value}}``, the same layers and C.
+        budget: the total cost allowed.
+
+    Raises:
+        ValueError: layers or C differ between the two tables, no candidate for a layer,
+            or the cheapest choice of every layer already exceeds ``budget``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if set(costs) != set(sensitivity):
+        raise ValueError(
+            f"costs and sensitivity name different layers: {sorted(set(costs) ^ set(sensitivity))}"
+        )
+    for name in costs:
+        if not costs[name] or set(costs[name]) != set(sensitivity[name]):
+            raise ValueError(f"layer {name!r}: costs and sensitivity need the same non-empty set of C")
+    minimum = sum(min(c.values()) for c in costs.values())
+    if minimum > budget:
+        raise ValueError(
+            f"budget {budget:g} is below the cheapest allocation ({minimum:g}: every layer at its smallest C)"
+        )
+    if method == "greedy":
+        return _greedy(costs, sensitivity, budget)
+    return _pareto(costs, sensitivity, budget)
+
+
+def _pareto(costs, sensitivity, budget) -> dict[str, int]:
+    # front: (cost, sensitivity, choices) with cost ascending and sensitivity strictly descending
+    front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    names = list(costs)
+    for name in names:
+        merged = sorted(
+            (cost + costs[name][c], sens + sensitivity[name][c], (*picks, c))
+            for (cost, sens, picks), c in itertools.product(front, sorted(costs[name]))
+            if cost + costs[name][c] <= budget
+        )
+        front = []
+        for entry in merged:
+            if not front or entry[1] < front[-1][1]:
+                front.append(entry)
+    best = min(front, key=lambda entry: (entry[1], entry[0]))
+    return dict(zip(names, best[2], strict=True))
+
+
+def _greedy(costs, sensitivity, budget) -> dict[str, int]:
+    chosen = {name: min(table, key=lambda c: (table[c], c)) for name, table in costs.items()}
+    spent = sum(costs[name][c] for name, c in chosen.items())
+    while True:
+        best, best_gain = None, 0.0
+        for name, current in chosen.items():
+            for c, cost in costs[name].items():
+                extra = cost - costs[name][current]
+                gain = sensitivity[name][current] - sensitivity[name][c]
+                if extra <= 0 or gain <= 0 or spent + extra > budget:
+                    continue
+                if gain / extra > best_gain:
+                    best, best_gain = (name, c, extra), gain / extra
+        if best is None:
+            return chosen
+        name, c, extra = best
+        chosen[name], spent = c, spent + extra
+
+
+# ---------------------------------------------------------------------------- networks
+def layer_costs(
+    shape: LayerShape,
+    spec: LayerSpec,
+    ncodebooks: Sequence[int],
+    accelerator: AcceleratorConfig | None = None,
+) -> dict[int, dict[str, int]]:
+    """``{C: {"lut_bytes": ..., "compares": ...}}`` of one layer at each C: the counts of
+    :func:`maddnet.hw.counts.madd_counts` (``lut_bytes`` = LUT bytes + encoder bytes). The
+    encoder's cost and parameters depend on D, C and ``spec`` only, so they are read from a
+    MADD linear skeleton D -> M on the meta device (no memory)."""
+    import torch
+
+    from ..hw.costs import AcceleratorConfig
+    from ..hw.counts import MaddParams, madd_counts
+    from .layers import MaddLinear
+
+    accelerator = accelerator or AcceleratorConfig()
+    result = {}
+    for c in ncodebooks:
+        dense = torch.nn.Linear(shape.in_dim, shape.out_dim, device="meta")
+        params = MaddParams.of(MaddLinear._skeleton_of(dense, int(c), spec))
+        counts = madd_counts(shape.with_madd(params), accelerator)
+        result[int(c)] = {
+            "lut_bytes": counts["lut_bytes"] + counts["encoder_bytes"],
+            "compares": counts["compares"],
+        }
+    return result
+
+
+@dataclass
+class Allocation:
+    """Chosen C per layer beside the uniform rule's, with costs and predicted sensitivity.
+
+    ``rows``: one dict per layer (``layer``, ``D``, ``M``, ``rows``, ``measured_C``,
+    ``rule_C``, ``C``, ``rule_cost``, ``cost``, ``rule_sensitivity``, ``sensitivity``,
+    ``candidates``)."""
+
+    budget: CodebookBudget
+    total_budget: float
+    rows: list[dict[str, Any]]
+
+    @property
+    def ncodebooks(self) -> dict[str, int]:
+        """``{layer: C}``, ready for ``MaddConfig.ncodebooks``."""
+        return {row["layer"]: row["C"] for row in self.rows}
+
+    def totals(self) -> dict[str, float]:
+        return {
+            key: float(sum(row[key] for row in self.rows))
+            for key in ("rule_cost", "cost", "rule_sensitivity", "sensitivity")
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget.to_dict(),
+            "total_budget": self.total_budget,
+            "totals": self.totals(),
+            "ncodebooks": self.ncodebooks,
+            "assumptions": ASSUMPTIONS,
+            "rows": self.rows,
+        }
+
+    def markdown(self, title: str = "Per-layer C under a budget") -> str:
+        b, t = self.budget, self.totals()
+        unit = b.unit.replace("_", " ")
+        lines = [
+            f"# {title}",
+            "",
+            f"Analysis: `{b.analysis}`; sensitivity: {b.metric}; budget: {self.total_budget:,.0f} {unit}"
+            f" ({'given' if b.value is not None else 'the uniform rule'}); method: {b.method}; "
+            f"C up to {b.octaves} octave(s) beyond the measured range.",
+            "",
+            f"Total {unit}: rule {t['rule_cost']:,.0f}, allocation {t['cost']:,.0f}. Predicted summed "
+            f"{b.metric}: rule {t['rule_sensitivity']:.4g}, allocation {t['sensitivity']:.4g}.",
+            "",
+            _row(
+                ["layer", "D", "M", "measured C", "rule C", "C", f"rule {unit}", unit]
+                + [f"rule {b.metric}", b.metric]
+            ),
+            _row(["---"] * 10),
+        ]
+        for r in self.rows:
+            measured = ", ".join(map(str, r["measured_C"]))
+            costs = [f"{r['rule_cost']:,}", f"{r['cost']:,}"]
+            values = [f"{r['rule_sensitivity']:.4g}", f"{r['sensitivity']:.4g}"]
+            lines.append(_row([r["layer"], r["D"], r["M"], measured, r["rule_C"], r["C"], *costs, *values]))
+        lines += ["", *(f"- {text}" for text in ASSUMPTIONS), ""]
+        return "\n".join(lines)
+
+
+def _row(cells: Sequence[Any]) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+ASSUMPTIONS = (
+    "Predicted sensitivity: the sum of single-layer measurements (each layer replaced alone); "
+    "network-level accuracy of the allocation is not measured by this report.",
+    "Between measured C the sensitivity is linear in log2 C; beyond them (up to the stated octaves) "
+    "the nearest measured segment is extended and clipped at 0: a modelling assumption.",
+)
+
+
+def plan_codebooks(
+    shapes: Sequence[LayerShape],
+    rule: Mapping[str, int],
+    budget: CodebookBudget,
+    spec: LayerSpec,
+    accelerator: AcceleratorConfig | None = None,
+) -> Allocation:
+    """C per layer for the layers in ``rule`` (``{name: the uniform rule's C}``, also the
+    reference the budget defaults to) under ``budget``.
+
+    ``shapes``: the network's :class:`~maddnet.hw.counts.LayerShape` of one inference
+    (rows, D, M; from :func:`maddnet.hw.counts.record_shapes`).
+
+    Raises:
+        FileNotFoundError: the analysis report does not exist.
+        ValueError: the report misses a layer of ``rule`` or names a layer not in it (a
+            report of another model), or the budget is below the cheapest allocation.
+    """
+    table = read_sensitivity(budget.analysis, budget.metric)
+    by_name = {shape.name: shape for shape in shapes}
+    missing, extra = sorted(set(rule) - set(table)), sorted(set(table) - set(rule))
+    if missing or extra:
+        raise ValueError(
+            f"{budget.analysis} does not match the model's MADD layers: "
+            f"not in the report {missing}, not in the model {extra}"
+        )
+    costs, sens, rows = {}, {}, []
+    for name, rule_c in rule.items():
+        if name not in by_name:
+            raise ValueError(f"layer {name!r} is not called by the model's forward pass")
+        shape = by_name[name]
+        measured = table[name]
+        if max(measured) > shape.in_dim:
+            raise ValueError(
+                f"{budget.analysis}: layer {name!r} measured at C = {max(measured)} > D = {shape.in_dim}"
+            )
+        options = candidate_codebooks(list(measured), shape.in_dim, budget.octaves, extra=(rule_c,))
+        counts = layer_costs(shape, spec, sorted({*options, rule_c}), accelerator)
+        costs[name] = {c: counts[c][budget.unit] for c in options}
+        sens[name] = {c: interpolate_log(measured, c) for c in options}
+        rows.append(
+            {
+                "layer": name,
+                "D": shape.in_dim,
+                "M": shape.out_dim,
+                "rows": shape.rows,
+                "measured_C": sorted(measured),
+                "rule_C": rule_c,
+                "candidates": options,
+                "rule_cost": counts[rule_c][budget.unit],
+                "rule_sensitivity": _rule_sensitivity(measured, rule_c),
+            }
+        )
+    total = budget.value if budget.value is not None else float(sum(row["rule_cost"] for row in rows))
+    chosen = allocate_codebooks(costs, sens, total, budget.method)
+    for row in rows:
+        c = chosen[row["layer"]]
+        row.update(C=c, cost=costs[row["layer"]][c], sensitivity=sens[row["layer"]][c])
+    return Allocation(budget, float(total), rows)
+
+
+def _rule_sensitivity(measured: Mapping[int, float], ncodebooks: int) -> float:
+    try:
+        return interpolate_log(measured, ncodebooks)
+    except ValueError:
+        return math.nan
+
+
+def write_allocation(
+    allocation: Allocation, out: str | Path, title: str = "Per-layer C under a budget"
+) -> dict[str, Path]:
+    """``budget.json`` and ``budget.md`` in folder ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "budget.json", "md": out / "budget.md"}
+    paths["json"].write_text(json.dumps(allocation.to_dict(), indent=2) + "\n")
+    paths["md"].write_text(allocation.markdown(title))
+    return paths
+
+
+def allocate_for_model(
+    model: Any,
+    input_shape: Sequence[int],
+    config: Any,
+    budget: CodebookBudget,
+    accelerator: AcceleratorConfig | None = None,
+) -> Allocation:
+    """:func:`plan_codebooks` for the layers ``config`` (a :class:`~maddnet.nn.MaddConfig`)
+    selects in ``model`` (an ``nn.Module``, any device; shapes are recorded on a meta-device
+    copy), one input of ``input_shape`` (C, H, W) per inference. The uniform rule is
+    ``config``'s with ``codebook_width = budget.width`` (when given) and no ``ncodebooks``."""
+    import copy
+
+    from ..hw.counts import record_shapes
+
+    width = budget.width or config.codebook_width
+    rule_config = dataclasses.replace(config, ncodebooks=None, codebook_width=width)
+    rule = {name: rule_config.codebooks_for(name, module) for name, module in config.select(model).items()}
+    shapes, _ = record_shapes(copy.deepcopy(model).to("meta"), tuple(input_shape), device="meta")
+    return plan_codebooks(shapes, rule, budget, config.spec, accelerator)

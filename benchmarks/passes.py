@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, Subset  # noqa: E402
+from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 
 from maddnet.data.registry import create_dataset  # noqa: E402
 from maddnet.models.registry import create_model  # noqa: E402
@@ -58,8 +58,9 @@ NETS = {
 }
 
 
-def load_net(name: str, eval_samples: int) -> tuple[nn.Module, DataLoader, str]:
-    """(converted model in eval mode, test loader, how it was obtained)."""
+def run_net(name: str, eval_samples: int) -> tuple[nn.Module, Dataset, DataLoader, dict]:
+    """(the run's dense model, initial weights, torch seed 0; training set; loader of the
+    first ``eval_samples`` test samples; the run's config.json)."""
     setup = NETS[name]
     config = json.loads((Path(setup["run"]) / "config.json").read_text())
     root = setup["data_root"] or config.get("data_root")
@@ -71,6 +72,13 @@ def load_net(name: str, eval_samples: int) -> tuple[nn.Module, DataLoader, str]:
     torch.manual_seed(0)
     model = create_model(config["model"], num_classes=info.num_classes, in_chans=info.in_chans, **kwargs)
     loader = DataLoader(Subset(test, range(min(eval_samples, len(test)))), batch_size=256)
+    return model, train, loader, config
+
+
+def load_net(name: str, eval_samples: int) -> tuple[nn.Module, DataLoader, str]:
+    """(converted model in eval mode, test loader, how it was obtained)."""
+    setup = NETS[name]
+    model, train, loader, config = run_net(name, eval_samples)
     if setup["checkpoint"]:
         saved = torch.load(Path(setup["run"]) / setup["checkpoint"], map_location="cpu", weights_only=False)
         rebuild(model, saved["plan"])

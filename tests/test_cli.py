@@ -130,6 +130,7 @@ NON_DEFAULT_SPEC = {
     "ridge": (["--ridge", "none"], None),
     "ncandidates": (["--ncandidates", "6"], 6),
     "hash_objective": (["--hash-objective", "output"], "output"),
+    "channel_budget": (["--channel-budget", "0.5"], 0.5),
     "lut_bits": (["--lut-bits", "0"], None),
     "lut_granularity": (["--lut-granularity", "column"], "column"),
     "qat": (["--no-qat"], False),

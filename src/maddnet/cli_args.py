@@ -20,7 +20,7 @@ from typing import Any
 from .amm.checks import check_nprototypes
 from .amm.encoders import ENCODERS, HASH_OBJECTIVES
 from .amm.lut import GRANULARITIES
-from .nn.spec import SURROGATES, LayerSpec
+from .nn.spec import SURROGATES, LayerSpec, parse_channel_budget
 from .train.distributed import RankFailedError
 
 # what bad input raises (wrong names, shapes, values, missing files); other exceptions are
@@ -274,6 +274,7 @@ def _spec_flag_options() -> dict[str, dict[str, Any]]:
         "lut_bits": {"type": lut_bits_type, "metavar": "BITS", "note": "write None as 0 or none"},
         "lut_granularity": {"choices": list(GRANULARITIES)},
         "surrogate": {"choices": list(SURROGATES)},
+        "channel_budget": {"type": parse_channel_budget, "metavar": "FRACTION|COUNT|none"},
     }
 
 

@@ -298,6 +298,7 @@ def learn_tree(
     ncandidates: int = 4,
     backend: str = "auto",
     targets: torch.Tensor | None = None,
+    split_columns: torch.Tensor | None = None,
 ) -> TreeFit:
     """Learn one codebook's tree greedily, level by level (MADDness, Blalock & Guttag 2021).
 
@@ -315,6 +316,11 @@ def learn_tree(
         targets: (N, t) values whose within-bucket SSE the thresholds minimise instead of
             the block's own (e.g. the block's contribution to the output, ``block @ B_block``:
             output-aware hashing). Split candidates are still the block's columns.
+        split_columns: (N, d') float32 columns the splits may compare instead of the
+            block's own (channel steering, :class:`~maddnet.amm.encoders.TreeEncoder`'s
+            ``channel_budget``): candidates are ranked by their own within-bucket SSE, the
+            thresholds still minimise the block's (or ``targets``') SSE, and
+            ``TreeFit.split_dims`` index these columns. None: the block's columns.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -327,13 +333,23 @@ def learn_tree(
     block_mean = block64.mean(0)
     centred = block64 - block_mean  # less cancellation in the sums
     centred_sq = centred * centred
+    if split_columns is None:
+        candidate_block, candidate_centred, candidate_sq = block, centred, centred_sq
+    else:
+        if split_columns.shape[0] != nrows or split_columns.dim() != 2 or split_columns.shape[1] < 1:
+            raise ValueError(f"split_columns must be ({nrows}, d' >= 1), got {tuple(split_columns.shape)}")
+        candidate_block = split_columns.float()
+        candidate_centred = candidate_block.double() - candidate_block.double().mean(0)
+        candidate_sq = candidate_centred * candidate_centred
     if targets is not None:
         if targets.shape[0] != nrows:
             raise ValueError(f"targets has {targets.shape[0]} rows, the block {nrows}")
         targets_mean = targets.double().mean(0)
-        search = _SplitSearch(block, targets, targets_mean, targets.double() - targets_mean, use_numba)
+        search = _SplitSearch(
+            candidate_block, targets, targets_mean, targets.double() - targets_mean, use_numba
+        )
     else:
-        search = _SplitSearch(block, block, block_mean, centred, use_numba)
+        search = _SplitSearch(candidate_block, block, block_mean, centred, use_numba)
     buckets = torch.zeros(nrows, dtype=torch.int64, device=block.device)
     split_dims = torch.zeros(depth, dtype=torch.int64, device=block.device)
     thresholds = torch.zeros(2**depth - 1, dtype=torch.float32, device=block.device)
@@ -342,9 +358,9 @@ def learn_tree(
     onehot = _bucket_onehot(buckets, 1, centred.dtype)
     for level in range(depth):
         nbuckets = 2**level
-        counts, sums, sumsq = _bucket_stats(onehot, centred, centred_sq)
+        counts, sums, sumsq = _bucket_stats(onehot, candidate_centred, candidate_sq)
         column_sse = (sumsq - sums * sums / counts.clamp_min(1)[:, None]).sum(0)
-        candidates = torch.topk(column_sse, min(ncandidates, width)).indices.tolist()
+        candidates = torch.topk(column_sse, min(ncandidates, candidate_block.shape[1])).indices.tolist()
         best = None
         for col, (loss, lower, upper) in zip(
             candidates, search.splits(candidates, buckets, counts, nbuckets), strict=True
@@ -358,7 +374,7 @@ def learn_tree(
         thresholds[nbuckets - 1 : 2 * nbuckets - 1] = level_thresholds
         # Route rows with the float32 comparison that encode() uses, so the training
         # partition is exactly the one inference will see.
-        buckets = 2 * buckets + (block[:, col] > level_thresholds[buckets]).long()
+        buckets = 2 * buckets + (candidate_block[:, col] > level_thresholds[buckets]).long()
 
         onehot = _bucket_onehot(buckets, 2 * nbuckets, centred.dtype)  # also the next level's
         child_counts, child_sums, _ = _bucket_stats(onehot, block64)

@@ -443,7 +443,8 @@ class _MaddLayer(nn.Module):
         cls, dense: nn.Module, rows: torch.Tensor, ncodebooks: int, spec: LayerSpec
     ) -> _MaddLayer:
         weight = cls._dense_weight(dense)
-        amm = learn_amm(rows, weight, ncodebooks, spec)
+        # columns per input channel (a conv's kh kw taps, 1 for a linear): channel_budget's unit
+        amm = learn_amm(rows, weight, ncodebooks, spec, channel_size=dense.weight[0, 0].numel())
         layer = cls._skeleton_of(dense, ncodebooks, spec)
         return layer.load_fitted(amm.to(weight.device), dense.bias, rows)
 
@@ -505,6 +506,9 @@ class _MaddLayer(nn.Module):
         self.refresh_quantized_lut()
         return QuantizedLut(self.lut_q_values, self.lut_q_offsets, self.lut_q_scale, self.lut_bits)
 
+    # torch.compile runs this eagerly: dynamo would trace pack_lut's numpy code through
+    # torch._numpy, which has no uint16 adds
+    @torch.compiler.disable
     def packed_lut(self) -> PackedLut | None:
         """The integer LUT in the layout of the CPU LUT-sum kernel
         (:func:`maddnet.amm.lut.pack_lut`), or None where that kernel cannot reproduce
@@ -861,9 +865,12 @@ class _MaddLayer(nn.Module):
 MaddLayer = _MaddLayer
 
 
-def learn_amm(rows: torch.Tensor, weight: torch.Tensor, ncodebooks: int, spec: LayerSpec) -> MaddnessMatmul:
+def learn_amm(
+    rows: torch.Tensor, weight: torch.Tensor, ncodebooks: int, spec: LayerSpec, channel_size: int = 1
+) -> MaddnessMatmul:
     """A ``MaddnessMatmul`` of ``spec`` with C = ``ncodebooks`` fitted on ``rows`` (N, D) and
-    ``weight`` (D, M), on the rows' device."""
+    ``weight`` (D, M), on the rows' device. ``channel_size``: consecutive columns per input
+    channel, the unit of ``spec.channel_budget``."""
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
         raise ValueError(f"rows must be a 2-D (N, D) tensor, got {getattr(rows, 'shape', rows)}")
     if rows.shape[1] != weight.shape[0]:
@@ -879,7 +886,7 @@ def learn_amm(rows: torch.Tensor, weight: torch.Tensor, ncodebooks: int, spec: L
         lut_granularity=spec.lut_granularity,
         hash_objective=spec.hash_objective,
         encoder=spec.encoder,
-        encoder_options=spec.encoder_options,
+        encoder_options={**spec.encoder_options, **spec.steering_options(channel_size)},
     )
     return amm.fit(rows.detach().float(), weight.detach().float().to(rows.device))
 

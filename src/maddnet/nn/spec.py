@@ -16,12 +16,13 @@ from typing import Any
 
 from ..amm.checks import check_nprototypes
 from ..amm.encoders import HASH_OBJECTIVES, encoder_class
+from ..amm.encoders.tree import check_channel_budget
 from ..amm.lut import GRANULARITIES
 
 SURROGATES = ("soft", "path")
 DEFAULT_TEMPERATURE = 0.5
 # fields that configure the tree encoder (its learning and its training surrogate)
-TREE_FIELDS = ("ncandidates", "hash_objective", "surrogate")
+TREE_FIELDS = ("ncandidates", "hash_objective", "surrogate", "channel_budget")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -50,6 +51,12 @@ class LayerSpec:
     hash_objective: str = _help(
         "tree: 'input' (thresholds fit the rows, MADDness) or 'output' (fit the block's product)",
         default="input",
+    )
+    channel_budget: float | int | None = _help(
+        "tree: input channels the trees may split on (steering, docs/passes.md): a fraction in "
+        "(0, 1] or a count >= 1 (write 0.5 or 64; a conv's taps of a channel count as it); "
+        "None: all",
+        default=None,
     )
     lut_bits: int | None = _help("bits per integer LUT entry (1..8); None: float LUTs", default=8)
     lut_granularity: str = _help(
@@ -84,6 +91,9 @@ class LayerSpec:
             raise ValueError(
                 f"LayerSpec.hash_objective must be one of {HASH_OBJECTIVES}, got {self.hash_objective!r}"
             )
+        if isinstance(self.channel_budget, str):  # the command line's text: "0.5", "64", "none"
+            object.__setattr__(self, "channel_budget", parse_channel_budget(self.channel_budget))
+        check_channel_budget(self.channel_budget, "LayerSpec.channel_budget")
         bits = self.lut_bits
         if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8):
             raise ValueError(f"LayerSpec.lut_bits must be None (float LUT) or an int in 1..8, got {bits!r}")
@@ -170,6 +180,28 @@ class LayerSpec:
         if self.encoder == "tree":
             config.update(ncandidates=self.ncandidates, hash_objective=self.hash_objective)
         return {**config, **self.encoder_options}
+
+    def steering_options(self, channel_size: int) -> dict[str, Any]:
+        """The tree encoder's ``channel_budget`` / ``channel_size`` arguments ({} without a
+        budget, so the default learning is untouched); ``channel_size``: columns per input
+        channel of the layer (a conv's kh kw)."""
+        if self.channel_budget is None:
+            return {}
+        return {"channel_budget": self.channel_budget, "channel_size": channel_size}
+
+
+def parse_channel_budget(text: str) -> float | int | None:
+    """``LayerSpec.channel_budget`` from text: "none", a fraction with a point ("0.5",
+    "1.0") or a channel count ("64"). Raises ``ValueError`` naming the setting."""
+    text = text.strip().lower()
+    if text in ("none", "null", ""):
+        return None
+    try:
+        return float(text) if any(c in text for c in ".e") else int(text)
+    except ValueError:
+        raise ValueError(
+            f"LayerSpec.channel_budget must be none, a fraction like 0.5 or a count like 64, got {text!r}"
+        ) from None
 
 
 def spec_with(spec: LayerSpec | None, **changes: Any) -> LayerSpec:

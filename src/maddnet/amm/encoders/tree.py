@@ -30,6 +30,11 @@ class TreeEncoder(Encoder):
         hash_objective: "input": thresholds minimise the SSE of the rows' block columns
             (MADDness); "output": they minimise the SSE of the block's contribution to the
             product, ``A_block @ B_block`` (needs the weight in :meth:`fit`).
+        channel_budget: None (every column may be split on), or the input channels the
+            trees may read: a float in (0, 1] (that fraction of the channels, rounded, at
+            least one) or an int >= 1 (that many). See :func:`steering_columns`.
+        channel_size: input columns per channel, consecutive (a conv's kh kw taps of one
+            input channel in unfold order; 1 for a linear layer). D must be a multiple.
 
     Fitted attributes: ``split_dims_`` (C, L) int64 global column indices,
     ``thresholds_`` (C, K-1) float32 heap order, ``prototypes_`` (C, K, D) float32.
@@ -45,8 +50,14 @@ class TreeEncoder(Encoder):
         ridge: float | None = 1.0,
         ncandidates: int = 8,
         hash_objective: str = "input",
+        channel_budget: float | int | None = None,
+        channel_size: int = 1,
     ) -> None:
         super().__init__(ncodebooks, nprototypes, ridge)
+        check_channel_budget(channel_budget)
+        if isinstance(channel_size, bool) or not isinstance(channel_size, int) or channel_size < 1:
+            raise ValueError(f"channel_size must be a positive int, got {channel_size!r}")
+        self.channel_budget, self.channel_size = channel_budget, channel_size
         if isinstance(ncandidates, bool) or not isinstance(ncandidates, int) or ncandidates < 1:
             raise ValueError(f"ncandidates must be a positive int, got {ncandidates!r}")
         if hash_objective not in HASH_OBJECTIVES:
@@ -61,12 +72,18 @@ class TreeEncoder(Encoder):
             **super().get_config(),
             "ncandidates": self.ncandidates,
             "hash_objective": self.hash_objective,
+            **({} if self.channel_budget is None else {"channel_budget": self.channel_budget}),
+            **({} if self.channel_size == 1 else {"channel_size": self.channel_size}),
         }
 
     # ------------------------------------------------------------------ learning
     def fit(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> TreeEncoder:
         if self.hash_objective == "output" and weight is None:
             raise ValueError('hash_objective="output" needs the weight: fit_encoder(A_train, B)')
+        if self.channel_budget is not None and weight is None:
+            raise ValueError(
+                "channel_budget ranks channels by their output contribution: it needs the weight B"
+            )
         return super().fit(rows, weight)
 
     def _fit_codes(
@@ -75,17 +92,23 @@ class TreeEncoder(Encoder):
         ndims = rows.shape[1]
         bounds = hashing.subspace_bounds(ndims, self.ncodebooks)
         output_aware = self.hash_objective == "output"
-        trees = [
-            hashing.learn_tree(
+        steering = None
+        if self.channel_budget is not None:
+            steering = steering_columns(rows, weight, bounds, self.channel_budget, self.channel_size)
+        trees, split_dims = [], []
+        for index, (start, stop) in enumerate(bounds):
+            targets = rows[:, start:stop] @ weight[start:stop] if output_aware else None
+            columns = None if steering is None else steering[index]
+            tree = hashing.learn_tree(
                 rows[:, start:stop],
                 self.depth,
                 self.ncandidates,
-                targets=rows[:, start:stop] @ weight[start:stop] if output_aware else None,
+                targets=targets,
+                split_columns=None if columns is None else rows[:, columns],
             )
-            for start, stop in bounds
-        ]
-        starts = torch.tensor([start for start, _ in bounds], device=rows.device)
-        self.split_dims_ = torch.stack([t.split_dims for t in trees]) + starts[:, None]
+            trees.append(tree)
+            split_dims.append(tree.split_dims + start if columns is None else columns[tree.split_dims])
+        self.split_dims_ = torch.stack(split_dims)
         self.thresholds_ = torch.stack([t.thresholds for t in trees])
         initial = prototype_fit.leaf_mean_prototypes([t.leaf_means for t in trees], bounds, ndims)
         return torch.stack([t.leaves for t in trees], dim=1), initial
@@ -111,3 +134,99 @@ def tree_cost(ncodebooks: int, depth: int) -> EncoderCost:
     multiply."""
     reads = ncodebooks * depth
     return EncoderCost(compares=reads, reads=reads)
+
+
+def check_channel_budget(budget: object, owner: str = "channel_budget") -> None:
+    """Raise ``ValueError`` naming ``owner`` unless ``budget`` is None, a float in (0, 1]
+    or an int >= 1 (bools refused)."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise ValueError(
+            f"{owner} must be None, a fraction in (0, 1] or a channel count >= 1, got {budget!r}"
+        )
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        raise ValueError(f"{owner} as a fraction must lie in (0, 1], got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ValueError(f"{owner} as a channel count must be >= 1, got {budget!r}")
+
+
+def channel_scores(rows: torch.Tensor, weight: torch.Tensor, channel_size: int) -> torch.Tensor:
+    """(D / channel_size,) float64: ``||A_c B_c||_F``, each input channel's contribution to
+    the product on the rows ``A`` (N, D) with weight ``B`` (D, M).
+
+    The product is the sum of the channels' terms ``A_c B_c``; He, Zhang & Sun, "Channel
+    Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, select the channels
+    that best reconstruct it (LASSO). Here the channels are ranked by the size of their
+    own term, computed exactly without forming it: ``||A_c B_c||_F^2 = sum(G_c * H_c)``
+    with the Gram matrices ``G_c = A_c^T A_c`` and ``H_c = B_c B_c^T`` (s x s each).
+    """
+    nrows, ndims = rows.shape
+    nchannels = ndims // channel_size
+    per_channel = rows.double().reshape(nrows, nchannels, channel_size)
+    gram = torch.einsum("nci,ncj->cij", per_channel, per_channel)
+    blocks = weight.double().reshape(nchannels, channel_size, -1)
+    return (gram * (blocks @ blocks.transpose(1, 2))).sum((1, 2)).clamp_min(0).sqrt()
+
+
+def steering_columns(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    budget: float | int,
+    channel_size: int,
+) -> list[torch.Tensor | None]:
+    """Per codebook, the global columns its tree may split on under a channel budget.
+
+    The allowed channels are the ``budget`` channels with the largest
+    :func:`channel_scores`, chosen once from the calibration rows. A codebook whose block
+    holds allowed columns splits on those (None when its whole block is allowed: the
+    unrestricted tree). A block holding none would otherwise have nothing to read and
+    degenerate to one constant code; it splits instead on the ``width`` allowed columns
+    (``width`` = the block's) that best explain it linearly: the largest
+    ``sum_k cov(a_j, x_k)^2 / var(a_j)`` over its columns ``x_k`` (the variance a
+    least-squares fit on column ``a_j`` alone removes). Every tree keeps L levels: L
+    compares and L reads per codebook and row, as without a budget.
+
+    Args:
+        rows: (N, D) float rows; weight: (D, M) float; bounds: the codebooks' blocks.
+        budget: a fraction in (0, 1] or a channel count (see :func:`check_channel_budget`).
+        channel_size: consecutive columns per channel.
+
+    Returns:
+        One (d',) int64 tensor of global column indices (or None) per codebook.
+
+    Raises:
+        ValueError: D not a multiple of ``channel_size``, or a count above the channels.
+    """
+    check_channel_budget(budget)
+    ndims = rows.shape[1]
+    if ndims % channel_size:
+        raise ValueError(f"D = {ndims} input columns are not whole channels of {channel_size} columns")
+    nchannels = ndims // channel_size
+    if isinstance(budget, float):
+        count = max(1, round(budget * nchannels))
+    elif budget > nchannels:
+        raise ValueError(f"channel_budget = {budget} channels, but the input has only {nchannels}")
+    else:
+        count = budget
+    allowed = torch.zeros(nchannels, dtype=torch.bool, device=rows.device)
+    allowed[torch.topk(channel_scores(rows, weight, channel_size), count).indices] = True
+    column_allowed = allowed.repeat_interleave(channel_size)
+    allowed_columns = column_allowed.nonzero().flatten()
+    centred = rows.double() - rows.double().mean(0)
+    candidates = centred[:, allowed_columns]
+    candidate_sq = (candidates * candidates).sum(0).clamp_min(1e-300)
+    result: list[torch.Tensor | None] = []
+    for start, stop in bounds:
+        inside = column_allowed[start:stop]
+        if inside.all():
+            result.append(None)
+        elif inside.any():
+            result.append(inside.nonzero().flatten() + start)
+        else:
+            cov = candidates.T @ centred[:, start:stop]  # (allowed, width), times N
+            explained = (cov * cov).sum(1) / candidate_sq
+            nearest = torch.topk(explained, min(stop - start, allowed_columns.numel())).indices
+            result.append(allowed_columns[nearest.sort().values])
+    return result

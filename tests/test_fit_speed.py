@@ -234,25 +234,52 @@ def run_python(code: str, env: dict[str, str], cwd: Path) -> str:
     return result.stdout
 
 
+KERNEL = """
+import numpy as np
+from _jit import cached_njit
+
+
+@cached_njit()
+def total(x):
+    return x.sum()
+"""
+
+
 def test_kernel_cache_is_reused_and_unwritable_places_fall_back(tmp_path):
-    source = Path(_split_kernel.__file__).read_text()
-    call = (
-        "import numpy as np, _split_kernel as k; k.row_sqnorms(np.ones((3, 2))); "
-        "print(dict(k.row_sqnorms.stats.cache_hits))"
-    )
+    import maddnet._jit
+
+    source = Path(maddnet._jit.__file__).read_text()
+    call = "import numpy as np, kernel as k; k.total(np.ones(3)); print(dict(k.total.stats.cache_hits))"
+
+    def place(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "_jit.py").write_text(source)
+        (folder / "kernel.py").write_text(KERNEL)
+        return folder
+
     # A fresh process loads what the previous one compiled.
-    cached = tmp_path / "cached"
-    cached.mkdir()
-    (cached / "_split_kernel.py").write_text(source)
+    cached = place("cached")
     env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
     run_python(call, env, cached)
     assert run_python(call, env, cached).strip() != "{}"
     # No writable cache folder anywhere (a file where each would go): compiles in memory.
-    blocked = tmp_path / "blocked"
-    blocked.mkdir()
-    (blocked / "_split_kernel.py").write_text(source)
+    blocked = place("blocked")
     (blocked / "__pycache__").write_text("")
     nowhere = tmp_path / "not-a-folder"
     nowhere.write_text("")
     env = {"NUMBA_CACHE_DIR": "", "XDG_CACHE_HOME": str(nowhere), "HOME": str(nowhere)}
     assert run_python(call, env, blocked).strip() == "{}"
+
+
+def test_every_cached_kernel_goes_through_cached_njit():
+    """A bare ``numba.njit(cache=True)`` fails at import on a read-only install."""
+    import maddnet
+
+    root = Path(maddnet.__file__).parent
+    offenders = [
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if path.name != "_jit.py" and "cache=True" in path.read_text().replace("``cache=True``", "")
+    ]
+    assert offenders == []

@@ -26,32 +26,19 @@ rounding (none do in the Fashion-MNIST and test trees, see the tests).
 Compiled code is cached on disk (numba ``cache=True``) next to this file (``__pycache__``),
 or where that is not writable in numba's user cache folder (``NUMBA_CACHE_DIR`` sets
 another), and reused by later processes. Where no folder is writable (a read-only install
-without a writable home), :func:`_jit` compiles in memory once per process instead of
+without a writable home), :func:`maddnet._jit.cached_njit` compiles in memory once per process instead of
 failing at import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numba
 import numpy as np
 
-
-def _jit(**options: bool) -> Callable[[Callable], Callable]:
-    """``numba.njit(cache=True, nogil=True, **options)``; without the disk cache where
-    numba finds no writable cache folder (it raises RuntimeError at decoration then)."""
-
-    def wrap(func: Callable) -> Callable:
-        try:
-            return numba.njit(cache=True, nogil=True, **options)(func)
-        except RuntimeError:  # "cannot cache function ...: no locator available"
-            return numba.njit(nogil=True, **options)(func)
-
-    return wrap
+from .._jit import cached_njit
 
 
-@_jit()
+@cached_njit()
 def row_sqnorms(centred):  # pragma: no cover - jit
     """(N,) float64 ``sum_j x[i, j]**2`` of (N, d) float64 rows, summed in column order
     (the order the split scores use)."""
@@ -65,7 +52,7 @@ def row_sqnorms(centred):  # pragma: no cover - jit
     return out
 
 
-@_jit(parallel=True)
+@cached_njit(parallel=True)
 def best_splits_level(
     values, value_orders, source, offset, row_sq, bucket_sq, buckets, nbuckets
 ):  # pragma: no cover
@@ -199,7 +186,7 @@ def best_splits_level(
     return loss, lower, upper
 
 
-@_jit(parallel=True)
+@cached_njit(parallel=True)
 def stable_argsort(values):  # pragma: no cover - jit
     """(k, N) int64: ``np.argsort(values[i], kind="stable")`` for each row of (k, N) float32
     finite ``values``, by a two-pass LSD radix sort on order-preserving 32-bit keys.
@@ -239,7 +226,7 @@ def stable_argsort(values):  # pragma: no cover - jit
     return out
 
 
-@_jit(parallel=True)
+@cached_njit(parallel=True)
 def cooccurrence(codes_t, nprototypes):  # pragma: no cover - jit
     """(C*K, C*K) float64 counts ``G^T G`` of the one-hot code matrix G.
 

@@ -13,6 +13,11 @@ Measured in one process, dense and MADD interleaved call by call, repeated; medi
 
 Usage:  python benchmarks/layers.py [--repeats 7] [--batch 32] [--out benchmarks/results]
                                    [--suffix ""] [--threads N] [--eval-only]
+                                   [--baseline-kernels OLD_CONV_KERNELS.py]
+``--baseline-kernels`` times a copy of an older ``maddnet/nn/_conv_kernels.py`` (e.g.
+``git show REV:src/maddnet/nn/_conv_kernels.py > /tmp/old_kernels.py``) interleaved with
+the current kernels (int8 eval and soft training step), after checking that its outputs
+and gradients are bit-identical: a before/after ratio from one process.
 Writes ``layers{suffix}.json`` and ``layers{suffix}.md`` under ``--out``. The OpenMP wait
 policy matters on CPU (torch's and numba's thread pools hand over many times per
 training step; spinning threads slow the other pool down), so the results note
@@ -23,9 +28,11 @@ training step; spinning threads slow the other pool down), so the results note
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 
@@ -33,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maddnet.nn import MaddConv2d
+from maddnet.nn import MaddConv2d, patches
 from maddnet.threads import set_threads
 
 SHAPES = [("64->64 3x3 @56x56", 64, 56), ("256->256 3x3 @14x14", 256, 14)]
@@ -52,6 +59,32 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
+def load_kernels(path: str):
+    """An older copy of ``maddnet/nn/_conv_kernels.py`` as a module (its relative imports
+    resolve inside ``maddnet.nn``). Raises FileNotFoundError naming ``path``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--baseline-kernels: no file {path}")
+    spec = importlib.util.spec_from_file_location("maddnet.nn._baseline_conv_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # numba's on-disk cache re-imports the module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def with_kernels(module, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with ``module`` as the conv kernels of :mod:`maddnet.nn.patches`."""
+
+    def run():
+        current = patches._conv_kernels
+        patches._conv_kernels = module
+        try:
+            return fn()
+        finally:
+            patches._conv_kernels = current
+
+    return run
+
+
 def learn_layer(conv: nn.Conv2d, x: torch.Tensor, lut_bits: int | None, nrows: int = 4096) -> MaddConv2d:
     gen = torch.Generator().manual_seed(0)
     rows = F.unfold(x[:4], 3, padding=1).transpose(1, 2).reshape(-1, conv.in_channels * 9)
@@ -59,7 +92,9 @@ def learn_layer(conv: nn.Conv2d, x: torch.Tensor, lut_bits: int | None, nrows: i
     return MaddConv2d.from_dense(conv, rows, ncodebooks=conv.in_channels, lut_bits=lut_bits)
 
 
-def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int, train: bool = True) -> dict:
+def bench_shape(
+    label: str, channels: int, size: int, batch: int, repeats: int, train: bool = True, baseline=None
+) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size).relu()
     conv = nn.Conv2d(channels, channels, 3, padding=1)
@@ -73,13 +108,16 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int, 
     def forward(layer):
         def run():
             with torch.no_grad():
-                layer(x)
+                return layer(x)
 
         return run
 
-    eval_s = interleaved_medians(
-        {"dense": forward(conv), "madd_int8": forward(madd), "madd_float": forward(madd_float)}, repeats
-    )
+    eval_fns = {"dense": forward(conv), "madd_int8": forward(madd), "madd_float": forward(madd_float)}
+    if baseline is not None:
+        eval_fns["madd_int8_baseline"] = with_kernels(baseline, forward(madd))
+        if not torch.equal(eval_fns["madd_int8_baseline"](), forward(madd)()):
+            raise AssertionError(f"{label}: the baseline kernels' eval output differs")
+    eval_s = interleaved_medians(eval_fns, repeats)
 
     result = {
         "shape": label,
@@ -94,6 +132,9 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int, 
         "eval_ratio_int8": eval_s["madd_int8"] / eval_s["dense"],
         "eval_ratio_float": eval_s["madd_float"] / eval_s["dense"],
     }
+    if baseline is not None:
+        result["eval_madd_int8_baseline_s"] = eval_s["madd_int8_baseline"]
+        result["eval_ratio_int8_baseline"] = eval_s["madd_int8_baseline"] / eval_s["dense"]
     if not train:
         return result
     x_train = x.clone().requires_grad_()
@@ -104,6 +145,7 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int, 
             layer.zero_grad(set_to_none=True)
             x_train.grad = None
             (layer(x_train) * grad).sum().backward()
+            return [x_train.grad, *(p.grad for p in layer.parameters() if p.grad is not None)]
 
         return run
 
@@ -112,9 +154,16 @@ def bench_shape(label: str, channels: int, size: int, batch: int, repeats: int, 
     madd_path = learn_layer(conv, x, lut_bits=8)
     madd_path.surrogate = "path"
     madd_path.train()
-    train_s = interleaved_medians(
-        {"dense": step(conv), "madd": step(madd), "madd_path": step(madd_path)}, repeats
-    )
+    train_fns = {"dense": step(conv), "madd": step(madd), "madd_path": step(madd_path)}
+    if baseline is not None:
+        train_fns["madd_baseline"] = with_kernels(baseline, step(madd))
+        old = [g.clone() for g in train_fns["madd_baseline"]()]
+        if not all(torch.equal(a, b) for a, b in zip(old, step(madd)(), strict=True)):
+            raise AssertionError(f"{label}: the baseline kernels' gradients differ")
+    train_s = interleaved_medians(train_fns, repeats)
+    if baseline is not None:
+        result["train_madd_baseline_s"] = train_s["madd_baseline"]
+        result["train_ratio_baseline"] = train_s["madd_baseline"] / train_s["dense"]
     return {
         **result,
         "train_dense_s": train_s["dense"],
@@ -133,7 +182,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"OMP_WAIT_POLICY={meta['omp_wait_policy']}; "
         f"load average {meta['load_average_before']:.1f} at start; "
         f"{meta['repeats']} interleaved repeats, medians. Ratio = MADD time / dense time "
-        "(< 1: MADD faster). Targets: eval ratio <= 1 at D/C = 9, training ratio <= 3.",
+        "(< 1: MADD faster). Targets (issue 16): eval int8 ratio <= 0.5 at D/C = 9, training "
+        "ratio <= 1.25.",
         "",
         "| shape | batch | D | C | eval dense ms | eval MADD int8 ms | ratio | "
         "eval MADD float ms | ratio | train dense ms | train MADD (soft) ms | ratio | "
@@ -152,6 +202,26 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"{1e3 * r['eval_madd_int8_s']:.1f} | {r['eval_ratio_int8']:.2f} | "
             f"{1e3 * r['eval_madd_float_s']:.1f} | {r['eval_ratio_float']:.2f} | " + train
         )
+    if any("eval_ratio_int8_baseline" in r for r in results):
+        lines += [
+            "",
+            f"Baseline kernels `{meta['baseline_kernels']}` (checked bit-identical: outputs, and "
+            "gradients where trained), timed in the same interleaved rounds: ratio to dense, "
+            "baseline -> current.",
+            "",
+            "| shape | eval int8 | training step (soft) |",
+            "|---|---|---|",
+        ]
+        for r in results:
+            train = (
+                f"{r['train_ratio_baseline']:.2f} -> {r['train_ratio']:.2f}"
+                if "train_ratio_baseline" in r
+                else "–"
+            )
+            lines.append(
+                f"| {r['shape']} | {r['eval_ratio_int8_baseline']:.2f} -> {r['eval_ratio_int8']:.2f} "
+                f"| {train} |"
+            )
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -166,13 +236,21 @@ def main() -> None:
     parser.add_argument("--suffix", default="", help="appended to the output file names")
     parser.add_argument("--threads", type=int, default=0, help="torch and numba threads (0: all cores)")
     parser.add_argument("--eval-only", action="store_true", help="skip the training steps")
+    parser.add_argument(
+        "--baseline-kernels",
+        default=None,
+        help="an older copy of maddnet/nn/_conv_kernels.py to time alongside",
+    )
     args = parser.parse_args()
+    baseline = None if args.baseline_kernels is None else load_kernels(args.baseline_kernels)
     load_before = os.getloadavg()[0]
     if args.threads:
         set_threads(args.threads)
     results = []
     for label, channels, size in SHAPES:
-        result = bench_shape(label, channels, size, args.batch, args.repeats, train=not args.eval_only)
+        result = bench_shape(
+            label, channels, size, args.batch, args.repeats, train=not args.eval_only, baseline=baseline
+        )
         print(json.dumps(result))
         results.append(result)
     meta = {
@@ -183,12 +261,14 @@ def main() -> None:
         "load_average_after": os.getloadavg()[0],
         "repeats": args.repeats,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "baseline_kernels": args.baseline_kernels,
         "command": " ".join(
             ([f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"] if "OMP_WAIT_POLICY" in os.environ else [])
             + ["python benchmarks/layers.py", f"--repeats {args.repeats}", f"--batch {args.batch}"]
             + ([f"--suffix {args.suffix}"] if args.suffix else [])
             + ([f"--threads {args.threads}"] if args.threads else [])
             + (["--eval-only"] if args.eval_only else [])
+            + ([f"--baseline-kernels {args.baseline_kernels}"] if args.baseline_kernels else [])
         ),
     }
     os.makedirs(args.out, exist_ok=True)

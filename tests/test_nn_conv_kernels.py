@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from maddnet.amm.hashing import encode
+from maddnet.amm.lut import quantized_lut_sum
 from maddnet.nn import MaddConv2d
 from maddnet.nn._conv_kernels import _exp32
 from maddnet.nn.functional import madd_lut
@@ -65,6 +66,25 @@ def test_encode_equals_core_encoder_with_ties(kernel, stride, padding, dilation,
     expected = encode(unfold_rows(x, layer), layer.split_dims, layer.thresholds.detach())
     assert codes.dtype == torch.uint8
     assert torch.equal(codes, expected)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", GEOMETRIES[:3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_eval_equals_integer_lut_sum(kernel, stride, padding, dilation, bias):
+    # 64 outputs (the short LUT rows of a 64-channel conv), taps from every channel: the
+    # fused eval forward is bit for bit the general path's encode + integer LUT sum + bias
+    layer = random_layer(
+        6, 64, kernel, 6, 16, seed=7, stride=stride, padding=padding, dilation=dilation, bias=bias
+    ).eval()
+    x = torch.randn(3, 6, 12, 11)
+    with torch.no_grad():
+        out = layer(x)
+    codes = encode(unfold_rows(x, layer), layer.split_dims, layer.thresholds.detach())
+    expected = quantized_lut_sum(codes, layer.quantized_lut())
+    if bias:
+        expected = expected + layer.bias.detach()
+    out_h, out_w = layer.geometry.output_size(12, 11)
+    assert torch.equal(out, expected.reshape(3, out_h, out_w, 64).permute(0, 3, 1, 2))
 
 
 def reference_step(layer, x, grad_out, quantized):

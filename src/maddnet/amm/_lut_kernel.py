@@ -28,6 +28,8 @@ import numba
 import numpy as np
 import torch
 
+from .._jit import cached_njit
+
 _threads_launched = False
 
 
@@ -47,7 +49,7 @@ def launch_threads() -> None:
         _threads_launched = True
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@cached_njit(inline="always")
 def _leaf4(a, b, c, d, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14):  # pragma: no cover
     """Leaf of a depth-4 tree with heap-ordered thresholds ``t0..t14``: selects, no gathers."""
     b0 = a > t0
@@ -68,7 +70,7 @@ def _leaf4(a, b, c, d, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t1
     return (np.uint8(b0) << 3) | (np.uint8(b1) << 2) | (np.uint8(b2) << 1) | np.uint8(b3)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def encode_rows4(rows, split_dims, thresholds, block):  # pragma: no cover - jit
     """rows (N, D) float32 (rows contiguous), split_dims (C, 4) int64, thresholds (C, 15)
     float32 -> codes (N, C) uint8, bad (nblocks,) bool: a read value of block b is not finite."""
@@ -101,7 +103,7 @@ def encode_rows4(rows, split_dims, thresholds, block):  # pragma: no cover - jit
     return codes, bad
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def encode_cols4(cols, split_dims, thresholds, block):  # pragma: no cover - jit
     """cols (D, N) float32 (the transpose of column-major rows, so each column is contiguous),
     split_dims (C, 4), thresholds (C, 15) -> codes (N, C) uint8, bad (nblocks,) bool."""
@@ -143,7 +145,7 @@ def encode_cols4(cols, split_dims, thresholds, block):  # pragma: no cover - jit
     return codes, bad
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def encode_any(rows, split_dims, thresholds, block):  # pragma: no cover - jit
     """Any depth L, any strides: rows (N, D), split_dims (C, L), thresholds (C, 2**L - 1)
     -> codes (N, C) uint8, bad (nblocks,) bool."""
@@ -171,7 +173,7 @@ def encode_any(rows, split_dims, thresholds, block):  # pragma: no cover - jit
     return codes, bad
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@cached_njit(inline="always")
 def _finish_row(acc, inv_scale, offset_sum, bias, row_out):  # pragma: no cover - jit
     """De-quantise one row's integer sums into ``row_out``; a non-empty ``bias`` is added
     after the offsets, in its own float32 rounding, as ``lut_sum(...) + bias`` would."""
@@ -184,7 +186,7 @@ def _finish_row(acc, inv_scale, offset_sum, bias, row_out):  # pragma: no cover 
             row_out[m] = (np.float32(acc[m]) * inv_scale[m] + offset_sum[m]) + bias[m]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def lut_sum_u8(codes, values, inv_scale, offset_sum, bias, block):  # pragma: no cover - jit
     """Integer LUT sum: codes (N, C) uint8, values (C, K, Mp) uint8 (Mp >= M, padded with
     zeros), inv_scale (M,), offset_sum (M,) and bias (M,) or (0,) float32 -> (N, M) float32
@@ -221,7 +223,7 @@ def lut_sum_u8(codes, values, inv_scale, offset_sum, bias, block):  # pragma: no
     return out
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, bias, block):  # pragma: no cover - jit
     """:func:`lut_sum_u8` on a table of codebook pairs: pairs (ceil(C/2), K*K, Mp) uint16 with
     ``pairs[p, a*K + b] = values[2p, a] + values[2p+1, b]`` (a last unpaired codebook uses

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._jit import cached_njit
 from ..amm._lut_kernel import _leaf4
 
 # fastmath without nnan / ninf: inputs are finite (the forward refuses others), clamps keep exp finite.
@@ -38,9 +39,9 @@ def _pad_image(images, b, plane, pad_y, pad_x):  # pragma: no cover
     for ch in range(channels):
         for y in range(height):
             src = images[b, ch, y]
-            dst = plane[ch, y + pad_y]
+            dst = plane[ch, y + pad_y, pad_x : pad_x + width]
             for x in range(width):
-                dst[x + pad_x] = src[x]
+                dst[x] = src[x]
 
 
 @numba.njit(inline="always")
@@ -57,10 +58,10 @@ def _pad_image_checked(images, b, plane, pad_y, pad_x, check):  # pragma: no cov
     for ch in range(channels):
         for y in range(height):
             src = images[b, ch, y]
-            dst = plane[ch, y + pad_y]
+            dst = plane[ch, y + pad_y, pad_x : pad_x + width]
             for x in range(width):
                 value = src[x]
-                dst[x + pad_x] = value
+                dst[x] = value
                 check[x] += value - value
     flagged = False
     for x in range(width):
@@ -84,12 +85,16 @@ def _encode_codebook(flat, q_base, offsets_c, v, leaf):  # pragma: no cover
         t8, t9, t10, t11, t12, t13, t14 = v[8], v[9], v[10], v[11], v[12], v[13], v[14]
         o0, o1, o2, o3 = offsets_c[0], offsets_c[1], offsets_c[2], offsets_c[3]
         if contiguous:
+            # one view per tap: flat[q + o] with a signed index compiles to a vector gather
+            # (numba's negative-index wraparound), a view's [q] to plain vector loads (the
+            # encoding loop about 4x faster, measured at 64 channels)
+            f0, f1, f2, f3 = flat[o0 : o0 + nq], flat[o1 : o1 + nq], flat[o2 : o2 + nq], flat[o3 : o3 + nq]
             for q in range(nq):
                 leaf[q] = _leaf4(
-                    flat[q + o0],
-                    flat[q + o1],
-                    flat[q + o2],
-                    flat[q + o3],
+                    f0[q],
+                    f1[q],
+                    f2[q],
+                    f3[q],
                     t0,
                     t1,
                     t2,
@@ -142,7 +147,7 @@ def _encode_codebook(flat, q_base, offsets_c, v, leaf):  # pragma: no cover
         leaf[q] = node[q]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def conv_forward(
     images,
     offsets,
@@ -240,7 +245,7 @@ def _exp32(z, out, bits, bits_as_float):  # pragma: no cover
         out[i] *= bits_as_float[i]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@cached_njit(parallel=True, fastmath=_FAST)
 def conv_backward(
     images,
     image0,
@@ -312,9 +317,8 @@ def conv_backward(
                 block = min(_QBLOCK, nq - start)
                 for t in range(depth):
                     o = offsets[c, t]
-                    if contiguous:
-                        for i in range(block):
-                            x[t, i] = flat[start + i + o]
+                    if contiguous:  # views, not flat[start + i + o]: see _encode_codebook
+                        x[t, :block] = flat[start + o : start + o + block]
                     else:
                         for i in range(block):
                             x[t, i] = flat[q_base[start + i] + o]
@@ -346,9 +350,7 @@ def conv_backward(
                             reach[2 * node + 2, i] = reach[node, i] * p
                 # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
                 for k in range(nleaves):
-                    scores = grad_scores[slot, c * nleaves + k]
-                    for i in range(block):
-                        grad_reach[nnodes + k, i] = scores[start + i]
+                    grad_reach[nnodes + k, :block] = grad_scores[slot, c * nleaves + k, start : start + block]
                 for t in range(depth - 1, -1, -1):
                     first = (1 << t) - 1
                     for i in range(block):
@@ -366,8 +368,9 @@ def conv_backward(
                     if want_images:
                         o = offsets[c, t]
                         if contiguous:
+                            tap_grad = grad_plane[start + o : start + o + block]
                             for i in range(block):
-                                grad_plane[start + i + o] += acc[i]
+                                tap_grad[i] += acc[i]
                         else:
                             for i in range(block):
                                 grad_plane[q_base[start + i] + o] += acc[i]
@@ -375,7 +378,4 @@ def conv_backward(
             summed = grad_plane.reshape(channels, padded_h, padded_w)
             for ch in range(channels):
                 for y in range(height):
-                    src = summed[ch, y + pad_y]
-                    dst = grad_images[b, ch, y]
-                    for x_ in range(width):
-                        dst[x_] = src[x_ + pad_x]
+                    grad_images[b, ch, y] = summed[ch, y + pad_y, pad_x : pad_x + width]

@@ -10,13 +10,15 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._jit import cached_njit
+
 # Rows per block of the surrogate kernel: inner loops run over a block, so they vectorise.
 _BLOCK = 128
 # fastmath without nnan / ninf: exp() may overflow to inf on purpose (see below).
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
-@numba.njit(cache=True, nogil=True)
+@cached_njit()
 def level_factors(thresholds, inv_tau):  # pragma: no cover
     """Per-level centres and per-node factors of the soft tree's right-probabilities.
 
@@ -49,7 +51,7 @@ def level_factors(thresholds, inv_tau):  # pragma: no cover
     return centre, factor, direct
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@cached_njit(parallel=True, fastmath=_FAST)
 def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_thresholds):  # pragma: no cover
     """Soft-tree surrogate backward for a chunk of n rows.
 
@@ -137,7 +139,7 @@ def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_th
     grad_thresholds += partial.sum(axis=0)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@cached_njit(parallel=True, fastmath=_FAST)
 def lut_gradient(codes, grad_out, nprototypes, nparts):  # pragma: no cover
     """codes (N, C) uint8, grad_out (N, M) -> (C, K, M): sum of grad_out rows per code.
 
@@ -162,7 +164,7 @@ def lut_gradient(codes, grad_out, nprototypes, nparts):  # pragma: no cover
     return grad
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def conv_gather(images, taps, out_h, out_w, stride_y, stride_x, pad_y, pad_x):  # pragma: no cover
     """values (B*Hout*Wout, C, L): the split taps of every patch (0 in the padding).
 
@@ -189,7 +191,7 @@ def conv_gather(images, taps, out_h, out_w, stride_y, stride_x, pad_y, pad_x):  
     return values
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@cached_njit(parallel=True)
 def conv_scatter(
     grad_values, taps, batch, channels, height, width, out_h, out_w, stride_y, stride_x, pad_y, pad_x
 ):  # pragma: no cover
@@ -213,7 +215,7 @@ def conv_scatter(
     return grad
 
 
-@numba.njit(parallel=True, cache=True, nogil=True, fastmath=_FAST)
+@cached_njit(parallel=True, fastmath=_FAST)
 def path_backward(
     values, thresholds, inv_tau, table, grad_out, codes, grad_values, grad_thresholds
 ):  # pragma: no cover

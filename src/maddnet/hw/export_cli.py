@@ -56,18 +56,14 @@ def load_target(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
     from ..models.weights import is_converted, load_state, read_checkpoint, read_state_dict
     from ..nn import MaddConfig, convert, rebuild
     from ..train.runner import model_kwargs_for
+    from .network import read_run_config
 
     target = Path(args.target)
     model_kwargs = parse_key_values(args.model_kw, "--model-kw")
     data_kwargs = parse_key_values(args.data_kw, "--data-kw")
     data_name, data_root, saved, checkpoint = args.data, args.data_root, None, None
     if target.is_dir():
-        config_path = target / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"run folder {target} has no config.json")
-        values = json.loads(config_path.read_text())
-        if not isinstance(values, dict) or "model" not in values or "dataset" not in values:
-            raise ValueError(f"{config_path} is not a maddnet run config (needs 'model' and 'dataset')")
+        values = read_run_config(target)
         model_name = values["model"]
         model_kwargs = {**dict(values.get("model_kwargs") or {}), **model_kwargs}
         data_name = data_name or values["dataset"]

@@ -145,6 +145,25 @@ def _info(
     return DatasetInfo(base.name, classes, shape)  # type: ignore[arg-type]
 
 
+def read_run_config(folder: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a run folder (``maddnet train`` / ``retrain``) as a dict.
+
+    Raises:
+        FileNotFoundError: the folder has no config.json; ValueError: it is not JSON, or not
+        a run config (no 'model' and 'dataset'), naming the file.
+    """
+    config_path = Path(folder) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"run folder {str(folder)!r} has no config.json")
+    try:
+        values = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON: {error}") from None
+    if not isinstance(values, dict) or "model" not in values or "dataset" not in values:
+        raise ValueError(f"{config_path} is not a maddnet run config (needs 'model' and 'dataset')")
+    return values
+
+
 def meta_model(model: str, info: DatasetInfo, model_kwargs: dict[str, Any]) -> nn.Module:
     """Registry ``model`` for data set ``info``, built on the meta device (shapes only).
 
@@ -252,12 +271,7 @@ def run_network(
     dense model); without a checkpoint its config's conversion settings (every layer it
     would replace); a dense training run's model gets ``config`` (default rule)."""
     folder = Path(folder)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"run folder {str(folder)!r} has no config.json")
-    values = json.loads(config_path.read_text())
-    if not isinstance(values, dict) or "model" not in values or "dataset" not in values:
-        raise ValueError(f"{config_path} is not a maddnet run config (needs 'model' and 'dataset')")
+    values = read_run_config(folder)
     model_name, model_kwargs = values["model"], dict(values.get("model_kwargs") or {})
     info = _info(
         dataset_info(values["dataset"], values.get("dataset_kwargs")), in_chans, input_size, num_classes
@@ -284,7 +298,7 @@ def run_network(
         except (RuntimeError, ValueError) as error:
             first = str(error).strip().splitlines()[0]
             raise ValueError(
-                f"{checkpoint} does not fit the model built from {config_path} ({first}); "
+                f"{checkpoint} does not fit the model built from {folder / 'config.json'} ({first}); "
                 "pass --num-classes / --in-chans / --input-size if the data set's shape differs"
             ) from None
         params = {name: MaddParams.of(layer) for name, layer in madd_layers(converted).items()}

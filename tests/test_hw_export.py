@@ -221,10 +221,10 @@ def _retag(root, name):
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
-def _tamper_tensor(root, change):
+def _tamper_tensor(root, change, role="thresholds"):
     path = root / "tensors.safetensors"
     tensors = load_file(str(path))
-    key = next(k for k in tensors if k.endswith("/thresholds"))
+    key = next(k for k in tensors if k.endswith(f"/{role}"))
     tensors[key] = change(tensors[key])
     save_file(tensors, str(path))
     _retag(root, "tensors.safetensors")
@@ -271,6 +271,14 @@ CORRUPTIONS = {
             _retag(r, "memories/000_prep_0.lut.hex"),
         ),
         r"000_prep_0.lut.hex:2: 'zz' is not a hex word",
+    ),
+    "split dims changed, sha updated": (
+        lambda r: _tamper_tensor(r, lambda t: (t + 1) % (t.max() + 1), "split_dims"),
+        r"tensors.safetensors: layer '.*': split_dims do not give the manifest's 'splits' taps",
+    ),
+    "accumulator init changed, sha updated": (
+        lambda r: _tamper_tensor(r, lambda t: t + 1, "accumulator_init"),
+        r"tensors.safetensors: layer '.*': accumulator_init is not bias \+ sum of lut_offsets",
     ),
     "newer version": (
         lambda r: _write(

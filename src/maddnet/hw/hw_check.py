@@ -275,6 +275,23 @@ def check_tensor(tensors: dict[str, np.ndarray], key: str, spec: dict[str, Any],
     return value
 
 
+def _check_derived(root: Path, layer: dict[str, Any], t: dict[str, np.ndarray]) -> None:
+    """Tensors that restate others must agree with them: ``split_dims`` with the manifest's
+    ``splits`` taps (what the datapath and a test bench read), ``accumulator_init`` with
+    :func:`maddnet.hw.datapath.accumulator_init` of the offsets and bias, bit for bit."""
+    name, path = layer["name"], root / TENSORS_FILE
+    taps = split_taps(t["split_dims"], _field(layer, "conv", f"{root / MANIFEST} layer {name!r}"))
+    splits = np.asarray(_field(layer, "splits", f"{root / MANIFEST} layer {name!r}"), np.int64)
+    if taps.shape != splits.shape or not np.array_equal(taps, splits):
+        raise ExportError(f"{path}: layer {name!r}: split_dims do not give the manifest's 'splits' taps")
+    init = datapath.accumulator_init(t["lut_offsets"], t.get("bias"))
+    if not _same_bits(init[None], np.asarray(t["accumulator_init"])[None]).all():
+        raise ExportError(
+            f"{path}: layer {name!r}: accumulator_init is not bias + sum of lut_offsets "
+            "(float32, codebook order)"
+        )
+
+
 def load_export(root: str | Path) -> Export:
     """Read export folder ``root`` and verify it (manifest, files, sha256, tensor dtypes and
     shapes, memory files); raises :class:`ExportError` naming the file and the problem."""
@@ -299,6 +316,7 @@ def load_export(root: str | Path) -> Export:
             for role, spec in _field(layer, group, f"{where} ({name})").items():
                 key, file = _field(spec, "key", f"{where} {group}.{role}"), _field(spec, "file", where)
                 target[key] = check_tensor(file_tensors(file), key, spec, root / file)
+        _check_derived(root, layer, {role: tensors[spec["key"]] for role, spec in layer["tensors"].items()})
         for role, memory in _field(layer, "memories", where).items():
             path = root / _field(memory, "file", where)
             words = parse_memory(path.read_text(), str(path))

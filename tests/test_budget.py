@@ -251,8 +251,9 @@ def test_cli_errors(tmp_path, capsys):
     base = [*ENERGY, "--out", str(tmp_path)]
     assert main([*base, "--ncodebooks-from", str(tmp_path / "none.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main([*base, "--budget", "compares"]) == 2
-    assert "needs --ncodebooks-from" in capsys.readouterr().err
+    for flags in (["--budget", "compares"], ["--budget", "lut-bytes"], ["--budget-metric", "nmse"]):
+        assert main([*base, *flags]) == 2  # was silently ignored for lut-bytes (newcomer review)
+        assert "need --ncodebooks-from" in capsys.readouterr().err
     assert main([*base, "--ncodebooks-from", str(RESNET9_REPORT), "--budget", "compares:10"]) == 2
     assert "below the cheapest" in capsys.readouterr().err
 

@@ -164,3 +164,18 @@ def test_skipped_and_summary_give_the_same_reason_for_attention_projections():
         "layers.0.self_attn.out_proj": "part of nn.MultiheadAttention 'layers.0.self_attn', "
         "which uses its weights directly"
     }
+
+
+def test_errors_name_the_layer_in_its_model(tmp_path):
+    """Layers placed by conversion or by loading a plan know their name; errors give it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    convert(model, [torch.randn(64, 16)], MaddConfig(min_rows=16))
+    x = torch.randn(2, 16)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"MaddLinear '0'\(D=16, M=8, C=2\): input row 1"):
+        model(x)
+    save_converted(model, tmp_path / "m.pt")
+    fresh = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    load_converted(fresh, tmp_path / "m.pt")
+    assert fresh[0].placed_as == "0" and fresh[2].placed_as == "2"

@@ -78,7 +78,7 @@ def add_budget_arguments(group: argparse._ArgumentGroup, *, suppress: bool = Fal
     group.add_argument(
         "--budget",
         metavar="UNIT[:VALUE|:width=W]",
-        default=default("lut-bytes"),
+        default=default(None),
         help="total cost for --ncodebooks-from: UNIT lut-bytes (LUT + threshold bytes) or compares "
         "(encoder compares per inference); VALUE an absolute total, width=W the uniform rule's cost at "
         "codebook width W (default: lut-bytes, the uniform rule at --codebook-width)",
@@ -86,21 +86,25 @@ def add_budget_arguments(group: argparse._ArgumentGroup, *, suppress: bool = Fal
     group.add_argument(
         "--budget-metric",
         choices=["drop", "nmse"],
-        default=default("drop"),
+        default=default(None),
         help="sensitivity minimised: top-1 drop or output NMSE of the analysis (default: drop)",
     )
     group.add_argument(
         "--budget-octaves",
         type=non_negative_int,
-        default=default(1),
+        default=default(None),
         help="factors of 2 beyond the measured C that C may take (extrapolated; default: 1)",
     )
     group.add_argument(
         "--budget-method",
         choices=["exact", "greedy"],
-        default=default("exact"),
+        default=default(None),
         help="exact (Pareto dynamic programming) or greedy marginal gain (default: exact)",
     )
+
+
+# the --budget-* flags (dest without the "budget_" prefix: the CodebookBudget fields)
+BUDGET_OPTIONS = ("budget_metric", "budget_octaves", "budget_method")
 
 
 def budget_from_args(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> Any:
@@ -111,8 +115,10 @@ def budget_from_args(args: argparse.Namespace, previous: Mapping[str, Any] | Non
     values = dict(previous or {})
     analysis = getattr(args, "ncodebooks_from", None) or values.get("analysis")
     if analysis is None:
-        if getattr(args, "budget", "lut-bytes") != "lut-bytes":
-            raise ValueError("--budget needs --ncodebooks-from ANALYSIS.json (the sensitivity per layer)")
+        if any(getattr(args, name, None) is not None for name in ("budget", *BUDGET_OPTIONS)):
+            raise ValueError(
+                "--budget and --budget-* need --ncodebooks-from ANALYSIS.json (the sensitivity per layer)"
+            )
         return None
     options = {
         key: getattr(args, "budget_" + key, values.get(key))
@@ -120,9 +126,9 @@ def budget_from_args(args: argparse.Namespace, previous: Mapping[str, Any] | Non
         if getattr(args, "budget_" + key, values.get(key)) is not None
     }
     text = getattr(args, "budget", None)
-    if text is None:
+    if text is None and values:
         return CodebookBudget(**{**values, **options, "analysis": analysis})
-    return parse_budget(analysis, text, **options)
+    return parse_budget(analysis, text or "lut-bytes", **options)
 
 
 # ---------------------------------------------------------------------------- number types

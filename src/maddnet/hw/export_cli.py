@@ -18,6 +18,7 @@ from ..cli_args import (
     set_threads_from,
 )
 from . import hw_check
+from .datapath import AccumulatorOverflowError
 
 ACCUMULATOR_BITS_RANGE = (2, 63)
 
@@ -133,16 +134,22 @@ def run_export(args: argparse.Namespace) -> int:
 
     set_threads_from(args.threads)
     model, inputs, source = load_target(args)
-    path = export_model(
-        model,
-        inputs,
-        args.out,
-        source=source,
-        golden_rows=args.golden_rows,
-        accumulator_bits=args.accumulator_bits,
-        overflow=args.overflow,
-        include_model=args.model_state,
-    )
+    try:
+        path = export_model(
+            model,
+            inputs,
+            args.out,
+            source=source,
+            golden_rows=args.golden_rows,
+            accumulator_bits=args.accumulator_bits,
+            overflow=args.overflow,
+            include_model=args.model_state,
+        )
+    except AccumulatorOverflowError as error:
+        raise ValueError(
+            f"{error} (on the vectors' inputs; give more --accumulator-bits, or --overflow saturate "
+            "to clamp as a saturating adder does)"
+        ) from None
     manifest = json.loads(path.read_text())
     print(f"{source['description']}: {len(manifest['layers'])} MADD layers exported to {args.out}")
     if args.check:

@@ -294,6 +294,9 @@ class _MaddLayer(nn.Module):
         self._packed_cache: tuple[tuple, PackedLut | None] | None = None
         # False after drop_float_lut(): an inference-only layer (the integer LUT is the state)
         self._float_lut = True
+        # the name the layer has in its model (set by maddnet.nn.plan.replace_module, i.e. by
+        # conversion, rebuilding and the passes), so that errors name the layer
+        self.placed_as: str | None = None
         # Fused fast paths (nn.TransformerEncoderLayer, nn.MultiheadAttention in eval mode)
         # read their Linear children's .weight instead of calling them; they fall back to
         # calling each child when any submodule has a hook, so this hook keeps the MADD layer
@@ -682,7 +685,8 @@ class _MaddLayer(nn.Module):
             raise NonFiniteInputError("NaN/inf among the values the encoder reads")
 
     def _describe(self) -> str:
-        return f"{type(self).__name__}(D={self.in_dim}, M={self.out_dim}, C={self.ncodebooks})"
+        where = "" if self.placed_as is None else f" {self.placed_as!r}"
+        return f"{type(self).__name__}{where}(D={self.in_dim}, M={self.out_dim}, C={self.ncodebooks})"
 
     def _locate_nonfinite(self, x: torch.Tensor) -> str | None:
         """Where the first NaN / inf the encoder reads lies in input ``x``, as a sentence."""

@@ -105,6 +105,8 @@ def replace_module(
     everywhere = (module_names(model) if names is None else names).get(id(old), [name])
     for alias in everywhere:
         set_submodule(model, alias, module)
+    if isinstance(module, _MaddLayer):
+        module.placed_as = everywhere[0]  # its errors name it
     return everywhere
 
 

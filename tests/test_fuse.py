@@ -218,7 +218,7 @@ def test_untraceable_model_is_refused_unchanged():
                 x = -x
             return self.conv(self.act(x))
 
-    model = Branchy()
+    model = Branchy().eval()
     with pytest.raises(GraphError, match="Branchy"):
         fuse(model)
     assert isinstance(model.act, nn.ReLU) and conversion_plan(model)["passes"] == []

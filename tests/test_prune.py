@@ -179,3 +179,14 @@ def test_passes_refuse_inference_only_layers():
     model[0].restore_float_lut()
     prune_unread(model, x)  # works again
     assert model[0].out_channels < 16
+
+
+def test_passes_refuse_train_mode_and_unconverted_models():
+    from maddnet.nn import fuse
+
+    x = torch.randn(2, 3, 8, 8)
+    for run, name in ((prune_unread, "prune_unread"), (fuse, "fuse")):
+        with pytest.raises(ValueError, match=rf"{name}: the model is in train mode; call model.eval"):
+            run(ds_block().train(), x)
+        with pytest.raises(ValueError, match=rf"{name}: the model has no MADD layer; convert it first"):
+            run(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), x)

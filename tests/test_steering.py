@@ -149,15 +149,18 @@ def test_budget_text_and_other_errors():
     rows = torch.randn(100, 8)
     with pytest.raises(ValueError, match="needs the weight"):
         TreeEncoder(2, channel_budget=0.5).fit(rows)
-    with pytest.raises(ValueError, match="only 8"):
-        TreeEncoder(2, channel_budget=9).fit(rows, torch.randn(8, 3))
+    weight = torch.randn(8, 3)
+    # a count at or above the channels allows them all: the default trees
+    clamped, default = TreeEncoder(2, channel_budget=9).fit(rows, weight), TreeEncoder(2).fit(rows, weight)
+    assert torch.equal(clamped.split_dims_, default.split_dims_)
     with pytest.raises(ValueError, match="not whole channels of 3"):
         TreeEncoder(2, channel_budget=0.5, channel_size=3).fit(rows, torch.randn(8, 3))
     with pytest.raises(ValueError, match="channel_size"):
         TreeEncoder(2, channel_budget=0.5, channel_size=0)
     conv, _, rows = conv_data()
-    with pytest.raises(ValueError, match="only 12"):
-        MaddConv2d.from_dense(conv, rows, 12, channel_budget=13)
+    wide = MaddConv2d.from_dense(conv, rows, 12, channel_budget=13)
+    default = MaddConv2d.from_dense(conv, rows, 12)
+    assert torch.equal(wide.split_dims, default.split_dims)
 
 
 def test_output_objective_with_budget_reads_only_allowed_columns():

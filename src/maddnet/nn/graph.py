@@ -43,14 +43,24 @@ class _LeafTracer(fx.Tracer):
 
 
 def require_float_luts(model: nn.Module, what: str) -> None:
-    """Refuse ``model`` when a MADD layer is inference-only (its float LUT dropped, e.g.
+    """Refuse ``model`` when it has no MADD layer, is in train mode, or a MADD layer is
+    inference-only (its float LUT dropped, e.g.
     loaded from ``save_converted(..., for_inference=True)``): the passes rewrite LUT columns
     and rows, which needs the float LUT.
 
     Raises:
-        ValueError: naming the layers and the call that gives them their float LUT back.
+        ValueError: naming the problem (the layers and the call that gives them their float
+            LUT back, for inference-only ones).
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, MaddLayer) and not m.has_float_lut]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MaddLayer)]
+    if not layers:
+        raise ValueError(f"{what}: the model has no MADD layer; convert it first (maddnet.nn.convert)")
+    if model.training:
+        raise ValueError(
+            f"{what}: the model is in train mode; call model.eval() first (the passes fold BatchNorm "
+            "running statistics and keep eval-mode outputs)"
+        )
+    names = [n for n, m in layers if not m.has_float_lut]
     if names:
         raise ValueError(
             f"{what}: layer(s) {', '.join(names)} are inference-only (no float LUT); call "

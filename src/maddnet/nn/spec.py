@@ -54,8 +54,8 @@ class LayerSpec:
     )
     channel_budget: float | int | None = _help(
         "tree: input channels the trees may split on (steering, docs/passes.md): a fraction in "
-        "(0, 1] or a count >= 1 (write 0.5 or 64; a conv's taps of a channel count as it); "
-        "None: all",
+        "(0, 1] or a count >= 1 (write 0.5 or 64; a conv's taps of a channel count as it; a "
+        "count at or above a layer's input channels allows them all); None: all",
         default=None,
     )
     lut_bits: int | None = _help("bits per integer LUT entry (1..8); None: float LUTs", default=8)

@@ -197,19 +197,15 @@ def steering_columns(
         One (d',) int64 tensor of global column indices (or None) per codebook.
 
     Raises:
-        ValueError: D not a multiple of ``channel_size``, or a count above the channels.
+        ValueError: D not a multiple of ``channel_size``.
     """
     check_channel_budget(budget)
     ndims = rows.shape[1]
     if ndims % channel_size:
         raise ValueError(f"D = {ndims} input columns are not whole channels of {channel_size} columns")
     nchannels = ndims // channel_size
-    if isinstance(budget, float):
-        count = max(1, round(budget * nchannels))
-    elif budget > nchannels:
-        raise ValueError(f"channel_budget = {budget} channels, but the input has only {nchannels}")
-    else:
-        count = budget
+    # a count at or above the channels allows them all (e.g. a network-wide 64 on a 1-channel stem)
+    count = max(1, round(budget * nchannels)) if isinstance(budget, float) else min(budget, nchannels)
     allowed = torch.zeros(nchannels, dtype=torch.bool, device=rows.device)
     allowed[torch.topk(channel_scores(rows, weight, channel_size), count).indices] = True
     column_allowed = allowed.repeat_interleave(channel_size)

@@ -256,6 +256,12 @@ def test_cli_errors(tmp_path, capsys):
         assert "need --ncodebooks-from" in capsys.readouterr().err
     assert main([*base, "--ncodebooks-from", str(RESNET9_REPORT), "--budget", "compares:10"]) == 2
     assert "below the cheapest" in capsys.readouterr().err
+    # the same layer names on another width: measured on another model (newcomer review)
+    other = [*ENERGY[:3], "width=8", *ENERGY[4:], "--out", str(tmp_path)]
+    assert main([*other, "--ncodebooks-from", str(RESNET9_REPORT)]) == 2
+    err = capsys.readouterr().err
+    assert "was measured on another model" in err
+    assert "layer1.0.0 (report D=144, M=32; model D=72, M=16)" in err
 
 
 def test_energy_writes_the_allocation(tmp_path, capsys):

@@ -254,3 +254,13 @@ def test_global_tree_in_a_converted_conv_reads_its_global_columns():
         out = model[0].eval()(x)  # the tree's fused conv kernel, on columns from the whole patch
     reference = quantized_lut_sum(codes, model[0].quantized_lut()) + model[0].bias
     assert torch.equal(out, reference.reshape(4, 6, 6, 4).permute(0, 3, 1, 2))
+
+
+def test_unknown_encoder_option_is_named():
+    from maddnet.amm import MaddnessMatmul
+
+    message = r"encoder 'pq-l1' has no setting\(s\) \['bogus'\]; it takes .*iterations"
+    with pytest.raises(ValueError, match=message):
+        MaddnessMatmul(4, encoder="pq-l1", encoder_options={"bogus": 1}).fit(
+            torch.randn(200, 32), torch.randn(32, 4)
+        )

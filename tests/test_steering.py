@@ -169,3 +169,14 @@ def test_output_objective_with_budget_reads_only_allowed_columns():
     encoder = TreeEncoder(6, hash_objective="output", channel_budget=0.5, channel_size=2).fit(rows, weight)
     allowed = naive_allowed(rows, weight, 2, 6)
     assert set((encoder.split_dims_ // 2).reshape(-1).tolist()) <= allowed
+
+
+def test_channel_budget_flag_error_is_the_settings_message(capsys):
+    from maddnet.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own error
+        main(["retrain", "--model", "resnet9", "--data", "digits", "--channel-budget", "abc"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--channel-budget: LayerSpec.channel_budget must be none, a fraction" in err
+    assert "parse_channel_budget" not in err

@@ -268,6 +268,15 @@ def set_threads_from(threads: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------- LayerSpec flags
+def channel_budget_type(text: str) -> float | int | None:
+    """``--channel-budget``: :func:`maddnet.nn.spec.parse_channel_budget`, its message as
+    argparse's error (not "invalid parse_channel_budget value")."""
+    try:
+        return parse_channel_budget(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _spec_flag_options() -> dict[str, dict[str, Any]]:
     """How each LayerSpec field reads from the command line where its default's type does
     not say it all (fields not listed here get ``--name`` and a type from their default)."""
@@ -280,7 +289,7 @@ def _spec_flag_options() -> dict[str, dict[str, Any]]:
         "lut_bits": {"type": lut_bits_type, "metavar": "BITS", "note": "write None as 0 or none"},
         "lut_granularity": {"choices": list(GRANULARITIES)},
         "surrogate": {"choices": list(SURROGATES)},
-        "channel_budget": {"type": parse_channel_budget, "metavar": "FRACTION|COUNT|none"},
+        "channel_budget": {"type": channel_budget_type, "metavar": "FRACTION|COUNT|none"},
     }
 
 

@@ -10,7 +10,7 @@ import torch
 
 from . import lut
 from .checks import ArrayLike, NotFittedError, as_matrix, check_all_finite, check_nprototypes, like_input
-from .encoders import HASH_OBJECTIVES, Encoder, TreeEncoder, encoder_class
+from .encoders import HASH_OBJECTIVES, Encoder, create_encoder
 
 _CONFIG_KEYS = (
     "ncodebooks",
@@ -117,9 +117,9 @@ class MaddnessMatmul:
         """An unfitted encoder of this estimator's settings."""
         common = {"ncodebooks": self.ncodebooks, "nprototypes": self.nprototypes, "ridge": self.ridge}
         if self.encoder == "tree":
-            tree_options = {"ncandidates": self.ncandidates, "hash_objective": self.hash_objective}
-            return TreeEncoder(**common, **tree_options, **self.encoder_options)
-        return encoder_class(self.encoder)(**common, **self.encoder_options)
+            common.update(ncandidates=self.ncandidates, hash_objective=self.hash_objective)
+        # create_encoder names an option the encoder does not take (a TypeError otherwise)
+        return create_encoder(self.encoder, **common, **self.encoder_options)
 
     # the fitted encoder's state, under the names the estimator has always had
     @property

@@ -156,6 +156,17 @@ def read_sensitivity(path: str | Path, metric: str = "drop") -> dict[str, dict[i
     return table
 
 
+def read_layer_dims(path: str | Path) -> dict[str, tuple[int, int]]:
+    """``{layer: (D, M)}`` of the rows of a ``maddnet analyze`` report that give them (read
+    after :func:`read_sensitivity` has checked the file)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    return {
+        str(row["layer"]): (int(row["D"]), int(row["M"]))
+        for row in rows
+        if isinstance(row.get("D"), int) and isinstance(row.get("M"), int)
+    }
+
+
 def interpolate_log(measured: Mapping[int, float], ncodebooks: int) -> float:
     """The sensitivity at C = ``ncodebooks``: piecewise linear in log2 C through the
     ``measured`` ``{C: value}`` points; outside them, the nearest segment extended, clipped
@@ -401,6 +412,17 @@ def plan_codebooks(
         raise ValueError(
             f"{budget.analysis} does not match the model's MADD layers: "
             f"not in the report {missing}, not in the model {extra}"
+        )
+    shapes_differ = [
+        f"{name} (report D={d}, M={m}; model D={by_name[name].in_dim}, M={by_name[name].out_dim})"
+        for name, (d, m) in read_layer_dims(budget.analysis).items()
+        if name in by_name and (d, m) != (by_name[name].in_dim, by_name[name].out_dim)
+    ]
+    if shapes_differ:
+        raise ValueError(
+            f"{budget.analysis} was measured on another model (other layer shapes): "
+            + "; ".join(shapes_differ[:4])
+            + (f"; and {len(shapes_differ) - 4} more" if len(shapes_differ) > 4 else "")
         )
     costs, sens, rows = {}, {}, []
     for name, rule_c in rule.items():

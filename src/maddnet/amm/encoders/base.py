@@ -16,6 +16,7 @@ is the MADDness hash tree.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -195,5 +196,16 @@ def encoder_class(name: str) -> type[Encoder]:
 
 
 def create_encoder(name: str, **config: Any) -> Encoder:
-    """An unfitted encoder: ``encoder_class(name)(**config)``."""
-    return encoder_class(name)(**config)
+    """An unfitted encoder: ``encoder_class(name)(**config)``.
+
+    Raises:
+        KeyError: an unknown name; ValueError: a setting the encoder does not take (the
+        settings it takes are listed).
+    """
+    cls = encoder_class(name)
+    accepted = inspect.signature(cls).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        unknown = sorted(set(config) - set(accepted))
+        if unknown:
+            raise ValueError(f"encoder {name!r} has no setting(s) {unknown}; it takes {sorted(accepted)}")
+    return cls(**config)

@@ -160,7 +160,8 @@ class NearestPrototypeEncoder(Encoder):
                 raise ValueError(
                     f"{self.name} encoder: codebook {c} (columns {start}..{stop - 1}) has only {distinct} "
                     f"distinct training rows, fewer than K={self.nprototypes} (constant or near-constant "
-                    "data); use fewer prototypes or fewer codebooks"
+                    "data, e.g. dead input channels); use fewer prototypes or fewer codebooks, the tree "
+                    "encoder for this layer, or keep the layer dense (--exclude LAYER)"
                 )
         centroids = torch.stack(
             [self._seed_centroids(values[:, c], mask[c], gen) for c in range(self.ncodebooks)]

@@ -252,3 +252,26 @@ def test_recon_term_is_the_relative_error_of_the_madd_layer_on_its_inputs(tmp_pa
     # recon 0 (or no layer) leaves the cross-entropy alone
     plain = RetrainLoss(tiny_config(tmp_path, distill=0.0), layer=layer, dense_layer=dense)
     assert plain(model, x, y)[0].item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def settings_line(markdown: str) -> str:
+    return next(line for line in markdown.splitlines() if line.startswith("- settings:"))
+
+
+def test_report_settings_name_the_budget_and_the_passes():
+    from pathlib import Path
+
+    from maddnet.retrain.report import markdown_report
+
+    results = Path(__file__).resolve().parents[1] / "results/resnet9_fashion_mnist/retrain_wide_long"
+    rows = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    config = json.loads((results / "config.json").read_text())
+    settings = settings_line(markdown_report(rows, config))
+    assert "codebook_budget" not in settings and "fuse" not in settings
+    config.update(
+        codebook_budget={"analysis": "a.json", "unit": "lut_bytes", "value": None, "width": 9},
+        fuse=True,
+        prune_unread=True,
+    )
+    settings = settings_line(markdown_report(rows, config))
+    assert settings.endswith(", codebook_budget=lut_bytes:width=9 from a.json, fuse, prune_unread")

@@ -77,6 +77,7 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
                 for key in ("steps_per_layer", "final_steps", "distill", "recon", "train_replaced", "augment")
             ]
             + _layer_settings(config)
+            + _run_options(config)
         ),
         "",
         markdown_table(table_rows, list(table_rows[0]) if table_rows else []),
@@ -127,6 +128,18 @@ def write_report(out_dir: str | Path, rows: list[dict[str, Any]], config: dict[s
     if png:
         paths["png"] = png
     return paths
+
+
+def _run_options(config: dict[str, Any]) -> list[str]:
+    """The run options that change which C or which model the report is about, where set:
+    the codebook budget (C per layer from an analysis) and the inter-layer passes."""
+    options = []
+    budget = config.get("codebook_budget")
+    if budget:
+        amount = budget.get("value") or (f"width={budget['width']}" if budget.get("width") else "the rule's")
+        options.append(f"codebook_budget={budget.get('unit')}:{amount} from {budget.get('analysis')}")
+    options += [key for key in ("fuse", "prune_unread") if config.get(key)]
+    return options
 
 
 def _layer_settings(config: dict[str, Any]) -> list[str]:

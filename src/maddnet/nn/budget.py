@@ -124,13 +124,13 @@ def parse_budget(analysis: str, text: str, **options: Any) -> CodebookBudget:
 
 
 # ---------------------------------------------------------------------------- sensitivity
-def read_sensitivity(path: str | Path, metric: str = "drop") -> dict[str, dict[int, float]]:
-    """``{layer: {C: sensitivity}}`` from a ``maddnet analyze`` report (its ``rows``: one
-    per layer and C with ``layer``, ``C``, ``drop`` in top-1 points, ``nmse``).
+def read_report_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The ``rows`` of a ``maddnet analyze`` report (one per layer and C with ``layer``,
+    ``C``, ``D``, ``M``, ``drop`` in top-1 points, ``nmse``).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a single-layer report, or a row without the metric.
+        ValueError: not JSON, or not a single-layer report.
     """
     path = Path(path)
     if not path.is_file():
@@ -142,6 +142,12 @@ def read_sensitivity(path: str | Path, metric: str = "drop") -> dict[str, dict[i
     rows = data.get("rows") if isinstance(data, dict) else None
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{path} is not a maddnet analyze report (no 'rows' of layer results)")
+    return rows
+
+
+def sensitivity_table(rows: list[Any], metric: str, source: str | Path) -> dict[str, dict[int, float]]:
+    """``{layer: {C: sensitivity}}`` of report ``rows`` (:func:`read_report_rows` of
+    ``source``); ValueError naming ``source`` for a row without layer, C and a finite metric."""
     table: dict[str, dict[int, float]] = {}
     for row in rows:
         value = row.get(metric) if isinstance(row, dict) else None
@@ -151,15 +157,19 @@ def read_sensitivity(path: str | Path, metric: str = "drop") -> dict[str, dict[i
             or "layer" not in row
             or "C" not in row
         ):
-            raise ValueError(f"{path}: row {row!r} has no layer, C and finite {metric!r}")
+            raise ValueError(f"{source}: row {row!r} has no layer, C and finite {metric!r}")
         table.setdefault(str(row["layer"]), {})[int(row["C"])] = float(value)
     return table
 
 
-def read_layer_dims(path: str | Path) -> dict[str, tuple[int, int]]:
-    """``{layer: (D, M)}`` of the rows of a ``maddnet analyze`` report that give them (read
-    after :func:`read_sensitivity` has checked the file)."""
-    rows = json.loads(Path(path).read_text())["rows"]
+def read_sensitivity(path: str | Path, metric: str = "drop") -> dict[str, dict[int, float]]:
+    """``{layer: {C: sensitivity}}`` from a ``maddnet analyze`` report (errors as
+    :func:`read_report_rows` and :func:`sensitivity_table`)."""
+    return sensitivity_table(read_report_rows(path), metric, path)
+
+
+def layer_dims(rows: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """``{layer: (D, M)}`` of the report rows that give them."""
     return {
         str(row["layer"]): (int(row["D"]), int(row["M"]))
         for row in rows
@@ -405,7 +415,8 @@ def plan_codebooks(
         ValueError: the report misses a layer of ``rule`` or names a layer not in it (a
             report of another model), or the budget is below the cheapest allocation.
     """
-    table = read_sensitivity(budget.analysis, budget.metric)
+    report_rows = read_report_rows(budget.analysis)
+    table = sensitivity_table(report_rows, budget.metric, budget.analysis)
     by_name = {shape.name: shape for shape in shapes}
     missing, extra = sorted(set(rule) - set(table)), sorted(set(table) - set(rule))
     if missing or extra:
@@ -415,7 +426,7 @@ def plan_codebooks(
         )
     shapes_differ = [
         f"{name} (report D={d}, M={m}; model D={by_name[name].in_dim}, M={by_name[name].out_dim})"
-        for name, (d, m) in read_layer_dims(budget.analysis).items()
+        for name, (d, m) in layer_dims(report_rows).items()
         if name in by_name and (d, m) != (by_name[name].in_dim, by_name[name].out_dim)
     ]
     if shapes_differ:

@@ -55,9 +55,9 @@ from .graph import (
     BATCHNORMS,
     PASS_THROUGH,
     call_counts,
+    check_pass_input,
     module_of,
     producer_chains,
-    require_float_luts,
     shape_of,
     trace,
 )
@@ -381,7 +381,7 @@ def fuse(
         ValueError: a MADD layer is inference-only (no float LUT; named).
         GraphError: fx cannot trace ``model`` (nothing is changed).
     """
-    require_float_luts(model, "fuse")
+    check_pass_input(model, "fuse")
     gm = trace(model, example)
     report = FuseReport()
     removed: list[str] = []

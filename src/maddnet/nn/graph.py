@@ -42,7 +42,7 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, MaddLayer) or super().is_leaf_module(m, module_qualified_name)
 
 
-def require_float_luts(model: nn.Module, what: str) -> None:
+def check_pass_input(model: nn.Module, what: str) -> None:
     """Refuse ``model`` when it has no MADD layer, is in train mode, or a MADD layer is
     inference-only (its float LUT dropped, e.g.
     loaded from ``save_converted(..., for_inference=True)``): the passes rewrite LUT columns

@@ -35,8 +35,8 @@ from .graph import (
     CHANNEL_POOLS,
     PASS_THROUGH,
     call_counts,
+    check_pass_input,
     module_of,
-    require_float_luts,
     trace,
 )
 from .layers import MaddConv2d, MaddLayer, MaddLinear
@@ -341,7 +341,7 @@ def prune_unread(model: nn.Module, example: torch.Tensor) -> nn.Module:
         GraphError: fx cannot trace ``model``.
         ValueError: a consumer would end up with more codebooks than input columns (named).
     """
-    require_float_luts(model, "prune_unread")
+    check_pass_input(model, "prune_unread")
     specs: dict[str, dict[str, Any]] = {}
     pruned: dict[str, list[int]] = {}
     left_alone: dict[str, str] = {}

@@ -103,8 +103,8 @@ def add_budget_arguments(group: argparse._ArgumentGroup, *, suppress: bool = Fal
     )
 
 
-# the --budget-* flags (dest without the "budget_" prefix: the CodebookBudget fields)
-BUDGET_OPTIONS = ("budget_metric", "budget_octaves", "budget_method")
+# the CodebookBudget fields set by the --budget-<field> flags (dest "budget_<field>")
+BUDGET_FIELDS = ("metric", "octaves", "method")
 
 
 def budget_from_args(args: argparse.Namespace, previous: Mapping[str, Any] | None = None) -> Any:
@@ -113,18 +113,18 @@ def budget_from_args(args: argparse.Namespace, previous: Mapping[str, Any] | Non
     from .nn.budget import CodebookBudget, parse_budget
 
     values = dict(previous or {})
+    flag_dests = ["budget_" + key for key in BUDGET_FIELDS]
     analysis = getattr(args, "ncodebooks_from", None) or values.get("analysis")
     if analysis is None:
-        if any(getattr(args, name, None) is not None for name in ("budget", *BUDGET_OPTIONS)):
+        if any(getattr(args, name, None) is not None for name in ("budget", *flag_dests)):
             raise ValueError(
                 "--budget and --budget-* need --ncodebooks-from ANALYSIS.json (the sensitivity per layer)"
             )
         return None
-    options = {
-        key: getattr(args, "budget_" + key, values.get(key))
-        for key in ("metric", "octaves", "method")
-        if getattr(args, "budget_" + key, values.get(key)) is not None
-    }
+    given = {key: getattr(args, dest, None) for key, dest in zip(BUDGET_FIELDS, flag_dests, strict=True)}
+    # a flag given (0 included) wins over the config file's value
+    chosen = {key: values.get(key) if given[key] is None else given[key] for key in BUDGET_FIELDS}
+    options = {key: value for key, value in chosen.items() if value is not None}
     text = getattr(args, "budget", None)
     if text is None and values:
         return CodebookBudget(**{**values, **options, "analysis": analysis})

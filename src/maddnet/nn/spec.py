@@ -9,13 +9,13 @@ and saves it in its config. Field metadata ``help`` is the text the CLI shows.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..amm.checks import check_nprototypes
 from ..amm.encoders import HASH_OBJECTIVES, encoder_class
+from ..amm.encoders.base import encoder_settings
 from ..amm.encoders.tree import check_channel_budget
 from ..amm.lut import GRANULARITIES
 
@@ -123,12 +123,9 @@ class LayerSpec:
         """Build the encoder class with this spec's arguments (C = 1), so an option it does
         not take, or a bad value, fails here, naming the option and the accepted ones."""
         cls = encoder_class(self.encoder)
-        parameters = inspect.signature(cls.__init__).parameters.values()
-        accepted = [
-            p.name for p in parameters if p.name not in ("self", "ncodebooks") and p.kind is not p.VAR_KEYWORD
-        ]
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters)
-        unknown = [] if takes_any else sorted(set(self.encoder_options) - set(accepted))
+        settings = encoder_settings(cls)
+        accepted = [name for name in settings or [] if name != "ncodebooks"]
+        unknown = [] if settings is None else sorted(set(self.encoder_options) - set(accepted))
         if unknown:
             raise ValueError(
                 f"LayerSpec.encoder_options: encoder {self.encoder!r} takes no option "

@@ -195,6 +195,15 @@ def encoder_class(name: str) -> type[Encoder]:
     return ENCODERS[name]
 
 
+def encoder_settings(cls: type[Encoder]) -> list[str] | None:
+    """The keyword settings encoder class ``cls`` takes (in signature order), or None when
+    it takes any (``**kwargs``)."""
+    parameters = inspect.signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters]
+
+
 def create_encoder(name: str, **config: Any) -> Encoder:
     """An unfitted encoder: ``encoder_class(name)(**config)``.
 
@@ -203,9 +212,8 @@ def create_encoder(name: str, **config: Any) -> Encoder:
         settings it takes are listed).
     """
     cls = encoder_class(name)
-    accepted = inspect.signature(cls).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
-        unknown = sorted(set(config) - set(accepted))
-        if unknown:
-            raise ValueError(f"encoder {name!r} has no setting(s) {unknown}; it takes {sorted(accepted)}")
+    accepted = encoder_settings(cls)
+    unknown = [] if accepted is None else sorted(set(config) - set(accepted))
+    if unknown:
+        raise ValueError(f"encoder {name!r} has no setting(s) {unknown}; it takes {sorted(accepted)}")
     return cls(**config)

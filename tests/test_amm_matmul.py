@@ -219,6 +219,34 @@ def test_ridge_solution_matches_dense_normal_equations_and_lowers_error():
     assert recon(solved) <= recon(initial)
 
 
+@pytest.mark.parametrize("nrows", [300, 40])  # N >= C*K: primal system; N < C*K: dual system
+@pytest.mark.parametrize("code_dtype", [torch.uint8, torch.int64])
+def test_ridge_forms_equal_the_dense_solve(nrows, code_dtype):
+    """Both systems give the dense normal-equations solution to float64 rounding."""
+    ncodebooks, nprototypes, ndims = 6, 16, 10  # C*K = 96
+    gen = torch.Generator().manual_seed(nrows)
+    rows = torch.randn(nrows, ndims, generator=gen)
+    codes = torch.randint(0, nprototypes, (nrows, ncodebooks), generator=gen).to(code_dtype)
+    initial = torch.randn(ncodebooks, nprototypes, ndims, generator=gen)
+    onehot = torch.nn.functional.one_hot(prototypes.code_indices(codes, nprototypes), 96).sum(1).double()
+    lhs = onehot.T @ onehot + 0.7 * torch.eye(96, dtype=torch.float64)
+    rhs = onehot.T @ rows.double() + 0.7 * initial.reshape(96, ndims).double()
+    expected = torch.linalg.solve(lhs, rhs).reshape(ncodebooks, nprototypes, ndims).float()
+    solved = prototypes.ridge_prototypes(rows, codes, initial, ridge=0.7)
+    torch.testing.assert_close(solved, expected, rtol=1e-6, atol=1e-6)
+    # the one-hot products the forms are built from, exactly
+    table = torch.randn(96, ndims, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(prototypes.one_hot_rows(codes, table, nprototypes), onehot @ table)
+    # zero columns per codebook (leaf means: zero off-block; here also gaps and empty codebooks)
+    support = torch.rand(ncodebooks, 1, ndims, generator=gen) < 0.4
+    support[0] = False
+    support[1, :, :4], support[1, :, 4:] = True, False
+    sparse = (table.reshape(ncodebooks, nprototypes, ndims) * support).reshape(96, ndims).float()
+    torch.testing.assert_close(prototypes.one_hot_rows(codes, sparse, nprototypes), onehot @ sparse.double())
+    torch.testing.assert_close(prototypes.one_hot_t_rows(codes, rows, nprototypes), onehot.T @ rows.double())
+    assert torch.equal(prototypes.code_agreement(codes, nprototypes), onehot @ onehot.T)
+
+
 def test_one_encoder_many_weights():
     rows, weight = low_rank_data(nrows=1000, ndims=32, nout=5)
     amm = MaddnessMatmul(ncodebooks=8, lut_bits=None).fit_encoder(rows)
@@ -368,3 +396,19 @@ def test_output_aware_hash_splits_on_what_the_weight_reads():
         MaddnessMatmul(ncodebooks=1, hash_objective="output").fit_encoder(rows)
     with pytest.raises(ValueError, match="hash_objective"):
         MaddnessMatmul(hash_objective="both")
+
+
+def test_scatter_sums_do_not_depend_on_the_thread_count():
+    import numba
+
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (1500, 7), generator=gen).to(torch.uint8)
+    rows = torch.randn(1500, 33, generator=gen)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        single = prototypes.one_hot_t_rows(codes, rows, 16)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        assert torch.equal(prototypes.one_hot_t_rows(codes, rows, 16), single)
+    finally:
+        numba.set_num_threads(before)

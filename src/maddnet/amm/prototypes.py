@@ -4,17 +4,25 @@ With ``G`` the (N, C*K) one-hot matrix of codes, the prototypes ``P`` (C*K, D) s
 
     min_P ||A - G P||^2 + ridge * ||P - P0||^2,
 
-i.e. ``(G^T G + ridge I) P = G^T A + ridge P0``. ``G`` is never formed: ``G^T G`` is a
-count matrix (co-occurrences of codes, :func:`code_cooccurrence`) and ``G^T A`` sums rows
-of ``A`` per code with one (K, N) one-hot product per codebook.
+i.e. ``(G^T G + ridge I) P = G^T A + ridge P0`` (the primal form, a (C*K)-square system).
+With fewer rows than table rows (N < C*K) the same P is
+``P0 + G^T (G G^T + ridge I)^-1 (A - G P0)`` (the dual form, an N-square system; the
+push-through identity ``(G^T G + ridge I)^-1 G^T = G^T (G G^T + ridge I)^-1``).
+:func:`ridge_prototypes` solves whichever system is smaller, so its memory is
+``min(N, C*K)^2`` floats, at most ``N*C*K``, and its factorisation
+``min(N, C*K)^3 / 3`` flops (issue 16: a 3x3 conv of 512 channels, C*K = 8,192, seen on
+1,024 rows factored an 8,192-square system). ``G`` is never formed: ``G^T G`` counts code
+co-occurrences (:func:`code_cooccurrence`), ``G G^T`` code agreements, ``G^T X`` and
+``G T`` are scatter and gather sums (:mod:`maddnet.amm._ridge_kernel` on the CPU).
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
-from . import _lut_kernel, _split_kernel
+from . import _lut_kernel, _ridge_kernel, _split_kernel
 
 
 def leaf_mean_prototypes(
@@ -69,6 +77,93 @@ def code_cooccurrence(codes: torch.Tensor, nprototypes: int, max_chunk: int = 1 
     return gram.reshape(size, size)
 
 
+def one_hot_t_rows(codes: torch.Tensor, rows: torch.Tensor, nprototypes: int) -> torch.Tensor:
+    """``G^T X``: (C*K, D) float64, row ``c*K + k`` the sum of the rows of X whose code of
+    codebook c is k.
+
+    Args:
+        codes: (N, C) integer codes in ``[0, K)``; rows: (N, D) float X on the same device.
+
+    CPU: :func:`maddnet.amm._ridge_kernel.scatter_rows` (N*C*D float64 additions); other
+    devices: one (K, N) one-hot product per codebook (float32 products, float64 result).
+    """
+    if codes.device.type == "cpu":
+        _lut_kernel.launch_threads()
+        values = rows.detach()
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()
+        codes_t = np.ascontiguousarray(codes.numpy().T)
+        ngroups = max(1, min(codes.shape[1], numba.get_num_threads()))
+        return torch.from_numpy(
+            _ridge_kernel.scatter_rows(codes_t, values.contiguous().numpy(), nprototypes, ngroups)
+        )
+    rows32 = rows.float()
+    return torch.cat(
+        [
+            torch.nn.functional.one_hot(codes[:, c].long(), nprototypes).float().T @ rows32
+            for c in range(codes.shape[1])
+        ]
+    ).double()
+
+
+def one_hot_rows(codes: torch.Tensor, table: torch.Tensor, nprototypes: int) -> torch.Tensor:
+    """``G T``: (N, D) float64, row i the sum over codebooks c of ``table[c*K + codes[i, c]]``.
+
+    Args:
+        codes: (N, C) integer codes in ``[0, K)``; table: (C*K, D) float T on the same device.
+
+    CPU: :func:`maddnet.amm._ridge_kernel.gather_rows`, which skips the columns where a
+    codebook's K rows are all zero (leaf means are zero off their block: N*D additions
+    instead of N*C*D); other devices: an indexed sum, chunked over rows.
+    """
+    ncodebooks = codes.shape[1]
+    if codes.device.type == "cpu":
+        _lut_kernel.launch_threads()
+        values = table.detach()
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()
+        values = values.contiguous()
+        support = (values.reshape(ncodebooks, nprototypes, -1) != 0).any(1).numpy()  # (C, D)
+        run_ptr, run_start, run_stop = _column_runs(support)
+        return torch.from_numpy(
+            _ridge_kernel.gather_rows(
+                codes.contiguous().numpy(), values.numpy(), nprototypes, run_ptr, run_start, run_stop
+            )
+        )
+    index = code_indices(codes, nprototypes)
+    table64 = table.double()
+    chunk = max(1, (1 << 24) // max(1, ncodebooks * table.shape[1]))
+    return torch.cat([table64[index[start : start + chunk]].sum(1) for start in range(0, len(index), chunk)])
+
+
+def _column_runs(support: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(C, D) bool -> CSR-style runs of True columns per row: (C+1,) pointers, (R,) starts,
+    (R,) stops (half-open)."""
+    padded = np.zeros((support.shape[0], support.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = support
+    edges = np.diff(padded, axis=1)  # +1 where a run starts, -1 one past where it ends
+    rows_up, starts = np.nonzero(edges == 1)
+    _, stops = np.nonzero(edges == -1)
+    run_ptr = np.searchsorted(rows_up, np.arange(support.shape[0] + 1)).astype(np.int64)
+    return run_ptr, starts.astype(np.int64), stops.astype(np.int64)
+
+
+def code_agreement(codes: torch.Tensor, nprototypes: int) -> torch.Tensor:
+    """``G G^T``: (N, N) float64, entry (i, m) the number of codebooks in which rows i and
+    m have the same code.
+
+    CPU: a numba kernel (N^2*C/2 byte compares); other devices: one-hot products in
+    float32 (exact: counts are at most C < 2^24), chunked over rows.
+    """
+    if codes.device.type == "cpu":
+        _lut_kernel.launch_threads()
+        return torch.from_numpy(_ridge_kernel.code_agreement(codes.contiguous().numpy()))
+    ncodebooks = codes.shape[1]
+    onehot = torch.nn.functional.one_hot(code_indices(codes, nprototypes), ncodebooks * nprototypes)
+    onehot = onehot.sum(1).float()  # (N, C*K) G
+    return (onehot @ onehot.T).double()
+
+
 def ridge_prototypes(
     rows: torch.Tensor, codes: torch.Tensor, initial: torch.Tensor, ridge: float
 ) -> torch.Tensor:
@@ -81,23 +176,32 @@ def ridge_prototypes(
         ridge: lambda > 0; pulls prototypes of rarely used codes towards P0.
 
     Returns:
-        (C, K, D) float32 prototypes.
+        (C, K, D) float32 prototypes. Both forms solve in float64; they agree to float64
+        rounding (``tests/test_amm_matmul.py`` checks both against a dense solve).
+
+    Raises:
+        ValueError: ridge not > 0.
     """
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0 (the one-hot system is singular without it), got {ridge}")
     ncodebooks, nprototypes, ndims = initial.shape
     size = ncodebooks * nprototypes
+    prior = initial.reshape(size, ndims)
+    if rows.shape[0] < size:
+        return _ridge_dual(rows, codes, prior, ridge).reshape(ncodebooks, nprototypes, ndims).float()
     gram = code_cooccurrence(codes, nprototypes)
     gram.diagonal().add_(ridge)
-    rows32 = rows.float()
-    # G^T A one codebook at a time: (K, N) one-hot @ (N, D) runs on BLAS.
-    rhs = torch.cat(
-        [
-            torch.nn.functional.one_hot(codes[:, c].long(), nprototypes).float().T @ rows32
-            for c in range(ncodebooks)
-        ]
-    )
-    rhs = rhs.double() + ridge * initial.reshape(size, ndims).double()
-    factor = torch.linalg.cholesky(gram)
-    solution = torch.cholesky_solve(rhs, factor)
+    rhs = one_hot_t_rows(codes, rows, nprototypes).add_(prior.double(), alpha=ridge)
+    solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
     return solution.reshape(ncodebooks, nprototypes, ndims).float()
+
+
+def _ridge_dual(rows: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The dual form: ``P0 + G^T (G G^T + ridge I)^-1 (A - G P0)``, (C*K, D) float64."""
+    nprototypes = prior.shape[0] // codes.shape[1]
+    # G P0 gathers from P0 as given (float32 halves the traffic; the sums are float64)
+    residual = rows.double() - one_hot_rows(codes, prior, nprototypes)
+    system = code_agreement(codes, nprototypes)
+    system.diagonal().add_(ridge)
+    weights = torch.cholesky_solve(residual, torch.linalg.cholesky(system))
+    return one_hot_t_rows(codes, weights, nprototypes).add_(prior.double())

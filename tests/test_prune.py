@@ -93,6 +93,34 @@ def test_prune_int8_column_luts_exact():
     assert torch.equal(outputs(model, x), ref)
 
 
+def test_prune_int8_codebook_luts_keep_their_integer_values(tmp_path):
+    """A codebook-granular 8-bit LUT (one offset per codebook, one scale for all columns)
+    keeps the values it computed with: the outputs stay those of the unpruned model to
+    float32 rounding (re-quantising the trained float LUT would move them by up to half a
+    LUT step per codebook), also after saving and loading."""
+    model = ds_block(lut_bits=8, granularity="codebook")
+    x = torch.randn(4, 3, 8, 8)
+    needed = needed_inputs(model, x)["producers"]["0"]["needed"]
+    unread = sorted(set(range(16)) - set(needed))
+    with torch.no_grad():
+        lut = model[0].lut
+        lut.add_(0.3 * torch.randn_like(lut))  # a trained float LUT lies off the integer grid
+        lut[:, :, unread[0]] = lut.amin() - 4.0  # the unread column sets the offsets and the scale
+    ref = outputs(model, x)
+    before = model[0].quantized_lut()
+    prune_unread(model, x)
+    assert model[0].out_channels == len(needed) < 16
+    torch.testing.assert_close(outputs(model, x), ref, rtol=1e-6, atol=1e-6)
+    after = model[0].quantized_lut()
+    represented = lambda q: q.values.float() / q.scale + q.offsets[:, None, :]  # noqa: E731
+    torch.testing.assert_close(represented(after), represented(before)[:, :, needed], rtol=0, atol=1e-6)
+    save_converted(model, tmp_path / "pruned.pt")
+    fresh = ds_block(lut_bits=8, granularity="codebook")
+    fresh[0], fresh[6] = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)  # dense skeleton
+    load_converted(fresh, tmp_path / "pruned.pt")
+    torch.testing.assert_close(outputs(fresh, x), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_dense_linear_producer_with_few_codebooks():
     torch.manual_seed(2)
     consumer = randomised(MaddLinear(32, 3, 1))  # reads <= 4 of 32

@@ -15,9 +15,11 @@ modules into MADD layers: the producer computes only the needed channels (a MADD
 those LUT columns and bias entries; a dense conv / linear those weight rows), the per-channel
 modules between are sliced to match (BatchNorm statistics, depthwise filters), and the
 consumers' split dims are re-indexed. Outputs are unchanged: the removed channels were read
-by nobody (bit for bit with float LUTs; an integer LUT of ``lut_granularity="codebook"`` is
-re-quantised from the sliced float LUT, whose range may be smaller, so its outputs can move by
-the re-quantisation; ``"column"`` LUTs slice exactly). The pass is recorded in the
+by nobody (bit for bit with float LUTs and with ``lut_granularity="column"`` integer LUTs; an
+integer LUT of ``"codebook"`` granularity keeps the integer values it had: the kept columns'
+float LUT becomes the values the integer LUT represents, which re-quantise onto the same
+grid, so outputs equal the unpruned ones up to the float32 rounding of the offsets, see
+``_grid_lut``). The pass is recorded in the
 conversion plan, so a pruned model saves and loads into a fresh skeleton.
 """
 
@@ -267,6 +269,27 @@ def _build(spec: dict[str, Any], device) -> nn.Module:
     raise ValueError(f"prune_unread pass: unknown module type {kind!r} in the plan")
 
 
+def _grid_lut(layer: MaddLayer) -> torch.Tensor:
+    """The float LUT to slice: for an integer LUT, the values it represents.
+
+    The integer LUT is what the layer computes (and, with QAT, what it was trained
+    through); its codebook offsets and shared scale come from all M columns, so
+    re-quantising the trained float LUT's kept columns would round every entry onto another
+    grid (up to a point of accuracy lost on DS-CNN). The represented values
+    ``q / scale + offset`` instead lie on the old grid, and re-quantising any subset of
+    columns gives the same values: the new offset is one of them and the new power-of-two
+    scale is the old one or finer by a power of two. Outputs then equal the unpruned ones
+    up to the float32 rounding of the offsets (bit for bit where the kept columns hold each
+    codebook's minimum and the largest spread).
+    """
+    lut = layer.lut.detach()
+    qlut = layer.quantized_lut()
+    if qlut is None:
+        return lut
+    represented = qlut.values.float() / qlut.scale + qlut.offsets[:, None, :]
+    return represented.to(lut.dtype)
+
+
 def _slice_out(module: nn.Module, keep: torch.Tensor) -> nn.Module:
     """``module`` computing only output channels ``keep`` (and, depthwise, reading them)."""
     device = keep.device
@@ -275,7 +298,7 @@ def _slice_out(module: nn.Module, keep: torch.Tensor) -> nn.Module:
         config["out_channels" if isinstance(module, MaddConv2d) else "out_features"] = len(keep)
         new = type(module).from_config(config, device=module.lut.device)
         state = module.state_dict()
-        state["lut"] = state["lut"][:, :, keep]
+        state["lut"] = _grid_lut(module)[:, :, keep]
         if module.bias is not None:
             state["bias"] = state["bias"][keep]
         for key in ("lut_q_values", "lut_q_offsets", "lut_q_scale"):

@@ -87,12 +87,12 @@ def test_int8_eval_equals_integer_lut_sum(kernel, stride, padding, dilation, bia
     assert torch.equal(out, expected.reshape(3, out_h, out_w, 64).permute(0, 3, 1, 2))
 
 
-def reference_step(layer, x, grad_out, quantized):
+def reference_step(layer, x, grad_out, quantized, surrogate="soft"):
     """Output and gradients through the unfused path: gathered values + madd_lut."""
     x = x.clone().requires_grad_()
     values = gather_patch_columns(x, layer.geometry, layer.split_dims)
     qlut = layer.quantized_lut() if quantized else None
-    out = madd_lut(values, layer.thresholds, layer.lut, layer.temperature, qlut)
+    out = madd_lut(values, layer.thresholds, layer.lut, layer.temperature, qlut, surrogate=surrogate)
     if layer.bias is not None:
         out = out + layer.bias
     out_h, out_w = grad_out.shape[2:]
@@ -105,14 +105,15 @@ def reference_step(layer, x, grad_out, quantized):
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", GEOMETRIES)
 @pytest.mark.parametrize("quantized,bias", [(True, True), (False, False)])
-def test_fused_training_step_equals_unfused(kernel, stride, padding, dilation, quantized, bias):
+@pytest.mark.parametrize("surrogate", ["soft", "path"])
+def test_fused_training_step_equals_unfused(kernel, stride, padding, dilation, quantized, bias, surrogate):
     layer = random_layer(
         3, 5, kernel, 4, 16, seed=3, stride=stride, padding=padding, dilation=dilation, bias=bias
     ).train()
     x = torch.randn(2, 3, 10, 9)
     out_h, out_w = layer.geometry.output_size(10, 9)
     grad_out = torch.randn(2, 5, out_h, out_w)
-    ref_out, ref_grads = reference_step(layer, x, grad_out, quantized)
+    ref_out, ref_grads = reference_step(layer, x, grad_out, quantized, surrogate)
 
     xg = x.clone().requires_grad_()
     q = layer.quantized_lut() if quantized else None
@@ -126,6 +127,7 @@ def test_fused_training_step_equals_unfused(kernel, stride, padding, dilation, q
         *q_args,
         layer.geometry,
         layer.split_dims,
+        surrogate,
     )
     (out * grad_out).sum().backward()
     grads = [xg.grad, layer.thresholds.grad, layer.lut.grad, None if layer.bias is None else layer.bias.grad]
@@ -146,10 +148,10 @@ def test_layer_uses_fused_function_and_input_without_grad():
     assert type(out.grad_fn).__name__ == "MaddConvFunctionBackward"
     out.square().sum().backward()
     assert layer.thresholds.grad.abs().sum() > 0 and layer.lut.grad.abs().sum() > 0
-    # path surrogate: the unfused path, same forward numbers
+    # path surrogate: the fused function too, same forward numbers
     layer.surrogate = "path"
     out_path = layer(x)
-    assert type(out_path.grad_fn).__name__ != "MaddConvFunctionBackward"
+    assert type(out_path.grad_fn).__name__ == "MaddConvFunctionBackward"
     torch.testing.assert_close(out, out_path, rtol=0, atol=1e-5)
 
 

@@ -379,3 +379,127 @@ def conv_backward(
             for ch in range(channels):
                 for y in range(height):
                     grad_images[b, ch, y] = summed[ch, y + pad_y, pad_x : pad_x + width]
+
+
+@cached_njit(parallel=True, fastmath=_FAST)
+def conv_backward_path(
+    images,
+    image0,
+    offsets,
+    q_base,
+    thresholds,
+    inv_tau,
+    codes,
+    table,
+    grad_rows,
+    grad_lut,
+    grad_thresholds,
+    grad_images,
+    nq,
+    pad_y,
+    pad_x,
+):  # pragma: no cover
+    """Training backward of a MADD conv with the hard-path surrogate (``surrogate="path"``,
+    the maths of :func:`maddnet.nn._kernels.path_backward`) for images image0 .. image0 + n - 1;
+    threads take images.
+
+    Per position and codebook only the L nodes on the hard path get a gradient: node t
+    switches between the reached leaf and the leaf reached by going the other way at t
+    (then descending hard), so ``dL/dx_t = p' * dL/dY . (T[c, right] - T[c, left])`` with
+    ``p = 1 / (1 + exp(2 (v - x) / tau))``: L + 1 dot products of length M per position and
+    codebook, computed here, instead of the soft tree's K leaf scores from a GEMM.
+
+    images (B, Cin, H, W) float32; offsets (C, L); q_base (nq,) or empty (stride 1);
+    thresholds (C, K-1) float32; inv_tau (C, L) float32; codes (B, C, >= nq) uint8 (the
+    forward's codes); table (C, K, M) float32, the table the forward read. Per slot j
+    (image image0 + j): grad_rows (n, >= nq, M) float32 = dL/dY per position (zero at
+    ignored positions). Adds into the per-slot partial sums grad_lut (n, C, K, M) float32
+    and grad_thresholds (n, C, K-1) float64, and writes grad_images[image0 + j] (skipped
+    when grad_images is empty).
+    """
+    _, channels, height, width = images.shape
+    ncodebooks, depth = offsets.shape
+    nout = grad_rows.shape[2]
+    want_images = grad_images.shape[0] > 0
+    f32 = np.float32
+    one = f32(1.0)
+    padded_h, padded_w = height + 2 * pad_y, width + 2 * pad_x
+    contiguous = q_base.shape[0] == 0
+    for slot in numba.prange(grad_rows.shape[0]):
+        b = image0 + slot
+        plane = np.zeros((channels, padded_h, padded_w), np.float32)
+        _pad_image(images, b, plane, pad_y, pad_x)
+        flat = plane.reshape(-1)
+        grad_plane = np.zeros(channels * padded_h * padded_w if want_images else 0, np.float32)
+        x = np.empty((depth, _QBLOCK), np.float32)
+        node_grad = np.empty((depth, _QBLOCK), np.float32)  # the score differences, then dL/dx
+        nodes = np.empty((depth, _QBLOCK), np.int64)
+        z = np.empty(_QBLOCK, np.float32)
+        expo = np.empty(_QBLOCK, np.float32)
+        bits = np.empty(_QBLOCK, np.int32)
+        bits_as_float = bits.view(np.float32)
+        for c in range(ncodebooks):
+            # exact LUT gradient: sum of dL/dY over the positions with each code
+            partial = grad_lut[slot, c]
+            for q in range(nq):
+                entry = partial[codes[b, c, q]]
+                row = grad_rows[slot, q]
+                for m in range(nout):
+                    entry[m] += row[m]
+            rows_of_c = table[c]
+            for start in range(0, nq, _QBLOCK):
+                block = min(_QBLOCK, nq - start)
+                for t in range(depth):
+                    o = offsets[c, t]
+                    if contiguous:  # views, not flat[start + i + o]: see _encode_codebook
+                        x[t, :block] = flat[start + o : start + o + block]
+                    else:
+                        for i in range(block):
+                            x[t, i] = flat[q_base[start + i] + o]
+                for i in range(block):
+                    g = grad_rows[slot, start + i]
+                    leaf = np.int64(codes[b, c, start + i])
+                    reached = rows_of_c[leaf]
+                    score = f32(0.0)
+                    for m in range(nout):
+                        score += g[m] * reached[m]
+                    for t in range(depth):
+                        prefix = leaf >> (depth - t)
+                        node = (1 << t) - 1 + prefix
+                        bit = (leaf >> (depth - 1 - t)) & 1
+                        alt = 2 * prefix + 1 - bit
+                        for u in range(t + 1, depth):
+                            alt = 2 * alt + (x[u, i] > thresholds[c, (1 << u) - 1 + alt])
+                        other = rows_of_c[alt]
+                        other_score = f32(0.0)
+                        for m in range(nout):
+                            other_score += g[m] * other[m]
+                        # dL/dY . (T[right leaf] - T[left leaf])
+                        node_grad[t, i] = score - other_score if bit == 1 else other_score - score
+                        nodes[t, i] = node
+                # the slopes p' a level at a time, with the vectorised exp of the soft kernel
+                for t in range(depth):
+                    scale = f32(2.0) * inv_tau[c, t]
+                    for i in range(block):
+                        z[i] = (thresholds[c, nodes[t, i]] - x[t, i]) * scale
+                    _exp32(z[:block], expo[:block], bits[:block], bits_as_float[:block])
+                    for i in range(block):
+                        p = one / (one + expo[i])
+                        grad = p * (one - p) * scale * node_grad[t, i]
+                        node_grad[t, i] = grad
+                        grad_thresholds[slot, c, nodes[t, i]] -= grad
+                if want_images:
+                    for t in range(depth):
+                        o = offsets[c, t]
+                        if contiguous:
+                            tap_grad = grad_plane[start + o : start + o + block]
+                            for i in range(block):
+                                tap_grad[i] += node_grad[t, i]
+                        else:
+                            for i in range(block):
+                                grad_plane[q_base[start + i] + o] += node_grad[t, i]
+        if want_images:
+            summed = grad_plane.reshape(channels, padded_h, padded_w)
+            for ch in range(channels):
+                for y in range(height):
+                    grad_images[b, ch, y] = summed[ch, y + pad_y, pad_x : pad_x + width]

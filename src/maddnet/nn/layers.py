@@ -1218,15 +1218,15 @@ class TreeConvFastPath:
         return out[0] if unbatched else out
 
     def train_forward(self, layer: MaddConv2d, x: torch.Tensor, quantized: bool) -> torch.Tensor | None:
-        # CPU float32 with the soft surrogate: the fused function reads taps from the image and
-        # writes the input gradient directly (no (N, C, L) gathered values).
+        # CPU float32: the fused function reads taps from the image and writes the input
+        # gradient directly (no (N, C, L) gathered values), for both surrogates.
         images, (_, out_h, out_w, unbatched) = layer._check_input(x)
         lut = widen(layer.lut)  # float16 / bfloat16 layers compute in float32
         on_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (images, lut))
         # below ~16 output positions per image the per-image work is too small to pay for the
         # per-image kernel; the gathered-values path batches all rows instead (measured: 3x3
         # outputs 1.7x faster unfused, 7x7 1.2x faster fused)
-        if not on_cpu or layer.surrogate != "soft" or out_h * out_w < _FUSED_MIN_POSITIONS:
+        if not on_cpu or layer.surrogate not in ("soft", "path") or out_h * out_w < _FUSED_MIN_POSITIONS:
             return None
         q = widen_quantized(layer.quantized_lut()) if quantized else None
         q_args = (None, None, None, 0) if q is None else (q.values, q.offsets, q.scale, q.bits)
@@ -1239,6 +1239,7 @@ class TreeConvFastPath:
             *q_args,
             layer.geometry,
             layer.split_dims,
+            layer.surrogate,
         )
         return out[0] if unbatched else out
 

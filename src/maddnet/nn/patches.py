@@ -300,9 +300,10 @@ class MaddConvFunction(torch.autograd.Function):
     """Fused MADD conv on CPU float32: forward reads the image, backward writes its gradient.
 
     Forward: hard encoding straight from the image + LUT sum (+ bias), NCHW out. Backward:
-    the exact LUT gradient, the soft-tree surrogate for thresholds and input taps (the maths
-    of :func:`maddnet.nn.functional.tree_surrogate_grads`), and the bias gradient. The
-    split values are never gathered into an (N, C, L) tensor.
+    the exact LUT gradient, the tree's surrogate for thresholds and input taps (``"soft"``:
+    the maths of :func:`maddnet.nn.functional.tree_surrogate_grads`; ``"path"``: those of
+    :func:`maddnet.nn.functional.path_surrogate_grads`), and the bias gradient. The split
+    values are never gathered into an (N, C, L) tensor.
     """
 
     @staticmethod
@@ -319,6 +320,7 @@ class MaddConvFunction(torch.autograd.Function):
         bits,
         geometry,
         split_dims,
+        surrogate="soft",
     ):
         plan = conv_plan(geometry, split_dims, images.shape[2], images.shape[3])
         ncodebooks = lut.shape[0]
@@ -336,7 +338,7 @@ class MaddConvFunction(torch.autograd.Function):
             # 0 * NaN is NaN), so it gets those values as 0
             saved = torch.where(torch.isfinite(images), images.detach(), 0.0)
         ctx.save_for_backward(saved, thresholds, table, temperature)
-        ctx.codes, ctx.plan, ctx.geometry = codes, plan, geometry
+        ctx.codes, ctx.plan, ctx.geometry, ctx.surrogate = codes, plan, geometry, surrogate
         ctx.has_bias = bias is not None
         return torch.from_numpy(out)
 
@@ -368,6 +370,26 @@ class MaddConvFunction(torch.autograd.Function):
         rows = torch.zeros(slots, nout, plan.out_h, plan.pitch)
         per_position = rows.view(slots, nout, plan.ncols)
         rows_t = torch.empty(slots, plan.ncols, nout)
+        if ctx.surrogate == "path":
+            path_args = (
+                plan.offsets,
+                plan.q_base,
+                thresholds_np,
+                inv_tau,
+                ctx.codes,
+                table.float().contiguous().numpy(),
+            )
+            for start in range(0, batch, slots):
+                n = min(slots, batch - start)
+                rows[:n, :, :, : plan.out_w] = grad_out[start : start + n]
+                rows_t[:n].copy_(per_position[:n].transpose(1, 2))
+                grads = (rows_t[:n].numpy(), grad_lut[:n], grad_thresholds[:n], grad_images)
+                _conv_kernels.conv_backward_path(
+                    images_np, start, *path_args, *grads, plan.nq, *geometry.padding
+                )
+            return MaddConvFunction._gradients(
+                ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table
+            )
         grad_scores = torch.empty(slots, ncodebooks * nprototypes, plan.ncols)
         tables = flat_table.expand(slots, -1, -1)
         tree = (plan.offsets, plan.q_base, thresholds_np, inv_tau, centre, factor, direct, ctx.codes)
@@ -385,6 +407,14 @@ class MaddConvFunction(torch.autograd.Function):
                 grad_images,
             )
             _conv_kernels.conv_backward(images_np, start, *tree, *grads, plan.nq, *geometry.padding)
+        return MaddConvFunction._gradients(
+            ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table
+        )
+
+    @staticmethod
+    def _gradients(ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table):
+        """The backward's return tuple from the kernels' per-slot partial sums."""
+        need_images, need_thresholds, need_lut = ctx.needs_input_grad[:3]
         grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return (
             torch.from_numpy(grad_images) if need_images else None,
@@ -392,7 +422,7 @@ class MaddConvFunction(torch.autograd.Function):
             torch.from_numpy(grad_lut.sum(0)).to(table.dtype) if need_lut else None,
             None,
             grad_bias,
-            *(None,) * 6,
+            *(None,) * 7,
         )
 
 

@@ -245,6 +245,15 @@ def test_ridge_forms_equal_the_dense_solve(nrows, code_dtype):
     torch.testing.assert_close(prototypes.one_hot_rows(codes, sparse, nprototypes), onehot @ sparse.double())
     torch.testing.assert_close(prototypes.one_hot_t_rows(codes, rows, nprototypes), onehot.T @ rows.double())
     assert torch.equal(prototypes.code_agreement(codes, nprototypes), onehot @ onehot.T)
+    # the tensor-op twins other devices use, run here on CPU tensors
+    torch.testing.assert_close(prototypes._one_hot_rows_torch(codes, table, nprototypes), onehot @ table)
+    torch.testing.assert_close(
+        prototypes._one_hot_t_rows_torch(codes, rows, nprototypes),
+        onehot.T @ rows.double(),
+        rtol=1e-6,
+        atol=1e-5,
+    )
+    assert torch.equal(prototypes._code_agreement_torch(codes, nprototypes), onehot @ onehot.T)
 
 
 def test_one_encoder_many_weights():

@@ -97,6 +97,11 @@ def one_hot_t_rows(codes: torch.Tensor, rows: torch.Tensor, nprototypes: int) ->
         return torch.from_numpy(
             _ridge_kernel.scatter_rows(codes_t, values.contiguous().numpy(), nprototypes, ngroups)
         )
+    return _one_hot_t_rows_torch(codes, rows, nprototypes)
+
+
+def _one_hot_t_rows_torch(codes: torch.Tensor, rows: torch.Tensor, nprototypes: int) -> torch.Tensor:
+    """:func:`one_hot_t_rows` with tensor ops (any device)."""
     rows32 = rows.float()
     return torch.cat(
         [
@@ -130,9 +135,14 @@ def one_hot_rows(codes: torch.Tensor, table: torch.Tensor, nprototypes: int) -> 
                 codes.contiguous().numpy(), values.numpy(), nprototypes, run_ptr, run_start, run_stop
             )
         )
+    return _one_hot_rows_torch(codes, table, nprototypes)
+
+
+def _one_hot_rows_torch(codes: torch.Tensor, table: torch.Tensor, nprototypes: int) -> torch.Tensor:
+    """:func:`one_hot_rows` with tensor ops (any device), chunked over rows."""
     index = code_indices(codes, nprototypes)
     table64 = table.double()
-    chunk = max(1, (1 << 24) // max(1, ncodebooks * table.shape[1]))
+    chunk = max(1, (1 << 24) // max(1, codes.shape[1] * table.shape[1]))
     return torch.cat([table64[index[start : start + chunk]].sum(1) for start in range(0, len(index), chunk)])
 
 
@@ -152,15 +162,22 @@ def code_agreement(codes: torch.Tensor, nprototypes: int) -> torch.Tensor:
     """``G G^T``: (N, N) float64, entry (i, m) the number of codebooks in which rows i and
     m have the same code.
 
-    CPU: a numba kernel (N^2*C/2 byte compares); other devices: one-hot products in
-    float32 (exact: counts are at most C < 2^24), chunked over rows.
+    CPU: a numba kernel (N^2*C/2 byte compares); other devices: ``G G^T`` of the (N, C*K)
+    float32 one-hot matrix (exact: counts are at most C < 2^24).
     """
     if codes.device.type == "cpu":
         _lut_kernel.launch_threads()
         return torch.from_numpy(_ridge_kernel.code_agreement(codes.contiguous().numpy()))
+    return _code_agreement_torch(codes, nprototypes)
+
+
+def _code_agreement_torch(codes: torch.Tensor, nprototypes: int) -> torch.Tensor:
+    """:func:`code_agreement` with tensor ops (any device)."""
     ncodebooks = codes.shape[1]
-    onehot = torch.nn.functional.one_hot(code_indices(codes, nprototypes), ncodebooks * nprototypes)
-    onehot = onehot.sum(1).float()  # (N, C*K) G
+    index = code_indices(codes, nprototypes)
+    # G (N, C*K) as float32 ones: no (N, C, C*K) one_hot temporary
+    onehot = torch.zeros(codes.shape[0], ncodebooks * nprototypes, device=codes.device)
+    onehot.scatter_(1, index, 1.0)
     return (onehot @ onehot.T).double()
 
 
@@ -192,7 +209,7 @@ def ridge_prototypes(
     gram = code_cooccurrence(codes, nprototypes)
     gram.diagonal().add_(ridge)
     rhs = one_hot_t_rows(codes, rows, nprototypes).add_(prior.double(), alpha=ridge)
-    solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
+    solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram, out=gram))  # in place: one (C*K)^2
     return solution.reshape(ncodebooks, nprototypes, ndims).float()
 
 
@@ -203,5 +220,5 @@ def _ridge_dual(rows: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ri
     residual = rows.double() - one_hot_rows(codes, prior, nprototypes)
     system = code_agreement(codes, nprototypes)
     system.diagonal().add_(ridge)
-    weights = torch.cholesky_solve(residual, torch.linalg.cholesky(system))
+    weights = torch.cholesky_solve(residual, torch.linalg.cholesky(system, out=system))
     return one_hot_t_rows(codes, weights, nprototypes).add_(prior.double())

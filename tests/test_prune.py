@@ -87,10 +87,15 @@ def test_prune_producer_exact_and_reloads(tmp_path):
 def test_prune_int8_column_luts_exact():
     model = ds_block(lut_bits=8, granularity="column")
     x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():  # a trained float LUT lies off the integer grid
+        model[0].lut.add_(0.3 * torch.randn_like(model[0].lut))
+    trained = model[0].lut.detach().clone()
+    needed = needed_inputs(model, x)["producers"]["0"]["needed"]
     ref = outputs(model, x)
     prune_unread(model, x)
     assert model[0].out_channels < 16
     assert torch.equal(outputs(model, x), ref)
+    assert torch.equal(model[0].lut.detach(), trained[:, :, needed])  # per-column grids: sliced as is
 
 
 def test_prune_int8_codebook_luts_keep_their_integer_values(tmp_path):

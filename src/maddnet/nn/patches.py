@@ -365,7 +365,6 @@ class MaddConvFunction(torch.autograd.Function):
         grad_images = np.empty(images.shape if need_images else (0, 0, 0, 0), np.float32)
         inv_tau = (1.0 / temperature.float()).contiguous().numpy()
         thresholds_np = thresholds.detach().float().contiguous().numpy()
-        centre, factor, direct = _kernels.level_factors(thresholds_np, inv_tau)
         # buffers reused chunk after chunk (fresh 10 MB allocations page-fault on every call)
         rows = torch.zeros(slots, nout, plan.out_h, plan.pitch)
         per_position = rows.view(slots, nout, plan.ncols)
@@ -390,6 +389,7 @@ class MaddConvFunction(torch.autograd.Function):
             return MaddConvFunction._gradients(
                 ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table
             )
+        centre, factor, direct = _kernels.level_factors(thresholds_np, inv_tau)
         grad_scores = torch.empty(slots, ncodebooks * nprototypes, plan.ncols)
         tables = flat_table.expand(slots, -1, -1)
         tree = (plan.offsets, plan.q_base, thresholds_np, inv_tau, centre, factor, direct, ctx.codes)

@@ -16,8 +16,8 @@ those LUT columns and bias entries; a dense conv / linear those weight rows), th
 modules between are sliced to match (BatchNorm statistics, depthwise filters), and the
 consumers' split dims are re-indexed. Outputs are unchanged: the removed channels were read
 by nobody (bit for bit with float LUTs and with ``lut_granularity="column"`` integer LUTs; an
-integer LUT of ``"codebook"`` granularity keeps the integer values it had: the kept columns'
-float LUT becomes the values the integer LUT represents, which re-quantise onto the same
+integer LUT of ``"codebook"`` granularity keeps the values it computed with: the kept
+columns' float LUT becomes the de-quantised integer LUT, which re-quantises onto the same
 grid, so outputs equal the unpruned ones up to the float32 rounding of the offsets, see
 ``_grid_lut``). The pass is recorded in the
 conversion plan, so a pruned model saves and loads into a fresh skeleton.
@@ -270,24 +270,28 @@ def _build(spec: dict[str, Any], device) -> nn.Module:
 
 
 def _grid_lut(layer: MaddLayer) -> torch.Tensor:
-    """The float LUT to slice: for an integer LUT, the values it represents.
+    """The float LUT to slice: for a codebook-granular integer LUT, the values it represents.
 
     The integer LUT is what the layer computes (and, with QAT, what it was trained
-    through); its codebook offsets and shared scale come from all M columns, so
-    re-quantising the trained float LUT's kept columns would round every entry onto another
-    grid (up to a point of accuracy lost on DS-CNN). The represented values
-    ``q / scale + offset`` instead lie on the old grid, and re-quantising any subset of
-    columns gives the same values: the new offset is one of them and the new power-of-two
-    scale is the old one or finer by a power of two. Outputs then equal the unpruned ones
-    up to the float32 rounding of the offsets (bit for bit where the kept columns hold each
-    codebook's minimum and the largest spread).
+    through). With ``lut_granularity="codebook"`` its offsets and shared scale come from
+    all M columns, so re-quantising the trained float LUT's kept columns would round every
+    entry onto another grid (up to a point of accuracy lost on DS-CNN). The represented
+    values ``q / scale + offset`` instead lie on the old grid, and re-quantising any subset
+    of columns gives the same values: the new offset is one of them and the new
+    power-of-two scale is the old one or finer by a power of two. The kept columns' float
+    LUT therefore becomes the de-quantised one (what later fine-tuning starts from), and
+    outputs equal the unpruned ones up to the float32 rounding of the offsets. Column
+    granularity slices exactly as it is (per-column offsets and scales); a float16 /
+    bfloat16 LUT that cannot hold the represented values exactly keeps its trained values
+    (and is re-quantised).
     """
     lut = layer.lut.detach()
     qlut = layer.quantized_lut()
-    if qlut is None:
+    if qlut is None or layer.lut_granularity != "codebook":
         return lut
     represented = qlut.values.float() / qlut.scale + qlut.offsets[:, None, :]
-    return represented.to(lut.dtype)
+    stored = represented.to(lut.dtype)
+    return stored if torch.equal(stored.float(), represented) else lut
 
 
 def _slice_out(module: nn.Module, keep: torch.Tensor) -> nn.Module:

@@ -24,6 +24,7 @@ from maddnet.nn.budget import (
     layer_costs,
     parse_budget,
     read_sensitivity,
+    write_allocation,
 )
 from maddnet.retrain.cli import config_from_args
 from maddnet.retrain.config import RetrainConfig
@@ -245,6 +246,33 @@ def test_retrain_flags_reach_the_config(tmp_path):
     assert again.differences(config) == {} and again.madd_config().ncodebooks == ncodebooks
     with pytest.raises(ValueError, match="not both"):
         RetrainConfig.from_dict({**config.to_dict(), "ncodebooks": 8})
+
+
+def test_a_started_run_keeps_its_plan(tmp_path):
+    """A resumed run reads its budget.json, not the analysis report again (which may have
+    changed or gone since: newcomer review)."""
+    import shutil
+
+    report = tmp_path / "single_layer.json"
+    shutil.copy(RESNET9_REPORT, report)
+    values = {
+        "model": "resnet9",
+        "model_kwargs": {"width": 16},
+        "dataset": "fashion_mnist",
+        "checkpoint": "x.pt",
+    }
+    budget = CodebookBudget(str(report), unit="compares")
+    config = RetrainConfig(**values, out_dir=str(tmp_path / "run"), codebook_budget=budget)
+    planned = config.codebook_allocation()
+    write_allocation(planned, config.out_dir)  # what `maddnet retrain` does before learning
+    report.unlink()
+    assert config.codebook_allocation().ncodebooks == planned.ncodebooks
+    assert config.madd_config().ncodebooks == planned.ncodebooks
+    other = RetrainConfig(
+        **values, out_dir=config.out_dir, codebook_budget=CodebookBudget(str(report), unit="lut_bytes")
+    )
+    with pytest.raises(ValueError, match="was planned under the budget"):
+        other.codebook_allocation()
 
 
 def test_cli_errors(tmp_path, capsys):

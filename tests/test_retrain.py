@@ -275,3 +275,18 @@ def test_report_settings_name_the_budget_and_the_passes():
     )
     settings = settings_line(markdown_report(rows, config))
     assert settings.endswith(", codebook_budget=lut_bytes:width=9 from a.json, fuse, prune_unread")
+
+
+def test_report_says_which_rows_use_the_eval_subset():
+    from maddnet.retrain.report import markdown_report
+
+    rows = [
+        {"step": 0, "phase": "dense", "top1": 0.9, "top5": 1.0, "samples": 359},
+        {"step": 1, "phase": "replace", "layer": "a", "top1": 0.8, "replaced_top1": 0.7, "samples": 200},
+        {"step": 2, "phase": "replace", "layer": "b", "top1": 0.8, "replaced_top1": 0.7, "samples": 359},
+        {"step": 3, "phase": "final", "top1": 0.85, "top5": 1.0, "samples": 359},
+    ]
+    config = {"model": "m", "dataset": "d", "eval_split": "test", "eval_samples": 200}
+    text = markdown_report(rows, config)
+    assert "the other replacements on its first 200 samples" in text
+    assert "first 200 samples" not in markdown_report(rows, {**config, "eval_samples": None})

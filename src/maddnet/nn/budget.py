@@ -357,6 +357,13 @@ class Allocation:
             "rows": self.rows,
         }
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Allocation:
+        """Inverse of :meth:`to_dict` (``budget.json``)."""
+        return cls(
+            CodebookBudget.from_dict(values["budget"]), float(values["total_budget"]), list(values["rows"])
+        )
+
     def markdown(self, title: str = "Per-layer C under a budget") -> str:
         b, t = self.budget, self.totals()
         unit = b.unit.replace("_", " ")

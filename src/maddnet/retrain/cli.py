@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,13 @@ def execute(config: RetrainConfig) -> int:
     from .report import markdown_report, write_report
 
     start = time.time()
+    allocation = config.codebook_allocation()
+    budget_paths: dict[str, Path] = {}
+    if allocation is not None and int(os.environ.get("RANK", "0")) == 0:
+        from ..nn.budget import write_allocation
+
+        # before any layer is learned: a resumed run reads this plan, not the analysis again
+        budget_paths = {f"budget_{k}": v for k, v in write_allocation(allocation, config.out_dir).items()}
     try:
         result = run_retrain(config)
     finally:
@@ -46,11 +54,7 @@ def execute(config: RetrainConfig) -> int:
         return 0  # rank 0 writes the report and prints the summary
     saved = json.loads(Path(config.out_dir, "config.json").read_text())
     paths = write_report(config.out_dir, result["rows"], saved)
-    allocation = config.codebook_allocation()
-    if allocation is not None:
-        from ..nn.budget import write_allocation
-
-        paths.update({f"budget_{k}": v for k, v in write_allocation(allocation, config.out_dir).items()})
+    paths.update(budget_paths)
     print()
     summary(result["model"])
     print()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..data.registry import SPLITS
@@ -204,11 +206,28 @@ class RetrainConfig(JsonConfig):
 
     def codebook_allocation(self) -> Allocation | None:
         """C per layer under ``codebook_budget`` (None without one), for the model built on
-        the meta device with the data set's input shape."""
+        the meta device with the data set's input shape.
+
+        A run that has started keeps its plan: once ``out_dir/budget.json`` exists (written
+        before the first layer is learned) it is read instead of the analysis report, so a
+        resumed run replaces its remaining layers at the C it planned even if the report
+        has changed or moved since. Raises ``ValueError`` when that file was planned under
+        another budget than this config's."""
         if self.codebook_budget is None:
             return None
         from ..hw.network import dataset_info, meta_model
         from ..nn.budget import allocate_for_model
+
+        frozen = Path(self.out_dir) / "budget.json"
+        if frozen.is_file():
+            allocation = Allocation.from_dict(json.loads(frozen.read_text()))
+            if allocation.budget.to_dict() != self.codebook_budget.to_dict():
+                raise ValueError(
+                    f"{frozen} was planned under the budget {allocation.budget.to_dict()}, this run's "
+                    f"config asks for {self.codebook_budget.to_dict()}: use another --out, or the "
+                    "run's own settings to resume it"
+                )
+            return allocation
 
         info = dataset_info(self.dataset, self.dataset_kwargs)
         model = meta_model(self.model, info, self.model_kwargs)

@@ -82,6 +82,13 @@ def markdown_report(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
         "",
         markdown_table(table_rows, list(table_rows[0]) if table_rows else []),
     ]
+    if config.get("eval_samples"):
+        lines += [
+            "",
+            f"Evaluation: the dense model, the last replacement and the final step on the whole "
+            f"{summary['eval_split']} split; the other replacements on its first "
+            f"{config['eval_samples']} samples (`eval_samples`; the 'eval samples' column).",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,10 @@
 # scripts/make_kws_espeak.py), from the dense baseline in results/baselines/ds_cnn_s_kws_espeak/.
 # Depthwise convs (groups > 1) stay dense: MADD layers need groups = 1 (the analysis lists them).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|dense_control|all]
+# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|dense_control|steering|surrogate_path|all]
+# steering: BUDGETS (default "1.0 0.75 0.5") and SEEDS (default "0 1") choose the runs
+# surrogate_path: retrain_wider with the hard-path surrogate, SEEDS (default "0 1"); compare with
+#   steering/budget1.0_seed* (the soft surrogate, same code and seeds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -51,4 +54,28 @@ if [ "$what" = dense_control ] || [ "$what" = all ]; then
     # (6 x 300 + 1,000 = 2,800 steps) spent fine-tuning the dense model, nothing replaced
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
         --batch-size 100 --distill 0.5 --dense-control --out "$out/dense_control"
+fi
+if [ "$what" = steering ]; then
+    # issue 12: retrain_wider with a channel budget on every converted layer's trees, then
+    # prune_unread (passes.json has the savings); budget 1.0 is retrain_wider rerun with the
+    # same code and seed, so each budget is compared within one seed
+    for seed in ${SEEDS:-0 1}; do
+        for b in ${BUDGETS:-1.0 0.75 0.5}; do
+            "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+                --ncodebooks stem.0=40 --codebook-width 2 --batch-size 100 --distill 0.5 \
+                --seed "$seed" --channel-budget "$b" --prune-unread \
+                --out "$out/steering/budget${b}_seed${seed}"
+        done
+        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+            --batch-size 100 --distill 0.5 --dense-control --seed "$seed" \
+            --out "$out/steering/dense_control_seed${seed}"
+    done
+fi
+if [ "$what" = surrogate_path ]; then
+    # issue 16: does the faster path surrogate train as well as the soft one?
+    for seed in ${SEEDS:-0 1}; do
+        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+            --ncodebooks stem.0=40 --codebook-width 2 --batch-size 100 --distill 0.5 \
+            --seed "$seed" --surrogate path --out "$out/surrogate_path/seed${seed}"
+    done
 fi

@@ -2,7 +2,11 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|all]
+# steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
+# surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
+# encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
+#   (docs/encoders.md: the best equal-cost variant at the AMM level), SEEDS (default "0")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -70,4 +74,34 @@ if [ "$what" = dense_control ] || [ "$what" = all ]; then
     # (9 x 400 + 2,000 = 5,600 steps) spent fine-tuning the dense model, nothing replaced
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
         --batch-size 128 --eval-samples 2000 --distill 0.5 --dense-control --out "$out/dense_control"
+fi
+if [ "$what" = steering ]; then
+    # issue 12: retrain_wide_long with a channel budget on every converted layer's trees, then
+    # prune_unread (passes.json has the savings). Compare with retrain_wide_long / _seed1
+    # (budget 1.0) and dense_control, all at the same budget of steps.
+    for seed in ${SEEDS:-0}; do
+        for b in ${BUDGETS:-0.5 0.75}; do
+            "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+                --batch-size 128 --eval-samples 2000 --distill 0.5 "${wide[@]}" --seed "$seed" \
+                --channel-budget "$b" --prune-unread --out "$out/steering/budget${b}_seed${seed}"
+        done
+    done
+fi
+if [ "$what" = surrogate_path ]; then
+    # issue 16: retrain_wide_long with the faster hard-path surrogate (compare: retrain_wide_long,
+    # retrain_wide_long_seed1, dense_control)
+    for seed in ${SEEDS:-0}; do
+        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+            --batch-size 128 --eval-samples 2000 --distill 0.5 "${wide[@]}" --seed "$seed" \
+            --surrogate path --out "$out/surrogate_path/seed${seed}"
+    done
+fi
+if [ "$what" = encoder_output ]; then
+    # issue 11: the rule's C (D/C = 9; stem C = 9) at retrain_long's budget with
+    # --hash-objective output (compare: retrain_long 92.01 %, dense_control 94.83 %)
+    for seed in ${SEEDS:-0}; do
+        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
+            --hash-objective output --out "$out/encoder_output/seed${seed}"
+    done
 fi

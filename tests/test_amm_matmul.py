@@ -421,3 +421,35 @@ def test_scatter_sums_do_not_depend_on_the_thread_count():
         assert torch.equal(prototypes.one_hot_t_rows(codes, rows, 16), single)
     finally:
         numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("nrows", [1500, 60])  # C*K = 64: the primal and the dual system
+@pytest.mark.parametrize("encoder", ["tree", "pq"])
+def test_fit_lut_equals_fit(tmp_path, nrows, encoder):
+    """The LUT solved for B directly (layer conversion) is fit's LUT to float rounding."""
+    rows, _ = low_rank_data(nrows=nrows, ndims=24)
+    weight = torch.randn(24, 5, generator=torch.Generator().manual_seed(4))  # M < D
+    options = {"iterations": 3} if encoder == "pq" else {}
+    kwargs = {"ncodebooks": 4, "lut_bits": None, "encoder": encoder, "encoder_options": options}
+    full = MaddnessMatmul(**kwargs).fit(rows, weight)
+    direct = MaddnessMatmul(**kwargs).fit_lut(rows, weight)
+    assert torch.equal(full.encode(rows), direct.encode(rows))
+    scale = full.lut_.abs().max()
+    torch.testing.assert_close(direct.lut_, full.lut_, rtol=0, atol=1e-5 * float(scale))
+    with pytest.raises(ValueError, match="fitted with fit_lut"):
+        direct.set_weight(weight)
+    direct.save(tmp_path / "amm.pt")
+    again = MaddnessMatmul.load(tmp_path / "amm.pt")
+    assert torch.equal(again(rows), direct(rows))
+    with pytest.raises(ValueError, match="fitted with fit_lut"):
+        again.set_weight(weight)
+    # M >= D or no ridge step: fit itself, bit for bit, and set_weight works
+    wide = torch.randn(24, 30, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(
+        MaddnessMatmul(**kwargs).fit_lut(rows, wide).lut_, MaddnessMatmul(**kwargs).fit(rows, wide).lut_
+    )
+    plain = MaddnessMatmul(**{**kwargs, "ridge": None})
+    assert torch.equal(
+        plain.fit_lut(rows, weight).lut_, MaddnessMatmul(**{**kwargs, "ridge": None}).fit(rows, weight).lut_
+    )
+    plain.set_weight(weight)

@@ -124,7 +124,7 @@ def test_second_encoder_in_madd_linear_trains_saves_and_loads(tmp_path):
     layer = MaddLinear.from_dense(linear, rows, ncodebooks=4, spec=spec)
     assert isinstance(layer.encoder, NearestPrototypeModule) and layer.encoder_reads == 16
     amm = MaddnessMatmul(ncodebooks=4, lut_bits=8, encoder="pq", encoder_options={"iterations": 3})
-    amm.fit(rows, linear.weight.detach().T)
+    amm.fit_lut(rows, linear.weight.detach().T)  # what conversion runs
     with torch.no_grad():
         assert torch.equal(layer.eval()(rows[:300]), amm(rows[:300]) + linear.bias)
     # one training step moves centroids and LUT and lowers the loss on its batch

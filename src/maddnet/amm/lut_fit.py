@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .prototypes import code_cooccurrence
+from .prototypes import ridge_solve
 
 
 def product_lut(
@@ -64,13 +64,6 @@ def product_lut(
             f"product_lut: prior must be (C, K, M) = {(ncodebooks, nprototypes, noutputs)}, "
             f"got {tuple(prior.shape)}"
         )
-    gram = code_cooccurrence(codes, nprototypes)
-    gram.diagonal().add_(ridge)
-    offsets = torch.arange(ncodebooks, device=codes.device) * nprototypes
-    index = (codes.long() + offsets).reshape(-1)
-    rhs = torch.zeros(size, noutputs, dtype=torch.float64, device=codes.device)
-    rhs.index_add_(0, index, targets.double().repeat_interleave(ncodebooks, dim=0))
-    if prior is not None:
-        rhs += ridge * prior.reshape(size, noutputs).double()
-    solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
-    return solution.reshape(ncodebooks, nprototypes, noutputs).float()
+    zeros = torch.zeros(size, noutputs, dtype=torch.float64, device=codes.device)
+    start = zeros if prior is None else prior.reshape(size, noutputs)
+    return ridge_solve(targets, codes, start, ridge).reshape(ncodebooks, nprototypes, noutputs).float()

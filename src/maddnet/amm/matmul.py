@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import lut
+from . import prototypes as prototype_fit
 from .checks import ArrayLike, NotFittedError, as_matrix, check_all_finite, check_nprototypes, like_input
 from .encoders import HASH_OBJECTIVES, Encoder, create_encoder
 
@@ -101,6 +102,7 @@ class MaddnessMatmul:
         self._new_encoder()  # validates the encoder's name and options now, not at fit time
         self.encoder_: Encoder | None = None
         self.lut_: torch.Tensor | None = None
+        self._lut_only = False  # fitted by fit_lut: no ridge prototypes, set_weight refuses
         self.lut_q_: lut.QuantizedLut | None = None
         self._lut_q_table: torch.Tensor | None = None
         self._packed: lut.PackedLut | None | bool = False  # False: not made yet (see _decode)
@@ -169,15 +171,44 @@ class MaddnessMatmul:
         # autocast would run the ridge regression in reduced precision and round the result
         with torch.autocast(rows.device.type, enabled=False):
             self.encoder_ = self._new_encoder().fit(rows, weight)
+        self._lut_only = False
         self.lut_ = None
         self.lut_q_ = None
         self._lut_q_table = None
         self._packed = False
         return self
 
+    def fit_lut(self, A_train: ArrayLike, B: ArrayLike) -> MaddnessMatmul:
+        """:meth:`fit` for one fixed B, with the ridge step solved for the LUT directly.
+
+        The table equals ``fit(A_train, B)``'s up to float64 rounding
+        (:func:`maddnet.amm.prototypes.ridge_lut`: M right-hand sides instead of D), so where
+        M < D it is cheaper (layer conversion uses it: a 3x3 conv has D = 9 Cin). The
+        prototypes are never solved: ``prototypes_`` keep the encoder's initial ones (leaf
+        means) and :meth:`set_weight` refuses; fit again for another B. Without a ridge step
+        (``ridge=None``) or where M >= D this is :meth:`fit`.
+        """
+        rows = as_matrix(A_train, "A_train").float()
+        weight = self._check_weight(B, rows.shape[1]).float().to(rows.device)
+        if self.ridge is None or weight.shape[1] >= weight.shape[0]:
+            return self.fit(A_train, B)
+        with torch.autocast(rows.device.type, enabled=False):  # float64 solve, float32 table
+            encoder = self._new_encoder()
+            codes = encoder.fit_codes(rows, weight)
+            table = prototype_fit.ridge_lut(rows, codes, encoder.prototypes_, self.ridge, weight)
+        self.encoder_ = encoder
+        self._set_lut(table)
+        self._lut_only = True
+        return self
+
     def set_weight(self, B: ArrayLike) -> MaddnessMatmul:
         """Build the LUTs of weight ``B`` (D, M) for the learned encoder."""
         self._require_encoder()
+        if self._lut_only:
+            raise ValueError(
+                "this estimator was fitted with fit_lut: its LUT was solved for one B and its ridge "
+                "prototypes were never formed; call fit(A_train, B) to change the weight"
+            )
         weight = self._check_weight(B, self.input_dim)
         with torch.autocast(self.prototypes_.device.type, enabled=False):  # an exact float32 LUT
             self._set_lut(lut.build_lut(self.prototypes_, weight.to(self.prototypes_.device)))
@@ -305,6 +336,8 @@ class MaddnessMatmul:
             state.update(self.encoder_.state_dict())  # the tree: split_dims, thresholds, prototypes
         if self.lut_ is not None:
             state["lut"] = self.lut_
+        if self._lut_only:
+            state["lut_only"] = True
         if self.lut_q_ is not None:
             state.update(
                 lut_q_values=self.lut_q_.values,
@@ -319,6 +352,7 @@ class MaddnessMatmul:
         if config is None or {**_CONFIG_DEFAULTS, **config} != self.get_config():
             raise ValueError(f"state was saved with config {config}, this estimator has {self.get_config()}")
         self.encoder_ = self._new_encoder().load_state_dict(state)
+        self._lut_only = bool(state.get("lut_only", False))
         self.lut_, self.lut_q_, self._lut_q_table = None, None, None
         self._packed = False
         if "lut" in state:

@@ -199,18 +199,53 @@ def ridge_prototypes(
     Raises:
         ValueError: ridge not > 0.
     """
+    ncodebooks, nprototypes, ndims = initial.shape
+    solution = ridge_solve(rows, codes, initial.reshape(ncodebooks * nprototypes, ndims), ridge)
+    return solution.reshape(ncodebooks, nprototypes, ndims).float()
+
+
+def ridge_lut(
+    rows: torch.Tensor, codes: torch.Tensor, initial: torch.Tensor, ridge: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """The LUT ``P B`` of the ridge prototypes P, solved for B directly.
+
+    Since ``G^T (A B) = (G^T A) B``, the table ``T = P B`` solves the same system with the
+    targets ``A B`` and the prior ``P0 B`` (:mod:`maddnet.amm.lut_fit`): M right-hand sides
+    instead of D, so the triangular solves and the scatter sums shrink by D / M (9x for a
+    3x3 conv with as many outputs as inputs, 4x for a transformer's MLP down-projection).
+    Equal to ``build_lut(ridge_prototypes(...), B)`` up to float64 rounding
+    (``tests/test_amm_matmul.py``); worth it only where M < D.
+
+    Args:
+        rows: (N, D) float training rows; codes: (N, C) their codes; initial: (C, K, D) P0;
+        ridge: lambda > 0; weight: (D, M) float B.
+
+    Returns:
+        (C, K, M) float32 table on the rows' device.
+    """
+    ncodebooks, nprototypes, ndims = initial.shape
+    weight64 = weight.double()
+    targets = rows.double() @ weight64  # (N, M) A B
+    prior = initial.reshape(ncodebooks * nprototypes, ndims).double() @ weight64  # (C*K, M) P0 B
+    return ridge_solve(targets, codes, prior, ridge).reshape(ncodebooks, nprototypes, -1).float()
+
+
+def ridge_solve(
+    targets: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """``argmin_X ||Y - G X||^2 + ridge ||X - X0||^2``: (C*K, R) float64 for targets Y (N, R),
+    codes (N, C) and prior X0 (C*K, R), in the primal or the dual form, whichever system is
+    smaller (module docstring). Raises ``ValueError`` for ridge not > 0."""
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0 (the one-hot system is singular without it), got {ridge}")
-    ncodebooks, nprototypes, ndims = initial.shape
-    size = ncodebooks * nprototypes
-    prior = initial.reshape(size, ndims)
-    if rows.shape[0] < size:
-        return _ridge_dual(rows, codes, prior, ridge).reshape(ncodebooks, nprototypes, ndims).float()
+    size = prior.shape[0]
+    nprototypes = size // codes.shape[1]
+    if targets.shape[0] < size:
+        return _ridge_dual(targets, codes, prior, ridge)
     gram = code_cooccurrence(codes, nprototypes)
     gram.diagonal().add_(ridge)
-    rhs = one_hot_t_rows(codes, rows, nprototypes).add_(prior.double(), alpha=ridge)
-    solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram, out=gram))  # in place: one (C*K)^2
-    return solution.reshape(ncodebooks, nprototypes, ndims).float()
+    rhs = one_hot_t_rows(codes, targets, nprototypes).add_(prior.double(), alpha=ridge)
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram, out=gram))  # in place: one (C*K)^2
 
 
 def _ridge_dual(rows: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -892,7 +892,9 @@ def learn_amm(
         encoder=spec.encoder,
         encoder_options={**spec.encoder_options, **spec.steering_options(channel_size)},
     )
-    return amm.fit(rows.detach().float(), weight.detach().float().to(rows.device))
+    # the layer keeps the LUT, not the prototypes: solve the ridge step for the weight
+    # directly (M instead of D right-hand sides where M < D, e.g. 9x fewer for a 3x3 conv)
+    return amm.fit_lut(rows.detach().float(), weight.detach().float().to(rows.device))
 
 
 class MaddLinear(_MaddLayer):

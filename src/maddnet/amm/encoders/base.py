@@ -109,6 +109,15 @@ class Encoder(ABC):
         is the product (e.g. the tree with ``hash_objective="output"``) read it, others
         ignore it. Raises ``ValueError`` for too few rows (fewer than K) or C > D.
         """
+        codes = self.fit_codes(rows, weight)
+        if self.ridge is not None:
+            self.prototypes_ = prototype_fit.ridge_prototypes(rows, codes, self.prototypes_, self.ridge)
+        return self
+
+    def fit_codes(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Learn the encoding only: ``prototypes_`` become the initial prototypes (e.g. leaf
+        means, no ridge step); returns the training rows' codes (N, C). What
+        :meth:`maddnet.amm.MaddnessMatmul.fit_lut` builds on. Raises as :meth:`fit`."""
         nrows, ndims = rows.shape
         if self.ncodebooks > ndims:
             raise ValueError(
@@ -119,12 +128,8 @@ class Encoder(ABC):
                 f"A_train has {nrows} rows; learning a {self.name or type(self).__name__} encoder with "
                 f"K={self.nprototypes} codes per codebook needs at least {self.nprototypes}"
             )
-        codes, initial = self._fit_codes(rows, weight)
-        if self.ridge is None:
-            self.prototypes_ = initial
-        else:
-            self.prototypes_ = prototype_fit.ridge_prototypes(rows, codes, initial, self.ridge)
-        return self
+        codes, self.prototypes_ = self._fit_codes(rows, weight)
+        return codes
 
     @abstractmethod
     def _fit_codes(

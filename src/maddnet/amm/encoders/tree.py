@@ -77,14 +77,14 @@ class TreeEncoder(Encoder):
         }
 
     # ------------------------------------------------------------------ learning
-    def fit(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> TreeEncoder:
+    def fit_codes(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if self.hash_objective == "output" and weight is None:
             raise ValueError('hash_objective="output" needs the weight: fit_encoder(A_train, B)')
         if self.channel_budget is not None and weight is None:
             raise ValueError(
                 "channel_budget ranks channels by their output contribution: it needs the weight B"
             )
-        return super().fit(rows, weight)
+        return super().fit_codes(rows, weight)
 
     def _fit_codes(
         self, rows: torch.Tensor, weight: torch.Tensor | None

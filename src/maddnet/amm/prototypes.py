@@ -224,9 +224,10 @@ def ridge_lut(
         (C, K, M) float32 table on the rows' device.
     """
     ncodebooks, nprototypes, ndims = initial.shape
-    weight64 = weight.double()
-    targets = rows.double() @ weight64  # (N, M) A B
-    prior = initial.reshape(ncodebooks * nprototypes, ndims).double() @ weight64  # (C*K, M) P0 B
+    weight32 = weight.float()
+    # float32 products (as build_lut's P B), no float64 copy of A or P0 (N x D, C*K x D)
+    targets = (rows.float() @ weight32).double()  # (N, M) A B
+    prior = (initial.reshape(ncodebooks * nprototypes, ndims).float() @ weight32).double()  # (C*K, M) P0 B
     return ridge_solve(targets, codes, prior, ridge).reshape(ncodebooks, nprototypes, -1).float()
 
 

@@ -290,3 +290,45 @@ def test_report_says_which_rows_use_the_eval_subset():
     text = markdown_report(rows, config)
     assert "the other replacements on its first 200 samples" in text
     assert "first 200 samples" not in markdown_report(rows, {**config, "eval_samples": None})
+
+
+def test_final_fine_tune_resumes_from_its_progress_checkpoint(tmp_path, monkeypatch):
+    """A run killed inside the final fine-tune continues from its last progress save, not
+    from the start of the step, and ends where the uninterrupted run ends."""
+    small = {"layers": ["fc"], "final_steps": 7, "checkpoint_every": 3}
+    reference = run_retrain(tiny_config(tmp_path / "ref", **small))
+    ref_state = {k: v.clone() for k, v in reference["model"].state_dict().items()}
+
+    real_train_steps = pipeline_module.train_steps
+    starts: list[int] = []
+
+    def crash_at_step_5(*args, **kwargs):
+        if kwargs.get("desc") == "final fine-tune":
+            starts.append(kwargs.get("start_step", 0))
+            save = kwargs["callback"]
+
+            def callback(info):
+                save(info)
+                if info.step == 5:
+                    raise KeyboardInterrupt("simulated kill")
+
+            kwargs["callback"] = callback
+        return real_train_steps(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "train_steps", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_retrain(tiny_config(tmp_path / "run", **small))
+    progress = torch.load(tmp_path / "run" / pipeline_module.PROGRESS, weights_only=False)
+    assert (progress["step"], progress["steps"]) == (3, 7)
+
+    def record_start(*args, **kwargs):
+        if kwargs.get("desc") == "final fine-tune":
+            starts.append(kwargs.get("start_step", 0))
+        return real_train_steps(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "train_steps", record_start)
+    resumed = run_retrain(tiny_config(tmp_path / "run", **small))
+    assert starts == [0, 3]  # the rerun's final fine-tune continued at step 3 of 7
+    assert not (tmp_path / "run" / pipeline_module.PROGRESS).exists()
+    for key, value in resumed["model"].state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], rtol=1e-4, atol=1e-5, msg=key)

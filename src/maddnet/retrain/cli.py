@@ -306,6 +306,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
         field="final_steps",
         help="fine-tuning steps of everything still trainable at the end",
     )
+    _option(
+        group,
+        "--checkpoint-every",
+        type=non_negative_int,
+        field="checkpoint_every",
+        help="save the final fine-tune's progress every N steps; a rerun continues there (0: off)",
+    )
     _option(group, "--optimizer", choices=["adamw", "sgd"], field="optimizer", help="optimiser")
     for name, what in (
         ("dense", "dense conv/linear layers not replaced yet"),

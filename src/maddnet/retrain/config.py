@@ -46,6 +46,10 @@ class RetrainConfig(JsonConfig):
         max_rows: rows kept per layer while recording.
         steps_per_layer: fine-tuning steps after each replacement.
         final_steps: fine-tuning steps of everything still trainable at the end.
+        checkpoint_every: the final fine-tune (the dense control's whole budget) saves its
+            progress every this many optimiser steps (``final_progress.pt``: weights,
+            optimiser, schedule, RNG), and a rerun continues from there; 0: only whole steps
+            are checkpointed.
         optimizer: "adamw" or "sgd"; lr_dense (the dense layers that follow),
             lr_norm (BatchNorm/LayerNorm and other parameters outside conv/linear layers),
             lr_lut and lr_threshold (MADD layers); weight_decay applies to dense weights.
@@ -67,7 +71,8 @@ class RetrainConfig(JsonConfig):
             ``passes.json`` report (docs/passes.md); the resumable checkpoint is unchanged.
         eval_samples: evaluate the intermediate steps on the first N samples of the eval
             split only (the dense, last-replacement and final steps always use all of it).
-        device, threads, progress: how the run executes (may change on resume); device
+        device, threads, progress, checkpoint_every: how the run executes (may change on
+            resume); device
             ``"auto"`` becomes ``"cuda"`` when torch sees a GPU, else ``"cpu"``.
         dist_timeout: seconds a rank waits in a collective under torchrun before it
             raises (a dead or stuck rank then stops the job instead of hanging it).
@@ -94,6 +99,7 @@ class RetrainConfig(JsonConfig):
     max_rows: int = 16384
     steps_per_layer: int = 200
     final_steps: int = 500
+    checkpoint_every: int = 200
     optimizer: str = "adamw"
     lr_dense: float = 1e-3
     lr_norm: float = 1e-3
@@ -122,7 +128,7 @@ class RetrainConfig(JsonConfig):
     dist_timeout: float = 600.0
 
     EXECUTION_KEYS: ClassVar[frozenset[str]] = frozenset(
-        {"out_dir", "data_root", "device", "threads", "progress", "dist_timeout"}
+        {"out_dir", "data_root", "device", "threads", "progress", "dist_timeout", "checkpoint_every"}
     )
 
     def __post_init__(self) -> None:
@@ -283,7 +289,7 @@ _POSITIVE_INTS = (
     "eval_samples",
     "threads",
 )
-_NON_NEGATIVE_INTS = ("baseline_steps", "steps_per_layer", "final_steps", "seed")
+_NON_NEGATIVE_INTS = ("baseline_steps", "steps_per_layer", "final_steps", "checkpoint_every", "seed")
 _OPTIONAL = frozenset({"eval_samples", "threads"})
 _NON_NEGATIVE_FLOATS = ("lr_dense", "lr_norm", "lr_lut", "lr_threshold", "weight_decay", "momentum", "recon")
 

@@ -47,7 +47,16 @@ from ..nn.mapping import LAYER_TYPES, input_dim
 from ..nn.plan import replace_module
 from ..nn.recording import capacity_for
 from ..threads import set_threads
-from ..train import JsonlWriter, evaluate, load_checkpoint, save_checkpoint, seed_everything, train_steps
+from ..train import (
+    JsonlWriter,
+    capture_rng_state,
+    evaluate,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+    train_steps,
+)
 from ..train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -68,6 +77,8 @@ from ..train.sampler import ResumableSampler
 from .config import RetrainConfig
 
 CHECKPOINT = "checkpoint.pt"
+# progress inside the final fine-tune (config.checkpoint_every), removed when the step ends
+PROGRESS = "final_progress.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -390,11 +401,40 @@ class Retrainer:
             loader = DataLoader(subset, batch_size=self.config.eval_batch_size, sampler=sampler)
         return evaluate(model, loader, device=self.device)
 
-    def _train(self, model: nn.Module, groups: list[dict], steps: int, loss: RetrainLoss, desc: str) -> dict:
+    def _train(
+        self,
+        model: nn.Module,
+        groups: list[dict],
+        steps: int,
+        loss: RetrainLoss,
+        desc: str,
+        progress_step: int | None = None,
+    ) -> dict:
+        """Fine-tune ``steps`` optimiser steps; returns the mean loss / top-1 of the steps run
+        here and their seconds. With ``progress_step`` (the pipeline step this belongs to)
+        and ``config.checkpoint_every``, rank 0 saves the progress every that many steps and
+        a rerun continues from the last save (the same weights, optimiser, schedule, RNG and
+        data position)."""
         if steps == 0 or not groups:
             return {}
         optimizer = make_optimizer(groups, self.config)
         scheduler = warmup_cosine_schedule(optimizer, steps, max(1, steps // 20))
+        every = self.config.checkpoint_every if progress_step is not None else 0
+        start_step = self._restore_progress(model, optimizer, scheduler, progress_step, steps) if every else 0
+
+        def save_progress(info) -> None:
+            if info.step % every == 0 and info.step < steps and self.dist.is_main:
+                state = {
+                    "next_step": progress_step,
+                    "step": info.step,
+                    "steps": steps,
+                    "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": capture_rng_state(),
+                }
+                save_checkpoint(self.out / PROGRESS, state)
+
         trained = model
         if self.dist.enabled:
             # a new wrapper per call: which parameters train changes from step to step
@@ -407,8 +447,10 @@ class Retrainer:
             optimizer,
             scheduler,
             steps=steps,
+            start_step=start_step,
             compute_loss=loss,
             device=self.device,
+            callback=save_progress if every else None,
             progress=self.config.progress and self.dist.is_main,
             desc=desc,
         )
@@ -423,6 +465,33 @@ class Retrainer:
             loss_sum, top1_sum = all_reduce_sum([stats["loss"], stats["top1"]], self.device)
             stats = {**stats, "loss": loss_sum / world, "top1": top1_sum / world}
         return stats
+
+    def _restore_progress(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        progress_step: int,
+        steps: int,
+    ) -> int:
+        """Load ``final_progress.pt`` into the model, optimiser, schedule and RNG when it
+        belongs to this step (and this budget of steps); returns the steps already done."""
+        path = self.out / PROGRESS
+        if not path.exists():
+            return 0
+
+        def read() -> dict:
+            return load_checkpoint(path, map_location=self.device)
+
+        saved = fail_together(read, f"reading {path}")
+        if saved.get("next_step") != progress_step or saved.get("steps") != steps:
+            return 0  # left by another step or budget: start the step afresh
+        model.load_state_dict(saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        restore_rng_state(saved["rng"])
+        check_same_model(model, f"reading {path}", self.device)
+        return int(saved["step"])
 
     def _reseed(self, step: int) -> None:
         """Seed every RNG a step uses from the step number alone, so a resumed step repeats exactly."""
@@ -560,7 +629,12 @@ class Retrainer:
         groups = parameter_groups(model, order, len(order), cfg, final=True)
         steps = cfg.final_steps + (len(order) * cfg.steps_per_layer if cfg.dense_control else 0)
         train_stats = self._train(
-            model, groups, steps, loss, "dense control" if cfg.dense_control else "final fine-tune"
+            model,
+            groups,
+            steps,
+            loss,
+            "dense control" if cfg.dense_control else "final fine-tune",
+            progress_step=final_step,
         )
         metrics = self._evaluate(model)
         checksum = check_same_model(model, "the final fine-tune", self.device)
@@ -580,6 +654,8 @@ class Retrainer:
             }
         )
         self._save(model, final_step + 1, order, dense_state)
+        if self.dist.is_main:
+            (self.out / PROGRESS).unlink(missing_ok=True)
 
     def _layer_order(self, model: nn.Module) -> list[str]:
         """The selected layers in forward order, after checking that the calibration data

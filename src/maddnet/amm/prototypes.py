@@ -225,10 +225,20 @@ def ridge_lut(
     """
     ncodebooks, nprototypes, ndims = initial.shape
     weight32 = weight.float()
+    flat_initial = initial.reshape(ncodebooks * nprototypes, ndims)
     # float32 products (as build_lut's P B), no float64 copy of A or P0 (N x D, C*K x D)
-    targets = (rows.float() @ weight32).double()  # (N, M) A B
-    prior = (initial.reshape(ncodebooks * nprototypes, ndims).float() @ weight32).double()  # (C*K, M) P0 B
-    return ridge_solve(targets, codes, prior, ridge).reshape(ncodebooks, nprototypes, -1).float()
+    prior = (flat_initial.float() @ weight32).double()  # (C*K, M) P0 B
+    if rows.shape[0] < ncodebooks * nprototypes:
+        # the dual's residual A B - G P0 B as (A - G P0) B: G P0 gathers only P0's nonzero
+        # (block) columns, N*D additions, where G (P0 B) would gather N*C*M from a dense table
+        residual = (
+            (rows.double() - one_hot_rows(codes, flat_initial, nprototypes)).float() @ weight32
+        ).double()
+        solution = _ridge_dual(residual, codes, prior, ridge, residual=True)
+    else:
+        targets = (rows.float() @ weight32).double()  # (N, M) A B
+        solution = ridge_solve(targets, codes, prior, ridge)
+    return solution.reshape(ncodebooks, nprototypes, -1).float()
 
 
 def ridge_solve(
@@ -249,11 +259,16 @@ def ridge_solve(
     return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram, out=gram))  # in place: one (C*K)^2
 
 
-def _ridge_dual(rows: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float) -> torch.Tensor:
-    """The dual form: ``P0 + G^T (G G^T + ridge I)^-1 (A - G P0)``, (C*K, D) float64."""
+def _ridge_dual(
+    rows: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float, residual: bool = False
+) -> torch.Tensor:
+    """The dual form: ``P0 + G^T (G G^T + ridge I)^-1 (A - G P0)``, (C*K, D) float64;
+    ``residual=True``: ``rows`` already hold ``A - G P0``."""
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0 (the one-hot system is singular without it), got {ridge}")
     nprototypes = prior.shape[0] // codes.shape[1]
     # G P0 gathers from P0 as given (float32 halves the traffic; the sums are float64)
-    residual = rows.double() - one_hot_rows(codes, prior, nprototypes)
+    residual = rows.double() if residual else rows.double() - one_hot_rows(codes, prior, nprototypes)
     system = code_agreement(codes, nprototypes)
     system.diagonal().add_(ridge)
     weights = torch.cholesky_solve(residual, torch.linalg.cholesky(system, out=system))

@@ -251,13 +251,14 @@ def convert_part(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def model_worker(name: str) -> dict:
-    """Convert a torchvision model (random weights) on 256 inputs of 3x64x64; fresh process."""
+def model_worker(name: str, threads: int = 1) -> dict:
+    """Convert a torchvision model (random weights) on 256 inputs of 3x64x64 with ``threads``
+    torch/numba/BLAS threads; fresh process."""
     import torchvision
 
     from maddnet.nn import convert
 
-    set_threads(1)
+    set_threads(threads)
     torch.manual_seed(0)
     builders = {
         "resnet50": lambda: torchvision.models.resnet50(),
@@ -274,6 +275,7 @@ def model_worker(name: str) -> dict:
     top = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:8]  # by own time
     return {
         "model": name,
+        "threads": threads,
         "inputs": 256,
         "convert_s": wall,
         "convert_cpu_s": cpu,
@@ -286,10 +288,11 @@ def model_worker(name: str) -> dict:
 def models_part(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.models:
-        command = [sys.executable, __file__, "--model-worker", name]
-        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
+        for threads in args.threads:
+            command = [sys.executable, __file__, "--model-worker", name, "--threads", str(threads)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -446,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(convert_worker(*args.convert_worker)))
         return 0
     if args.model_worker:
-        print(json.dumps(model_worker(args.model_worker)))
+        print(json.dumps(model_worker(args.model_worker, args.threads[0])))
         return 0
     unknown = sorted(set(args.parts) - {"compare", "scaling", "convert", "models"})
     if unknown:

@@ -245,6 +245,53 @@ def _exp32(z, out, bits, bits_as_float):  # pragma: no cover
         out[i] *= bits_as_float[i]
 
 
+@numba.njit(inline="always")
+def _add_lut_gradient(partial, codes, grad_rows, nq):  # pragma: no cover
+    """The exact LUT gradient of one codebook and image: ``partial[codes[q]] += grad_rows[q]``
+    for the first nq positions (partial (K, M), codes (>= nq,), grad_rows (>= nq, M))."""
+    nout = grad_rows.shape[1]
+    for q in range(nq):
+        entry = partial[codes[q]]
+        row = grad_rows[q]
+        for m in range(nout):
+            entry[m] += row[m]
+
+
+@numba.njit(inline="always")
+def _read_taps(flat, offsets, q_base, start, block, x):  # pragma: no cover
+    """x[t, :block] = the tap ``offsets[t]`` of positions start .. start + block - 1."""
+    contiguous = q_base.shape[0] == 0
+    for t in range(offsets.shape[0]):
+        o = offsets[t]
+        if contiguous:  # views, not flat[start + i + o]: see _encode_codebook
+            x[t, :block] = flat[start + o : start + o + block]
+        else:
+            for i in range(block):
+                x[t, i] = flat[q_base[start + i] + o]
+
+
+@numba.njit(inline="always")
+def _add_tap_gradient(grad_plane, offset, q_base, start, block, values):  # pragma: no cover
+    """Add values[:block] into the padded plane's gradient at one tap of each position."""
+    if q_base.shape[0] == 0:
+        tap_grad = grad_plane[start + offset : start + offset + block]
+        for i in range(block):
+            tap_grad[i] += values[i]
+    else:
+        for i in range(block):
+            grad_plane[q_base[start + i] + offset] += values[i]
+
+
+@numba.njit(inline="always")
+def _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x):  # pragma: no cover
+    """grad_images[b] = the unpadded part of the padded plane's gradient."""
+    _, channels, height, width = grad_images.shape
+    summed = grad_plane.reshape(channels, height + 2 * pad_y, width + 2 * pad_x)
+    for ch in range(channels):
+        for y in range(height):
+            grad_images[b, ch, y] = summed[ch, y + pad_y, pad_x : pad_x + width]
+
+
 @cached_njit(parallel=True, fastmath=_FAST)
 def conv_backward(
     images,
@@ -283,12 +330,10 @@ def conv_backward(
     ncodebooks, depth = offsets.shape
     nleaves = 1 << depth
     nnodes = nleaves - 1
-    nout = grad_rows.shape[2]
     want_images = grad_images.shape[0] > 0
     f32 = np.float32
     one = f32(1.0)
     padded_h, padded_w = height + 2 * pad_y, width + 2 * pad_x
-    contiguous = q_base.shape[0] == 0
     for slot in numba.prange(grad_scores.shape[0]):
         b = image0 + slot
         plane = np.zeros((channels, padded_h, padded_w), np.float32)
@@ -307,21 +352,10 @@ def conv_backward(
         bits_as_float = bits.view(np.float32)
         for c in range(ncodebooks):
             # exact LUT gradient: sum of dL/dY over the positions with each code
-            table = grad_lut[slot, c]
-            for q in range(nq):
-                entry = table[codes[b, c, q]]
-                row = grad_rows[slot, q]
-                for m in range(nout):
-                    entry[m] += row[m]
+            _add_lut_gradient(grad_lut[slot, c], codes[b, c], grad_rows[slot], nq)
             for start in range(0, nq, _QBLOCK):
                 block = min(_QBLOCK, nq - start)
-                for t in range(depth):
-                    o = offsets[c, t]
-                    if contiguous:  # views, not flat[start + i + o]: see _encode_codebook
-                        x[t, :block] = flat[start + o : start + o + block]
-                    else:
-                        for i in range(block):
-                            x[t, i] = flat[q_base[start + i] + o]
+                _read_taps(flat, offsets[c], q_base, start, block, x)
                 # forward through the soft tree: right-probabilities, slopes, reach
                 for i in range(block):
                     reach[0, i] = one
@@ -366,19 +400,9 @@ def conv_backward(
                             total += grad_node
                         grad_thresholds[slot, c, node] -= total
                     if want_images:
-                        o = offsets[c, t]
-                        if contiguous:
-                            tap_grad = grad_plane[start + o : start + o + block]
-                            for i in range(block):
-                                tap_grad[i] += acc[i]
-                        else:
-                            for i in range(block):
-                                grad_plane[q_base[start + i] + o] += acc[i]
+                        _add_tap_gradient(grad_plane, offsets[c, t], q_base, start, block, acc)
         if want_images:
-            summed = grad_plane.reshape(channels, padded_h, padded_w)
-            for ch in range(channels):
-                for y in range(height):
-                    grad_images[b, ch, y] = summed[ch, y + pad_y, pad_x : pad_x + width]
+            _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x)
 
 
 @cached_njit(parallel=True, fastmath=_FAST)
@@ -424,7 +448,6 @@ def conv_backward_path(
     f32 = np.float32
     one = f32(1.0)
     padded_h, padded_w = height + 2 * pad_y, width + 2 * pad_x
-    contiguous = q_base.shape[0] == 0
     for slot in numba.prange(grad_rows.shape[0]):
         b = image0 + slot
         plane = np.zeros((channels, padded_h, padded_w), np.float32)
@@ -440,22 +463,11 @@ def conv_backward_path(
         bits_as_float = bits.view(np.float32)
         for c in range(ncodebooks):
             # exact LUT gradient: sum of dL/dY over the positions with each code
-            partial = grad_lut[slot, c]
-            for q in range(nq):
-                entry = partial[codes[b, c, q]]
-                row = grad_rows[slot, q]
-                for m in range(nout):
-                    entry[m] += row[m]
+            _add_lut_gradient(grad_lut[slot, c], codes[b, c], grad_rows[slot], nq)
             rows_of_c = table[c]
             for start in range(0, nq, _QBLOCK):
                 block = min(_QBLOCK, nq - start)
-                for t in range(depth):
-                    o = offsets[c, t]
-                    if contiguous:  # views, not flat[start + i + o]: see _encode_codebook
-                        x[t, :block] = flat[start + o : start + o + block]
-                    else:
-                        for i in range(block):
-                            x[t, i] = flat[q_base[start + i] + o]
+                _read_taps(flat, offsets[c], q_base, start, block, x)
                 for i in range(block):
                     g = grad_rows[slot, start + i]
                     leaf = np.int64(codes[b, c, start + i])
@@ -490,16 +502,6 @@ def conv_backward_path(
                         grad_thresholds[slot, c, nodes[t, i]] -= grad
                 if want_images:
                     for t in range(depth):
-                        o = offsets[c, t]
-                        if contiguous:
-                            tap_grad = grad_plane[start + o : start + o + block]
-                            for i in range(block):
-                                tap_grad[i] += node_grad[t, i]
-                        else:
-                            for i in range(block):
-                                grad_plane[q_base[start + i] + o] += node_grad[t, i]
+                        _add_tap_gradient(grad_plane, offsets[c, t], q_base, start, block, node_grad[t])
         if want_images:
-            summed = grad_plane.reshape(channels, padded_h, padded_w)
-            for ch in range(channels):
-                for y in range(height):
-                    grad_images[b, ch, y] = summed[ch, y + pad_y, pad_x : pad_x + width]
+            _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x)

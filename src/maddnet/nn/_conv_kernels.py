@@ -25,6 +25,7 @@ import numpy as np
 
 from .._jit import cached_njit
 from ..amm._lut_kernel import _leaf4
+from ._kernels import path_score_differences
 
 # fastmath without nnan / ninf: inputs are finite (the forward refuses others), clamps keep exp finite.
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -246,6 +247,17 @@ def _exp32(z, out, bits, bits_as_float):  # pragma: no cover
 
 
 @numba.njit(inline="always")
+def _image_planes(images, b, pad_y, pad_x, want_images):  # pragma: no cover
+    """(flat padded plane of image b, zeroed flat gradient plane of the same size or an
+    empty one when no image gradient is wanted), for the backward kernels."""
+    _, channels, height, width = images.shape
+    plane = np.zeros((channels, height + 2 * pad_y, width + 2 * pad_x), np.float32)
+    _pad_image(images, b, plane, pad_y, pad_x)
+    grad_plane = np.zeros(plane.size if want_images else 0, np.float32)
+    return plane.reshape(-1), grad_plane
+
+
+@numba.njit(inline="always")
 def _add_lut_gradient(partial, codes, grad_rows, nq):  # pragma: no cover
     """The exact LUT gradient of one codebook and image: ``partial[codes[q]] += grad_rows[q]``
     for the first nq positions (partial (K, M), codes (>= nq,), grad_rows (>= nq, M))."""
@@ -326,20 +338,15 @@ def conv_backward(
     partial sums grad_lut (n, C, K, M) float32 (the exact LUT gradient) and grad_thresholds
     (n, C, K-1) float64, and writes grad_images[image0 + j] (skipped when grad_images is empty).
     """
-    _, channels, height, width = images.shape
     ncodebooks, depth = offsets.shape
     nleaves = 1 << depth
     nnodes = nleaves - 1
     want_images = grad_images.shape[0] > 0
     f32 = np.float32
     one = f32(1.0)
-    padded_h, padded_w = height + 2 * pad_y, width + 2 * pad_x
     for slot in numba.prange(grad_scores.shape[0]):
         b = image0 + slot
-        plane = np.zeros((channels, padded_h, padded_w), np.float32)
-        _pad_image(images, b, plane, pad_y, pad_x)
-        flat = plane.reshape(-1)
-        grad_plane = np.zeros(channels * padded_h * padded_w if want_images else 0, np.float32)
+        flat, grad_plane = _image_planes(images, b, pad_y, pad_x, want_images)
         right = np.empty((nnodes, _QBLOCK), np.float32)
         slope = np.empty((nnodes, _QBLOCK), np.float32)
         reach = np.empty((nnodes + nleaves, _QBLOCK), np.float32)
@@ -441,19 +448,13 @@ def conv_backward_path(
     and grad_thresholds (n, C, K-1) float64, and writes grad_images[image0 + j] (skipped
     when grad_images is empty).
     """
-    _, channels, height, width = images.shape
     ncodebooks, depth = offsets.shape
-    nout = grad_rows.shape[2]
     want_images = grad_images.shape[0] > 0
     f32 = np.float32
     one = f32(1.0)
-    padded_h, padded_w = height + 2 * pad_y, width + 2 * pad_x
     for slot in numba.prange(grad_rows.shape[0]):
         b = image0 + slot
-        plane = np.zeros((channels, padded_h, padded_w), np.float32)
-        _pad_image(images, b, plane, pad_y, pad_x)
-        flat = plane.reshape(-1)
-        grad_plane = np.zeros(channels * padded_h * padded_w if want_images else 0, np.float32)
+        flat, grad_plane = _image_planes(images, b, pad_y, pad_x, want_images)
         x = np.empty((depth, _QBLOCK), np.float32)
         node_grad = np.empty((depth, _QBLOCK), np.float32)  # the score differences, then dL/dx
         nodes = np.empty((depth, _QBLOCK), np.int64)
@@ -469,26 +470,11 @@ def conv_backward_path(
                 block = min(_QBLOCK, nq - start)
                 _read_taps(flat, offsets[c], q_base, start, block, x)
                 for i in range(block):
-                    g = grad_rows[slot, start + i]
                     leaf = np.int64(codes[b, c, start + i])
-                    reached = rows_of_c[leaf]
-                    score = f32(0.0)
-                    for m in range(nout):
-                        score += g[m] * reached[m]
-                    for t in range(depth):
-                        prefix = leaf >> (depth - t)
-                        node = (1 << t) - 1 + prefix
-                        bit = (leaf >> (depth - 1 - t)) & 1
-                        alt = 2 * prefix + 1 - bit
-                        for u in range(t + 1, depth):
-                            alt = 2 * alt + (x[u, i] > thresholds[c, (1 << u) - 1 + alt])
-                        other = rows_of_c[alt]
-                        other_score = f32(0.0)
-                        for m in range(nout):
-                            other_score += g[m] * other[m]
-                        # dL/dY . (T[right leaf] - T[left leaf])
-                        node_grad[t, i] = score - other_score if bit == 1 else other_score - score
-                        nodes[t, i] = node
+                    g = grad_rows[slot, start + i]
+                    path_score_differences(
+                        g, rows_of_c, leaf, x[:, i], thresholds[c], node_grad[:, i], nodes[:, i]
+                    )
                 # the slopes p' a level at a time, with the vectorised exp of the soft kernel
                 for t in range(depth):
                     scale = f32(2.0) * inv_tau[c, t]

@@ -215,6 +215,36 @@ def conv_scatter(
     return grad
 
 
+@numba.njit(inline="always")
+def path_score_differences(g, rows, leaf, values, thresholds, diffs, nodes):  # pragma: no cover
+    """The hard-path surrogate's score differences of one row and codebook.
+
+    For the path to ``leaf``: ``diffs[t] = g . (T[right leaf] - T[left leaf])`` at the
+    path's node t, where one side is ``leaf`` and the other the leaf reached by going the
+    other way at t and then descending hard; ``nodes[t]`` is that node's heap index.
+    g (M,) dL/dY; rows (K, M) the codebook's table; values (L,) the row's split values;
+    thresholds (K-1,) heap order; diffs, nodes (L,) outputs (views may be strided).
+    """
+    depth = values.shape[0]
+    nout = g.shape[0]
+    reached = rows[leaf]
+    score = g.dtype.type(0.0)
+    for m in range(nout):
+        score += g[m] * reached[m]
+    for t in range(depth):
+        prefix = leaf >> (depth - t)
+        bit = (leaf >> (depth - 1 - t)) & 1
+        alt = 2 * prefix + 1 - bit
+        for u in range(t + 1, depth):
+            alt = 2 * alt + (values[u] > thresholds[(1 << u) - 1 + alt])
+        other = rows[alt]
+        other_score = g.dtype.type(0.0)
+        for m in range(nout):
+            other_score += g[m] * other[m]
+        diffs[t] = score - other_score if bit == 1 else other_score - score
+        nodes[t] = (1 << t) - 1 + prefix
+
+
 @cached_njit(parallel=True, fastmath=_FAST)
 def path_backward(
     values, thresholds, inv_tau, table, grad_out, codes, grad_values, grad_thresholds
@@ -231,7 +261,6 @@ def path_backward(
     """
     nrows, ncodebooks, depth = values.shape
     nnodes = (1 << depth) - 1
-    nout = table.shape[2]
     want_values = grad_values.shape[0] > 0
     dtype = values.dtype
     one = dtype.type(1.0)
@@ -239,30 +268,19 @@ def path_backward(
     nblocks = (nrows + _BLOCK - 1) // _BLOCK
     partial = np.zeros((nblocks, ncodebooks, nnodes))
     for blk in numba.prange(nblocks):
+        diffs = np.empty(depth, dtype)
+        nodes = np.empty(depth, np.int64)
         for r in range(blk * _BLOCK, min(nrows, (blk + 1) * _BLOCK)):
             g = grad_out[r]
             for c in range(ncodebooks):
-                leaf = np.int64(codes[r, c])
-                reached = table[c, leaf]
-                g_reached = dtype.type(0.0)
-                for m in range(nout):
-                    g_reached += g[m] * reached[m]
+                path_score_differences(
+                    g, table[c], np.int64(codes[r, c]), values[r, c], thresholds[c], diffs, nodes
+                )
                 for t in range(depth):
-                    prefix = leaf >> (depth - t)
-                    node = (1 << t) - 1 + prefix
-                    bit = (leaf >> (depth - 1 - t)) & 1
-                    alt = 2 * prefix + 1 - bit
-                    for u in range(t + 1, depth):
-                        alt = 2 * alt + (values[r, c, u] > thresholds[c, (1 << u) - 1 + alt])
-                    other = table[c, alt]
-                    g_other = dtype.type(0.0)
-                    for m in range(nout):
-                        g_other += g[m] * other[m]
-                    # grad_out . (T[right leaf] - T[left leaf])
-                    diff = g_reached - g_other if bit == 1 else g_other - g_reached
+                    node = nodes[t]
                     z = min(max((thresholds[c, node] - values[r, c, t]) * 2 * inv_tau[c, t], -limit), limit)
                     p = one / (one + np.exp(z))
-                    grad_node = 2 * p * (one - p) * inv_tau[c, t] * diff
+                    grad_node = 2 * p * (one - p) * inv_tau[c, t] * diffs[t]
                     if want_values:
                         grad_values[r, c, t] = grad_node
                     partial[blk, c, node] -= grad_node

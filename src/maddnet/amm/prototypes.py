@@ -77,6 +77,15 @@ def code_cooccurrence(codes: torch.Tensor, nprototypes: int, max_chunk: int = 1 
     return gram.reshape(size, size)
 
 
+def _kernel_floats(values: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32 or float64 numpy view (or copy) of a CPU tensor for the
+    ridge kernels (other float dtypes are widened to float32)."""
+    values = values.detach()
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
+    return values.contiguous().numpy()
+
+
 def one_hot_t_rows(codes: torch.Tensor, rows: torch.Tensor, nprototypes: int) -> torch.Tensor:
     """``G^T X``: (C*K, D) float64, row ``c*K + k`` the sum of the rows of X whose code of
     codebook c is k.
@@ -89,13 +98,10 @@ def one_hot_t_rows(codes: torch.Tensor, rows: torch.Tensor, nprototypes: int) ->
     """
     if codes.device.type == "cpu":
         _lut_kernel.launch_threads()
-        values = rows.detach()
-        if values.dtype not in (torch.float32, torch.float64):
-            values = values.float()
         codes_t = np.ascontiguousarray(codes.numpy().T)
         ngroups = max(1, min(codes.shape[1], numba.get_num_threads()))
         return torch.from_numpy(
-            _ridge_kernel.scatter_rows(codes_t, values.contiguous().numpy(), nprototypes, ngroups)
+            _ridge_kernel.scatter_rows(codes_t, _kernel_floats(rows), nprototypes, ngroups)
         )
     return _one_hot_t_rows_torch(codes, rows, nprototypes)
 
@@ -124,15 +130,12 @@ def one_hot_rows(codes: torch.Tensor, table: torch.Tensor, nprototypes: int) -> 
     ncodebooks = codes.shape[1]
     if codes.device.type == "cpu":
         _lut_kernel.launch_threads()
-        values = table.detach()
-        if values.dtype not in (torch.float32, torch.float64):
-            values = values.float()
-        values = values.contiguous()
-        support = (values.reshape(ncodebooks, nprototypes, -1) != 0).any(1).numpy()  # (C, D)
+        values = _kernel_floats(table)
+        support = (values.reshape(ncodebooks, nprototypes, -1) != 0).any(1)  # (C, D)
         run_ptr, run_start, run_stop = _column_runs(support)
         return torch.from_numpy(
             _ridge_kernel.gather_rows(
-                codes.contiguous().numpy(), values.numpy(), nprototypes, run_ptr, run_start, run_stop
+                codes.contiguous().numpy(), values, nprototypes, run_ptr, run_start, run_stop
             )
         )
     return _one_hot_rows_torch(codes, table, nprototypes)
@@ -223,6 +226,7 @@ def ridge_lut(
     Returns:
         (C, K, M) float32 table on the rows' device.
     """
+    _check_ridge(ridge)
     ncodebooks, nprototypes, ndims = initial.shape
     weight32 = weight.float()
     flat_initial = initial.reshape(ncodebooks * nprototypes, ndims)
@@ -231,13 +235,10 @@ def ridge_lut(
     if rows.shape[0] < ncodebooks * nprototypes:
         # the dual's residual A B - G P0 B as (A - G P0) B: G P0 gathers only P0's nonzero
         # (block) columns, N*D additions, where G (P0 B) would gather N*C*M from a dense table
-        residual = (
-            (rows.double() - one_hot_rows(codes, flat_initial, nprototypes)).float() @ weight32
-        ).double()
-        solution = _ridge_dual(residual, codes, prior, ridge, residual=True)
+        residual = rows.double() - one_hot_rows(codes, flat_initial, nprototypes)
+        solution = _ridge_dual((residual.float() @ weight32).double(), codes, prior, ridge)
     else:
-        targets = (rows.float() @ weight32).double()  # (N, M) A B
-        solution = ridge_solve(targets, codes, prior, ridge)
+        solution = _ridge_primal((rows.float() @ weight32).double(), codes, prior, ridge)  # targets A B
     return solution.reshape(ncodebooks, nprototypes, -1).float()
 
 
@@ -247,12 +248,24 @@ def ridge_solve(
     """``argmin_X ||Y - G X||^2 + ridge ||X - X0||^2``: (C*K, R) float64 for targets Y (N, R),
     codes (N, C) and prior X0 (C*K, R), in the primal or the dual form, whichever system is
     smaller (module docstring). Raises ``ValueError`` for ridge not > 0."""
+    _check_ridge(ridge)
+    if targets.shape[0] < prior.shape[0]:
+        # G X0 gathers from X0 as given (float32 halves the traffic; the sums are float64)
+        residual = targets.double() - one_hot_rows(codes, prior, prior.shape[0] // codes.shape[1])
+        return _ridge_dual(residual, codes, prior, ridge)
+    return _ridge_primal(targets, codes, prior, ridge)
+
+
+def _check_ridge(ridge: float) -> None:
     if not ridge > 0:
         raise ValueError(f"ridge must be > 0 (the one-hot system is singular without it), got {ridge}")
-    size = prior.shape[0]
-    nprototypes = size // codes.shape[1]
-    if targets.shape[0] < size:
-        return _ridge_dual(targets, codes, prior, ridge)
+
+
+def _ridge_primal(
+    targets: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float
+) -> torch.Tensor:
+    """The primal form: ``(G^T G + ridge I)^-1 (G^T Y + ridge X0)``, (C*K, R) float64."""
+    nprototypes = prior.shape[0] // codes.shape[1]
     gram = code_cooccurrence(codes, nprototypes)
     gram.diagonal().add_(ridge)
     rhs = one_hot_t_rows(codes, targets, nprototypes).add_(prior.double(), alpha=ridge)
@@ -260,15 +273,11 @@ def ridge_solve(
 
 
 def _ridge_dual(
-    rows: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float, residual: bool = False
+    residual: torch.Tensor, codes: torch.Tensor, prior: torch.Tensor, ridge: float
 ) -> torch.Tensor:
-    """The dual form: ``P0 + G^T (G G^T + ridge I)^-1 (A - G P0)``, (C*K, D) float64;
-    ``residual=True``: ``rows`` already hold ``A - G P0``."""
-    if not ridge > 0:
-        raise ValueError(f"ridge must be > 0 (the one-hot system is singular without it), got {ridge}")
+    """The dual form: ``X0 + G^T (G G^T + ridge I)^-1 R`` for the residual ``R = Y - G X0``
+    (N, R) float64; (C*K, R) float64."""
     nprototypes = prior.shape[0] // codes.shape[1]
-    # G P0 gathers from P0 as given (float32 halves the traffic; the sums are float64)
-    residual = rows.double() if residual else rows.double() - one_hot_rows(codes, prior, nprototypes)
     system = code_agreement(codes, nprototypes)
     system.diagonal().add_(ridge)
     weights = torch.cholesky_solve(residual, torch.linalg.cholesky(system, out=system))

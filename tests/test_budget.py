@@ -264,7 +264,8 @@ def test_a_started_run_keeps_its_plan(tmp_path):
     budget = CodebookBudget(str(report), unit="compares")
     config = RetrainConfig(**values, out_dir=str(tmp_path / "run"), codebook_budget=budget)
     planned = config.codebook_allocation()
-    write_allocation(planned, config.out_dir)  # what `maddnet retrain` does before learning
+    write_allocation(planned, config.out_dir)  # what the pipeline does before learning
+    (tmp_path / "run" / "checkpoint.pt").touch()  # the run has started
     report.unlink()
     assert config.codebook_allocation().ncodebooks == planned.ncodebooks
     assert config.madd_config().ncodebooks == planned.ncodebooks
@@ -273,6 +274,10 @@ def test_a_started_run_keeps_its_plan(tmp_path):
     )
     with pytest.raises(ValueError, match="was planned under the budget"):
         other.codebook_allocation()
+    # a folder without a checkpoint (a run that died before its first step) plans afresh
+    (tmp_path / "run" / "checkpoint.pt").unlink()
+    shutil.copy(RESNET9_REPORT, report)
+    assert other.codebook_allocation().budget == other.codebook_budget
 
 
 def test_cli_errors(tmp_path, capsys):

@@ -332,3 +332,16 @@ def test_final_fine_tune_resumes_from_its_progress_checkpoint(tmp_path, monkeypa
     assert not (tmp_path / "run" / pipeline_module.PROGRESS).exists()
     for key, value in resumed["model"].state_dict().items():
         torch.testing.assert_close(value, ref_state[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_the_pipeline_writes_the_budget_plan_before_learning(tmp_path, monkeypatch):
+    """The plan is written where the run's config is (API and CLI alike), before any layer
+    is learned, so that a resumed run reads it (tests/test_budget.py)."""
+    plan = object()
+    written = []
+    monkeypatch.setattr(RetrainConfig, "codebook_allocation", lambda self: plan)
+    monkeypatch.setattr(
+        pipeline_module, "write_allocation", lambda allocation, out: written.append((allocation, out))
+    )
+    Retrainer(tiny_config(tmp_path))._check_config()
+    assert written == [(plan, tmp_path)] and (tmp_path / "config.json").exists()

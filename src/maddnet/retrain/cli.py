@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,13 +38,6 @@ def execute(config: RetrainConfig) -> int:
     from .report import markdown_report, write_report
 
     start = time.time()
-    allocation = config.codebook_allocation()
-    budget_paths: dict[str, Path] = {}
-    if allocation is not None and int(os.environ.get("RANK", "0")) == 0:
-        from ..nn.budget import write_allocation
-
-        # before any layer is learned: a resumed run reads this plan, not the analysis again
-        budget_paths = {f"budget_{k}": v for k, v in write_allocation(allocation, config.out_dir).items()}
     try:
         result = run_retrain(config)
     finally:
@@ -54,7 +46,8 @@ def execute(config: RetrainConfig) -> int:
         return 0  # rank 0 writes the report and prints the summary
     saved = json.loads(Path(config.out_dir, "config.json").read_text())
     paths = write_report(config.out_dir, result["rows"], saved)
-    paths.update(budget_paths)
+    if config.codebook_budget is not None:  # the plan the pipeline wrote before learning
+        paths.update({f"budget_{k}": Path(config.out_dir, f"budget.{k}") for k in ("json", "md")})
     print()
     summary(result["model"])
     print()

@@ -17,6 +17,9 @@ from ..nn.spec import DEFAULT_TEMPERATURE, LayerSpec
 from ..train.config import JsonConfig
 from ..train.distributed import pick_device
 
+# the run folder's checkpoint (written by the pipeline); a folder holding one is a started run
+CHECKPOINT = "checkpoint.pt"
+
 
 @dataclass
 class RetrainConfig(JsonConfig):
@@ -214,18 +217,18 @@ class RetrainConfig(JsonConfig):
         """C per layer under ``codebook_budget`` (None without one), for the model built on
         the meta device with the data set's input shape.
 
-        A run that has started keeps its plan: once ``out_dir/budget.json`` exists (written
-        before the first layer is learned) it is read instead of the analysis report, so a
-        resumed run replaces its remaining layers at the C it planned even if the report
-        has changed or moved since. Raises ``ValueError`` when that file was planned under
-        another budget than this config's."""
+        A run that has started keeps its plan: once its folder holds a checkpoint,
+        ``out_dir/budget.json`` (written by the pipeline before the first layer is learned)
+        is read instead of the analysis report, so a resumed run replaces its remaining
+        layers at the C it planned even if the report has changed or moved since. Raises
+        ``ValueError`` when that file was planned under another budget than this config's."""
         if self.codebook_budget is None:
             return None
         from ..hw.network import dataset_info, meta_model
         from ..nn.budget import allocate_for_model
 
         frozen = Path(self.out_dir) / "budget.json"
-        if frozen.is_file():
+        if frozen.is_file() and (Path(self.out_dir) / CHECKPOINT).is_file():
             allocation = Allocation.from_dict(json.loads(frozen.read_text()))
             if allocation.budget.to_dict() != self.codebook_budget.to_dict():
                 raise ValueError(

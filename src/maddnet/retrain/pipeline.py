@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Subset
 from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
+from ..nn.budget import write_allocation
 from ..nn.diagnostics import dead_layer_message, dead_layers
 from ..nn.mapping import LAYER_TYPES, input_dim
 from ..nn.plan import replace_module
@@ -74,9 +75,8 @@ from ..train.distributed import (
 from ..train.optim import warmup_cosine_schedule
 from ..train.runner import model_kwargs_for
 from ..train.sampler import ResumableSampler
-from .config import RetrainConfig
+from .config import CHECKPOINT, RetrainConfig
 
-CHECKPOINT = "checkpoint.pt"
 # progress inside the final fine-tune (config.checkpoint_every), removed when the step ends
 PROGRESS = "final_progress.pt"
 METRICS = "metrics.jsonl"
@@ -365,6 +365,10 @@ class Retrainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.config.save(saved_path)
+            allocation = self.config.codebook_allocation()  # a started run's frozen plan
+            if allocation is not None:
+                # before any layer is learned: a resumed run reads this plan, not the analysis
+                write_allocation(allocation, self.out)
         barrier()
 
     def _save(self, model: nn.Module, next_step: int, order: list[str], dense_state: dict) -> None:

@@ -62,24 +62,27 @@ def final_row(run: Path) -> dict | None:
     return finals[-1] if finals else None
 
 
-def skeleton(config: dict) -> torch.nn.Module:
+def skeletons(config: dict, count: int) -> tuple[list[torch.nn.Module], torch.Tensor]:
+    """``count`` fresh dense models of the run's config and one test input (1, ...)."""
     data = create_dataset(
         config["dataset"], "test", config.get("data_root"), **config.get("dataset_kwargs", {})
     )
     info = data.info
     kwargs = model_kwargs_for(config["model"], info, config.get("model_kwargs", {}))
-    model = create_model(config["model"], num_classes=info.num_classes, in_chans=info.in_chans, **kwargs)
-    return model, data[0][0][None]
+    models = [
+        create_model(config["model"], num_classes=info.num_classes, in_chans=info.in_chans, **kwargs)
+        for _ in range(count)
+    ]
+    return models, data[0][0][None]
 
 
 def costs_of_run(run: Path, config: dict) -> dict:
     """Totals of benchmarks/passes.py for the final model and the pruned one."""
-    model, example = skeleton(config)
+    (model, pruned_model), example = skeletons(config, 2)
     saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     rebuild(model, saved["plan"])
     model.load_state_dict(saved["state_dict"])
     final = totals(layer_costs(model.eval(), example))
-    pruned_model, _ = skeleton(config)
     load_converted(pruned_model, run / "passes.pt")
     pruned = totals(layer_costs(pruned_model.eval(), example))
     return {"final": final, "pruned": pruned}

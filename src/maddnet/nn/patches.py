@@ -351,7 +351,7 @@ class MaddConvFunction(torch.autograd.Function):
     def _backward(ctx, grad_out):
         images, thresholds, table, temperature = ctx.saved_tensors
         plan, geometry = ctx.plan, ctx.geometry
-        need_images, need_thresholds, need_lut = ctx.needs_input_grad[:3]
+        need_images = ctx.needs_input_grad[0]
         ncodebooks, nprototypes, nout = table.shape
         grad_out = grad_out.detach().float().contiguous()
         flat_table = table.reshape(ncodebooks * nprototypes, nout).float().contiguous()

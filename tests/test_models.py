@@ -18,6 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
         ("resnet18", {"small_input": True}, (2, 1, 28, 28), 10),
         ("resnet18", {}, (1, 3, 64, 64), 7),
         ("resnet50", {"small_input": True}, (1, 3, 32, 32), 10),
+        ("resnet50", {"small_input": True, "stem_stride": 2}, (2, 1, 28, 28), 10),
         ("levit_tiny", {"img_size": 28, "small_input": True}, (2, 1, 28, 28), 10),
         ("levit_128s", {"img_size": 32, "small_input": True}, (2, 3, 32, 32), 10),
         ("levit_128s", {"img_size": 64}, (1, 3, 64, 64), 5),
@@ -33,6 +34,30 @@ def test_output_shape(name, kwargs, input_shape, num_classes):
         out = model(torch.randn(input_shape))
     assert out.shape == (input_shape[0], num_classes)
     assert torch.isfinite(out).all()
+
+
+def test_stem_stride_halves_the_stage_resolution():
+    model = create_model("resnet50", 10, 1, small_input=True, stem_stride=2).eval()
+    shapes = {}
+    hooks = [
+        getattr(model, n).register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, o.shape))
+        for n in ("layer1", "layer4")
+    ]
+    with torch.no_grad():
+        model(torch.randn(1, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    assert shapes["layer1"][-2:] == (14, 14)
+    assert shapes["layer4"][-2:] == (2, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"small_input": True, "stem_stride": 3}, "1 or 2"), ({"stem_stride": 2}, "small_input=True")],
+)
+def test_stem_stride_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_model("resnet18", 10, 3, **kwargs)
 
 
 def test_known_parameter_counts():

@@ -12,6 +12,7 @@ import torch
 from maddnet.data import create_dataset, list_datasets
 from maddnet.data import fashion_mnist as fmnist
 from maddnet.data.audio_features import FeatureConfig, clip_features
+from maddnet.data.holdout import holdout_indices
 
 # ---------------------------------------------------------------- registry and errors
 
@@ -60,6 +61,14 @@ def test_fashion_mnist(require_data):
     # normalised with the training-set statistics: mean ≈ 0, std ≈ 1
     batch = torch.stack([train[i][0] for i in range(0, 60_000, 60)])
     assert abs(batch.mean().item()) < 0.05 and abs(batch.std().item() - 1) < 0.05
+    # holdout=5000: val is 5,000 training images, train the other 55,000, test untouched
+    val = create_dataset("fashion_mnist", "val", holdout=5000)
+    assert len(val) == 5000 and len(create_dataset("fashion_mnist", "train", holdout=5000)) == 55_000
+    assert torch.equal(
+        val.images, train.images[torch.from_numpy(holdout_indices("fashion_mnist", "val", 60_000, 5000))]
+    )
+    with pytest.raises(ValueError, match="'fashion_mnist' has no validation split"):
+        create_dataset("fashion_mnist", "val")
     # the old array interface still works (benchmarks use it)
     images, labels = fmnist.load_arrays("test")
     assert images.shape == (10_000, 28, 28) and np.bincount(labels).tolist() == [1000] * 10
@@ -83,6 +92,61 @@ def test_digits_split_is_fixed_and_disjoint():
     overlap = sum(tuple(test.images[i].flatten().tolist()) in train_rows for i in range(len(test)))
     assert overlap < 5  # the set has a few exact duplicate images, no more
     assert torch.equal(create_dataset("digits", "test").images, test.images)
+
+
+def _rows(dataset) -> list[tuple]:
+    return [
+        tuple(dataset.images[i].flatten().tolist()) + (int(dataset.labels[i]),) for i in range(len(dataset))
+    ]
+
+
+def test_holdout_val_split_is_fixed_disjoint_and_leaves_test_alone():
+    full = create_dataset("digits", "train")
+    train = create_dataset("digits", "train", holdout=300, seed=1)
+    val = create_dataset("digits", "val", holdout=300, seed=2, augment=True)
+    assert (len(train), len(val)) == (len(full) - 300, 300)
+    # the two parts are the full training split, each sample exactly once, in its order
+    chosen = holdout_indices("digits", "val", len(full), 300)
+    rest = np.setdiff1d(np.arange(len(full)), chosen)
+    assert torch.equal(val.images, full.images[torch.from_numpy(chosen)])
+    assert torch.equal(train.images, full.images[torch.from_numpy(rest)])
+    assert torch.equal(train.labels, full.labels[torch.from_numpy(rest)])
+    # fixed by HOLDOUT_SEED, not by the run's seed
+    assert torch.equal(create_dataset("digits", "val", holdout=300, seed=7).images, val.images)
+    assert torch.equal(
+        create_dataset("digits", "test", holdout=300).images, create_dataset("digits", "test").images
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"split": "val"}, "'digits' has no validation split of its own: pass holdout=N"),
+        ({"split": "train", "holdout": 1438}, "holdout=1438 must be below its 1438 training samples"),
+        ({"split": "val", "holdout": -1}, "must be >= 0"),
+        ({"split": "train", "holdout": 0.1}, "integer count"),
+    ],
+)
+def test_holdout_errors_name_the_data_set(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_dataset("digits", **kwargs)
+
+
+def test_holdout_on_cifar10_and_imagenet_layouts(tmp_path):
+    make_fake_cifar(tmp_path)
+    train = create_dataset("cifar10", "train", root=tmp_path, holdout=10)
+    val = create_dataset("cifar10", "val", root=tmp_path, holdout=10)
+    assert (len(train), len(val)) == (20, 10)
+    assert set(_rows(train)).isdisjoint(_rows(val))
+    with pytest.raises(ValueError, match="'cifar10' has no validation split"):
+        create_dataset("cifar10", "val", root=tmp_path)
+    make_fake_imagenet(tmp_path / "inet")
+    train = create_dataset("imagenet", "train", root=tmp_path / "inet", image_size=32, holdout=2)
+    val = create_dataset("imagenet", "val", root=tmp_path / "inet", image_size=32, holdout=2)
+    assert (len(train), len(val)) == (4, 2)
+    assert set(train.indices.tolist()).isdisjoint(val.indices.tolist())
+    assert val.folder.root.endswith("train")  # held out of the training folder, not val/
+    assert len(create_dataset("imagenet", "val", root=tmp_path / "inet", image_size=32)) == 6
 
 
 def test_augmentation_is_seeded_per_epoch_and_index():
@@ -137,16 +201,20 @@ def test_cifar10_pickle_layout(tmp_path):
 # ---------------------------------------------------------------- ImageNet folders (fake)
 
 
-def test_imagenet_class_folders(tmp_path):
+def make_fake_imagenet(root):
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for wnid in ("n01440764", "n01443537", "n01484850"):
-            (tmp_path / split / wnid).mkdir(parents=True)
+            (root / split / wnid).mkdir(parents=True)
             for i in range(2):
                 pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / wnid / f"img{i}.JPEG")
+                Image.fromarray(pixels).save(root / split / wnid / f"img{i}.JPEG")
+
+
+def test_imagenet_class_folders(tmp_path):
+    make_fake_imagenet(tmp_path)
     train = create_dataset("imagenet", "train", root=tmp_path, augment=True, image_size=32)
     test = create_dataset("imagenet", "test", root=tmp_path, image_size=32)  # reads val/
     assert len(train) == 6 and len(test) == 6

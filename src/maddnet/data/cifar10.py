@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from maddnet.data.holdout import holdout_indices
 from maddnet.data.registry import DatasetInfo, register_dataset
 from maddnet.data.tensor_images import SmallImageAugment, TensorImageDataset
 
@@ -62,8 +63,13 @@ def cifar10_dataset(
     augment: bool = False,
     seed: int = 0,
     erase: bool = False,
+    holdout: int = 0,
 ) -> TensorImageDataset:
-    """50 000 train / 10 000 test images; ``val`` is the test split."""
-    images, labels = load_arrays(split, root)
+    """50 000 train / 10 000 test images. ``holdout=n`` holds n training images out as
+    ``val`` (:mod:`maddnet.data.holdout`); ``val`` without it is an error."""
+    images, labels = load_arrays("test" if split == "test" else "train", root)
+    chosen = holdout_indices("cifar10", split, len(labels), holdout)
+    if chosen is not None:
+        images, labels = images[chosen], labels[chosen]
     aug = SmallImageAugment(crop_padding=4, hflip=True, erase=erase) if augment else None
     return TensorImageDataset(images, labels, INFO, augment=aug, seed=seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from maddnet.data import fashion_mnist
+from maddnet.data.holdout import holdout_indices
 from maddnet.data.registry import DatasetInfo, register_dataset
 from maddnet.data.tensor_images import SmallImageAugment, TensorImageDataset
 
@@ -26,13 +27,18 @@ def fashion_mnist_dataset(
     seed: int = 0,
     erase: bool = False,
     download: bool = False,
+    holdout: int = 0,
 ) -> TensorImageDataset:
-    """60 000 train / 10 000 test 28×28 grey images. ``val`` is the test split (the data
-    set has no separate validation split). ``subset`` keeps the first n samples.
+    """60 000 train / 10 000 test 28×28 grey images. The data set has no validation split:
+    ``holdout=n`` holds n training images out as ``val`` (:mod:`maddnet.data.holdout`);
+    ``val`` without it is an error. ``subset`` keeps the first n samples of the split.
     ``download=True`` fetches the files into ``root`` when they are not found."""
     if download and root is not None and not fashion_mnist.is_available(root):
         fashion_mnist.download(root)
-    images, labels = fashion_mnist.load_arrays("train" if split == "train" else "test", root)
+    images, labels = fashion_mnist.load_arrays("test" if split == "test" else "train", root)
+    chosen = holdout_indices("fashion_mnist", split, len(labels), holdout)
+    if chosen is not None:
+        images, labels = images[chosen], labels[chosen]
     if subset is not None:
         images, labels = images[:subset], labels[:subset]
     # pad-and-crop and mirror are the usual Fashion-MNIST augmentation (clothes are symmetric)

@@ -1,7 +1,10 @@
 """ImageNet (or any image-classification set) from class folders: ``root/<split>/<class>/*.jpg``.
 
 The standard ILSVRC-2012 layout after the usual preparation is ``root/train/n01440764/…``
-and ``root/val/n01440764/…``; ``test`` reads ``root/val`` when there is no ``root/test``.
+and ``root/val/n01440764/…``; ``test`` reads ``root/val`` when there is no ``root/test``
+(the usual ImageNet practice of reporting on the official validation images). To choose
+settings on images the reported number is not measured on, ``holdout=n`` makes ``val`` n
+images held out of ``root/train`` (:mod:`maddnet.data.holdout`) and ``train`` the rest.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from maddnet.data.holdout import holdout_indices
 from maddnet.data.registry import DatasetInfo, register_dataset
 from maddnet.data.transforms import SeededSampleMixin, sample_seed, seeded_global_rng
 
@@ -45,10 +50,19 @@ def build_transform(image_size: int, augment: bool) -> v2.Compose:
 
 
 class ImageFolderDataset(SeededSampleMixin, Dataset):
-    """torchvision ``ImageFolder`` with transforms seeded per (seed, epoch, index)."""
+    """torchvision ``ImageFolder`` with transforms seeded per (seed, epoch, index);
+    ``indices`` keeps only those images of the folder (in that order)."""
 
-    def __init__(self, folder: Path, image_size: int, augment: bool, seed: int = 0):
+    def __init__(
+        self,
+        folder: Path,
+        image_size: int,
+        augment: bool,
+        seed: int = 0,
+        indices: np.ndarray | None = None,
+    ):
         self.folder = datasets.ImageFolder(str(folder))
+        self.indices = indices
         self.transform = build_transform(image_size, augment)
         self.seed = seed
         self.info = DatasetInfo(
@@ -60,10 +74,10 @@ class ImageFolderDataset(SeededSampleMixin, Dataset):
         )
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.folder) if self.indices is None else len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[index]
+        image, label = self.folder[index if self.indices is None else int(self.indices[index])]
         with seeded_global_rng(sample_seed(self.seed, self.epoch, index)):
             return self.transform(image), label
 
@@ -75,5 +89,11 @@ def imagenet_dataset(
     augment: bool = False,
     image_size: int = 224,
     seed: int = 0,
+    holdout: int = 0,
 ) -> ImageFolderDataset:
-    return ImageFolderDataset(split_folder(root, split), image_size, augment, seed=seed)
+    if holdout == 0 and split != "train":
+        return ImageFolderDataset(split_folder(root, split), image_size, augment, seed=seed)
+    folder = split_folder(root, "train" if split == "val" else split)
+    dataset = ImageFolderDataset(folder, image_size, augment, seed=seed)
+    dataset.indices = holdout_indices("imagenet", split, len(dataset.folder), holdout)
+    return dataset

@@ -3,10 +3,14 @@
 # scripts/make_kws_espeak.py), from the dense baseline in results/baselines/ds_cnn_s_kws_espeak/.
 # Depthwise convs (groups > 1) stay dense: MADD layers need groups = 1 (the analysis lists them).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|dense_control|steering|surrogate_path|all]
+# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|dense_control|steering|surrogate_path|encoders|all]
 # steering: BUDGETS (default "1.0 0.75 0.5") and SEEDS (default "0 1") choose the runs
 # surrogate_path: retrain_wider with the hard-path surrogate, SEEDS (default "0 1"); compare with
 #   steering/budget1.0_seed* (the soft surrogate, same code and seeds)
+# encoders: issue 11 at the rule's C (retrain_long: stem C = 10, D/C = 8), one run per encoder
+#   variant in VARIANTS (default "tree output pq-l1 tree-global pq") and seed in SEEDS (default
+#   "0 1"), evaluated on the speaker-disjoint validation split; the test split is read once per
+#   run at the end (test.json)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -77,5 +81,24 @@ if [ "$what" = surrogate_path ]; then
         "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
             --ncodebooks stem.0=40 --codebook-width 2 --batch-size 100 --distill 0.5 \
             --seed "$seed" --surrogate path --out "$out/surrogate_path/seed${seed}"
+    done
+fi
+if [ "$what" = encoders ]; then
+    for seed in ${SEEDS:-0 1}; do
+        for v in ${VARIANTS:-tree output pq-l1 tree-global pq}; do
+            case $v in
+                tree) enc=() ;;
+                output) enc=(--hash-objective output) ;;
+                tree-global) enc=(--encoder tree-global --encoder-option refine_sweeps=1) ;;
+                *) enc=(--encoder "$v") ;;
+            esac
+            run="$out/encoders/${v}_seed${seed}"
+            "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+                --ncodebooks stem.0=10 --batch-size 100 --distill 0.5 --seed "$seed" \
+                --eval-split val "${enc[@]}" --out "$run"
+            [ -s "$run/test.json" ] || "$PY" -m maddnet.cli eval --model ds_cnn_s --data speech_commands \
+                --data-root data/kws_espeak --checkpoint "$run/checkpoint.pt" --split test \
+                --threads 1 --no-progress --device cpu > "$run/test.json"
+        done
     done
 fi

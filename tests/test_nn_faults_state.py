@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maddnet import MaddnessMatmul
-from maddnet.amm.lut import quantize_lut, quantized_lut_sum
+from maddnet.amm.lut import quantize_lut, quantized_lut_sum, unchanged_since
 from maddnet.nn import MaddConv2d, MaddLinear
 
 
@@ -93,6 +93,24 @@ def test_estimator_follows_in_place_edits_of_its_fitted_luts():
     amm.lut_q_.values[:, 0] = 0
     expected = quantized_lut_sum(amm.encode(test), amm.lut_q_)
     assert torch.equal(amm(test), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8])
+def test_unchanged_since_compares_bit_patterns(dtype):
+    torch.manual_seed(0)
+    lut = (torch.rand(4, 16, 10) * 100).to(dtype)
+    snapshot = lut.clone()
+    assert unchanged_since(lut, snapshot)
+    assert unchanged_since(lut.transpose(0, 2), snapshot.transpose(0, 2).contiguous())  # strided views
+    lut.data[1, 2, 3] += 1  # unseen by the version counter
+    assert not unchanged_since(lut, snapshot)
+    assert not unchanged_since(lut, None)
+    assert not unchanged_since(lut[:2], snapshot)  # another shape
+    assert not unchanged_since(lut.double() if dtype != torch.float64 else lut.float(), snapshot)
+    if dtype.is_floating_point:
+        nan = torch.full((3,), float("nan"), dtype=dtype)
+        assert unchanged_since(nan, nan.clone())  # the same bits: nothing to re-derive
+        assert not unchanged_since(torch.zeros(3, dtype=dtype), -torch.zeros(3, dtype=dtype))
 
 
 def test_half_precision_cast_keeps_the_integer_lut_scale_finite():

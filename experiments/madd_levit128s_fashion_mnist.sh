@@ -6,7 +6,7 @@
 #
 # Data: 5,000 training images are held out as the validation split (--data-kw holdout=5000,
 # docs/training.md); the dense training evaluates on it after every epoch, and the test split
-# is read once at the end (`dense_test`).
+# is read once at the end (`dense_test`, which keeps its first test.json).
 #
 # usage: experiments/madd_levit128s_fashion_mnist.sh [dense|dense_test|analyze|all]
 set -euo pipefail
@@ -27,12 +27,15 @@ if [ "$what" = dense ] || [ "$what" = all ]; then
     experiments/run_baseline.sh "$run" -- "${model[@]}" "${data[@]}" --eval-split val \
         --threads 1
 fi
-if [ "$what" = dense_test ] || [ "$what" = all ]; then
+if { [ "$what" = dense_test ] || [ "$what" = all ]; } && [ ! -s "results/baselines/$run/test.json" ]; then
     "$PY" -m maddnet.cli eval "${model[@]}" "${data[@]}" --checkpoint "$base" --split test \
-        --threads 1 --no-progress --device cpu > "results/baselines/$run/test.json"
+        --threads 1 --no-progress --device cpu > "results/baselines/$run/test.json.part"
+    mv "results/baselines/$run/test.json.part" "results/baselines/$run/test.json"
 fi
 if [ "$what" = analyze ] || [ "$what" = all ]; then
-    # every conv/linear layer alone at D/C = 8 (the rule) and 16, on the first 2,000 test images
-    "$PY" -m maddnet.cli analyze "${common[@]}" --widths 8 16 --eval-samples 2000 \
-        --out "$out/single_layer"
+    # every conv/linear layer alone at D/C = 8 (the rule) and 16, on the first
+    # 2,000 validation images (so settings chosen from it, e.g. --ncodebooks-from, are not
+    # chosen on the test split)
+    "$PY" -m maddnet.cli analyze "${common[@]}" --widths 8 16 --eval-split val \
+        --eval-samples 2000 --out "$out/single_layer"
 fi

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 15 study on ResNet-50 / Fashion-MNIST: the dense baseline, the single-layer
-# analysis of all 54 conv/linear layers, and layer-by-layer retraining with all of them
-# replaced, against a dense control of the same budget. Every part resumes when rerun
-# (checkpoints per step / per analysis cell), so run it in pieces across sessions.
+# Issue 15 study on ResNet-50 / Fashion-MNIST: the dense baseline and the single-layer
+# analysis of all 54 conv/linear layers (the retraining follows once they exist). Every part
+# resumes when rerun (checkpoints per step / per analysis cell), so run it in pieces across
+# sessions.
 #
 # The model: torchvision's ResNet-50 with the small-input stem at stride 2
 # (--model-kw small_input=true stem_stride=2: a 3x3 stride-2 first conv, no max pool), so
@@ -13,7 +13,7 @@
 #
 # Data: 5,000 training images are held out as the validation split (--data-kw holdout=5000,
 # docs/training.md); the dense training evaluates on it after every epoch, and the test split
-# is read once at the end (`eval`).
+# is read once at the end (`dense_test`, which keeps its first test.json).
 #
 # usage: experiments/madd_resnet50_fashion_mnist.sh [dense|dense_test|analyze|all]
 set -euo pipefail
@@ -34,13 +34,16 @@ if [ "$what" = dense ] || [ "$what" = all ]; then
     experiments/run_baseline.sh "$run" -- "${model[@]}" "${data[@]}" --eval-split val \
         --epochs 5 --threads 1
 fi
-if [ "$what" = dense_test ] || [ "$what" = all ]; then
+if { [ "$what" = dense_test ] || [ "$what" = all ]; } && [ ! -s "results/baselines/$run/test.json" ]; then
     # the test split, read once for the finished dense model
     "$PY" -m maddnet.cli eval "${model[@]}" "${data[@]}" --checkpoint "$base" --split test \
-        --threads 1 --no-progress --device cpu > "results/baselines/$run/test.json"
+        --threads 1 --no-progress --device cpu > "results/baselines/$run/test.json.part"
+    mv "results/baselines/$run/test.json.part" "results/baselines/$run/test.json"
 fi
 if [ "$what" = analyze ] || [ "$what" = all ]; then
-    # every conv/linear layer alone at D/C = 9 and 18, on the first 2,000 test images
-    "$PY" -m maddnet.cli analyze "${common[@]}" --widths 9 18 --eval-samples 2000 \
-        --out "$out/single_layer"
+    # every conv/linear layer alone at D/C = 9 and 18, on the first
+    # 2,000 validation images (so settings chosen from it, e.g. --ncodebooks-from, are not
+    # chosen on the test split)
+    "$PY" -m maddnet.cli analyze "${common[@]}" --widths 9 18 --eval-split val \
+        --eval-samples 2000 --out "$out/single_layer"
 fi

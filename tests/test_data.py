@@ -3,16 +3,20 @@ folders built here in the official layouts."""
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
 
+from maddnet.cli import main as cli_main
 from maddnet.data import create_dataset, list_datasets
 from maddnet.data import fashion_mnist as fmnist
 from maddnet.data.audio_features import FeatureConfig, clip_features
-from maddnet.data.holdout import holdout_indices
+from maddnet.data.holdout import check_validation_unseen, holdout_indices
+from maddnet.retrain.config import RetrainConfig
+from maddnet.retrain.pipeline import build_dense_model
 
 # ---------------------------------------------------------------- registry and errors
 
@@ -146,7 +150,60 @@ def test_holdout_on_cifar10_and_imagenet_layouts(tmp_path):
     assert (len(train), len(val)) == (4, 2)
     assert set(train.indices.tolist()).isdisjoint(val.indices.tolist())
     assert val.folder.root.endswith("train")  # held out of the training folder, not val/
-    assert len(create_dataset("imagenet", "val", root=tmp_path / "inet", image_size=32)) == 6
+    # without holdout, val reads val/ only when test/ exists (else test reads val/ too)
+    with pytest.raises(ValueError, match="'imagenet' has no test folder"):
+        create_dataset("imagenet", "val", root=tmp_path / "inet", image_size=32)
+    (tmp_path / "inet" / "val").rename(tmp_path / "inet" / "test")
+    make_fake_imagenet(tmp_path / "inet2")
+    (tmp_path / "inet2" / "test").symlink_to(tmp_path / "inet" / "test")
+    assert len(create_dataset("imagenet", "val", root=tmp_path / "inet2", image_size=32)) == 6
+    for name, root in (("cifar10", tmp_path), ("imagenet", tmp_path / "inet2")):
+        with pytest.raises(ValueError, match=f"'{name}': holdout=30 must be below"):
+            create_dataset(name, "val", root=root, holdout=30)
+        with pytest.raises(ValueError, match=f"'{name}': holdout must be an integer"):
+            create_dataset(name, "test", root=root, holdout=True)
+    assert len(create_dataset("cifar10", "val", root=tmp_path, holdout=np.int64(3))) == 3
+
+
+def test_validation_on_samples_the_weights_trained_on_is_refused(tmp_path):
+    weights = tmp_path / "run" / "checkpoint.pt"
+    weights.parent.mkdir()
+    (weights.parent / "config.json").write_text(json.dumps({"dataset": "digits", "dataset_kwargs": {}}))
+    with pytest.raises(ValueError, match=r"holdout=0 .*validates on holdout=300.*--data-kw holdout=300"):
+        check_validation_unseen(weights, "digits", {"holdout": 300}, "val")
+    check_validation_unseen(weights, "digits", {"holdout": 300}, "test")  # test: never trained on
+    check_validation_unseen(weights, "fashion_mnist", {"holdout": 300}, "val")  # another data set
+    check_validation_unseen(tmp_path / "model.pt", "digits", {"holdout": 300}, "val")  # no config
+    (weights.parent / "config.json").write_text(
+        json.dumps({"dataset": "digits", "dataset_kwargs": {"holdout": 300}})
+    )
+    check_validation_unseen(weights, "digits", {"holdout": 300}, "val")  # the same held-out samples
+    # the entry points check it before reading any weights
+    (weights.parent / "config.json").write_text(json.dumps({"dataset": "digits", "dataset_kwargs": {}}))
+    common = [
+        "--model",
+        "resnet9",
+        "--data",
+        "digits",
+        "--data-kw",
+        "holdout=300",
+        "--checkpoint",
+        str(weights),
+    ]
+    with pytest.raises(ValueError, match="were in those weights' training data"):
+        build_dense_model(
+            RetrainConfig.from_dict(
+                {
+                    "model": "resnet9",
+                    "dataset": "digits",
+                    "dataset_kwargs": {"holdout": 300},
+                    "checkpoint": str(weights),
+                    "eval_split": "val",
+                }
+            ),
+            create_dataset("digits", "train", holdout=300).info,
+        )
+    assert cli_main(["analyze", *common, "--eval-split", "val", "--out", str(tmp_path / "a")]) == 2
 
 
 def test_augmentation_is_seeded_per_epoch_and_index():

@@ -53,7 +53,12 @@ def test_stem_stride_halves_the_stage_resolution():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"small_input": True, "stem_stride": 3}, "1 or 2"), ({"stem_stride": 2}, "small_input=True")],
+    [
+        ({"small_input": True, "stem_stride": 3}, "1 or 2"),
+        ({"small_input": True, "stem_stride": True}, "1 or 2"),
+        ({"small_input": True, "stem_stride": 2.0}, "1 or 2"),
+        ({"stem_stride": 2}, "small_input=True"),
+    ],
 )
 def test_stem_stride_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

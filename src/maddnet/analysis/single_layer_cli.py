@@ -52,12 +52,14 @@ def _model_and_data(args: argparse.Namespace):
     import torch
     from torch.utils.data import DataLoader, Subset
 
+    from ..data.holdout import check_validation_unseen
     from ..data.registry import create_dataset
     from ..models.registry import create_model
     from ..train.runner import model_kwargs_for
 
     model_kwargs = parse_key_values(args.model_kw, "--model-kw")
     data_kwargs = parse_key_values(args.data_kw, "--data-kw")
+    check_validation_unseen(args.checkpoint, args.data, data_kwargs, args.eval_split)
     train = create_dataset(args.data, "train", args.data_root, **data_kwargs)
     evaluation = create_dataset(args.data, args.eval_split, args.data_root, **data_kwargs)
     if args.eval_samples:

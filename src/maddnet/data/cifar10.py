@@ -43,7 +43,9 @@ def find_root(root: str | os.PathLike | None) -> Path:
 
 
 def load_arrays(split: str, root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 3, 32, 32) uint8 and labels (N,) int64."""
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 of ``split`` "train" or "test"."""
+    if split not in ("train", "test"):
+        raise ValueError(f"CIFAR-10 files hold 'train' and 'test', not {split!r}")
     folder = find_root(root)
     images, labels = [], []
     for name in TRAIN_FILES if split == "train" else TEST_FILES:

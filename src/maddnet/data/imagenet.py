@@ -2,9 +2,10 @@
 
 The standard ILSVRC-2012 layout after the usual preparation is ``root/train/n01440764/…``
 and ``root/val/n01440764/…``; ``test`` reads ``root/val`` when there is no ``root/test``
-(the usual ImageNet practice of reporting on the official validation images). To choose
-settings on images the reported number is not measured on, ``holdout=n`` makes ``val`` n
-images held out of ``root/train`` (:mod:`maddnet.data.holdout`) and ``train`` the rest.
+(the usual ImageNet practice of reporting on the official validation images); ``val`` is
+then an error, since it would be the test split. To choose settings on images the reported
+number is not measured on, ``holdout=n`` makes ``val`` n images held out of ``root/train``
+(:mod:`maddnet.data.holdout`) and ``train`` the rest.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from maddnet.data.holdout import holdout_indices
+from maddnet.data.holdout import check_holdout, holdout_indices
 from maddnet.data.registry import DatasetInfo, register_dataset
 from maddnet.data.transforms import SeededSampleMixin, sample_seed, seeded_global_rng
 
@@ -91,8 +92,15 @@ def imagenet_dataset(
     seed: int = 0,
     holdout: int = 0,
 ) -> ImageFolderDataset:
+    check_holdout("imagenet", holdout)
     if holdout == 0 and split != "train":
-        return ImageFolderDataset(split_folder(root, split), image_size, augment, seed=seed)
+        folder = split_folder(root, split)
+        if split == "val" and split_folder(root, "test") == folder:
+            raise ValueError(
+                f"data set 'imagenet' has no test folder beside {folder}, so 'test' reads it too: "
+                "pass holdout=N (e.g. --data-kw holdout=50000) to hold N training images out as 'val'"
+            )
+        return ImageFolderDataset(folder, image_size, augment, seed=seed)
     folder = split_folder(root, "train" if split == "val" else split)
     dataset = ImageFolderDataset(folder, image_size, augment, seed=seed)
     dataset.indices = holdout_indices("imagenet", split, len(dataset.folder), holdout)

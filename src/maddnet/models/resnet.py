@@ -18,8 +18,8 @@ from maddnet.models.registry import register_model
 
 
 def _adapt(model: tv_resnet.ResNet, in_chans: int, small_input: bool, stem_stride: int) -> tv_resnet.ResNet:
-    if stem_stride not in (1, 2):
-        raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride!r}")
+    if isinstance(stem_stride, bool) or not isinstance(stem_stride, int) or stem_stride not in (1, 2):
+        raise ValueError(f"ResNet stem_stride must be the integer 1 or 2, got {stem_stride!r}")
     if stem_stride != 1 and not small_input:
         raise ValueError("stem_stride applies to the small-input stem only: pass small_input=True")
     if small_input:

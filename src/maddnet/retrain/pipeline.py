@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ..data.holdout import check_validation_unseen
 from ..data.registry import create_dataset
 from ..models.registry import create_model
 from ..nn import MaddLayer, conversion_plan, convert_layer, madd_layers, rebuild, record_inputs
@@ -131,6 +132,7 @@ def rank_block(count: int, dist_info: DistInfo) -> range:
 
 
 def build_dense_model(config: RetrainConfig, info) -> nn.Module:
+    check_validation_unseen(config.checkpoint, config.dataset, config.dataset_kwargs, config.eval_split)
     return create_model(
         config.model,
         num_classes=info.num_classes,

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from maddnet.data import DatasetInfo, create_dataset
+from maddnet.data.holdout import check_validation_unseen
 from maddnet.models import create_model
 from maddnet.threads import set_threads
 from maddnet.train.checkpoint import (
@@ -111,6 +112,7 @@ def build_loaders(
 
 
 def build_model(config: TrainConfig, info: DatasetInfo) -> nn.Module:
+    check_validation_unseen(config.init_checkpoint, config.dataset, config.dataset_kwargs, config.eval_split)
     kwargs = model_kwargs_for(config.model, info, config.model_kwargs)
     return create_model(
         config.model,

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from maddnet.analysis.single_layer import analyze_layers
 from maddnet.data.registry import create_dataset
 from maddnet.models.registry import list_models, register_model
-from maddnet.retrain import RetrainConfig, run_retrain
+from maddnet.retrain import RetrainConfig, pipeline, run_retrain
 
 pytest.importorskip("sklearn")
 pytestmark = pytest.mark.slow
@@ -87,8 +87,19 @@ def _worker(rank: int, world_size: int, tmp: str) -> None:
             run_retrain(bad)
         except RuntimeError as error:
             Path(tmp, f"error{rank}.txt").write_text(str(error))
+        # rank 0 (which learns every layer) runs out of memory learning the first one
+        if rank == 0:
+            pipeline.convert_layer = _out_of_memory
+        try:
+            run_retrain(_config(Path(tmp) / "oom", 16, dist_timeout=30.0))
+        except RuntimeError as error:
+            Path(tmp, f"oom{rank}.txt").write_text(str(error))
     finally:
         dist.destroy_process_group()
+
+
+def _out_of_memory(*_args, **_kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
 def _dense() -> nn.Module:
@@ -111,7 +122,8 @@ def test_two_processes_equal_one_process_and_a_failing_rank_stops_both(tmp_path)
     of the 359 test samples, losses to 1e-3 relative.
 
     Then rank 1 gets a data set name that does not exist: both ranks raise the same error
-    naming rank 1 and the cause (neither waits for the other), and nothing is written."""
+    naming rank 1 and the cause (neither waits for the other), and nothing is written. And
+    rank 0 runs out of memory learning a layer: the same, with the last checkpoint whole."""
     one = run_retrain(_config(tmp_path / "one", 32))["rows"]
     mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     two = _rows(tmp_path / "two")
@@ -143,6 +155,17 @@ def test_two_processes_equal_one_process_and_a_failing_rank_stops_both(tmp_path)
     assert errors[0].startswith("loading the data failed on 1 of 2 ranks: rank 1: KeyError:")
     assert "no_such_data_set" in errors[0]
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+    # out of memory on rank 0 while learning a layer: both ranks stop with one message naming
+    # rank 0 and the cause; the checkpoint of the step before is whole and resumable
+    errors = [(tmp_path / f"oom{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith(
+        "learning layer '1' on rank 0 failed on 1 of 2 ranks: rank 0: OutOfMemoryError: CUDA out"
+    )
+    saved = torch.load(tmp_path / "oom" / "checkpoint.pt", weights_only=False)
+    assert saved["next_step"] == 1  # the dense step, written whole before the failure
+    assert not [p for p in (tmp_path / "oom").iterdir() if p.name.endswith(".tmp")]  # no partial file
 
 
 def _children(pid: int) -> list[int]:

@@ -3,7 +3,7 @@
 # scripts/make_kws_espeak.py), from the dense baseline in results/baselines/ds_cnn_s_kws_espeak/.
 # Depthwise convs (groups > 1) stay dense: MADD layers need groups = 1 (the analysis lists them).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|dense_control|steering|surrogate_path|encoders|all]
+# usage: experiments/madd_ds_cnn_kws.sh [analyze|retrain|retrain_long|retrain_wide|retrain_wider|dense_control|steering|surrogate_path|encoders|budget|all]
 # steering: BUDGETS (default "1.0 0.75 0.5") and SEEDS (default "0 1") choose the runs
 # surrogate_path: retrain_wider with the hard-path surrogate, SEEDS (default "0 1"); compare with
 #   steering/budget1.0_seed* (the soft surrogate, same code and seeds)
@@ -11,6 +11,8 @@
 #   variant in VARIANTS (default "tree output pq-l1 tree-global pq") and seed in SEEDS (default
 #   "0 1"), evaluated on the speaker-disjoint validation split; the test split is read once per
 #   run at the end (test.json)
+# budget: per-layer C from a validation-split analysis at the uniform rule's LUT bytes, beside
+#   the rule (stem C = 5) itself; SEEDS (default "0 1")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -96,6 +98,29 @@ if [ "$what" = encoders ]; then
             "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
                 --ncodebooks stem.0=10 --batch-size 100 --distill 0.5 --seed "$seed" \
                 --eval-split val "${enc[@]}" --out "$run"
+            [ -s "$run/test.json" ] || "$PY" -m maddnet.cli eval --model ds_cnn_s --data speech_commands \
+                --data-root data/kws_espeak --checkpoint "$run/checkpoint.pt" --split test \
+                --threads 1 --no-progress --device cpu > "$run/test.json"
+        done
+    done
+fi
+if [ "$what" = budget ]; then
+    # issue 11, per-layer C: the single-layer analysis on the validation split at D/C = 2, 4, 8
+    # and 16, then retraining (retrain_long's steps) with the C per layer that minimises the
+    # summed single-layer drop at the LUT bytes of the uniform rule (D/C = 8, stem C = 5),
+    # beside the uniform rule itself at that cost; SEEDS (default "0 1"); chosen and compared
+    # on the validation split, the test split read once per run (test.json)
+    "$PY" -m maddnet.cli analyze "${common[@]}" --widths 2 4 8 16 --batch-size 100 --eval-split val \
+        --out "$out/single_layer_val"
+    for seed in ${SEEDS:-0 1}; do
+        for v in rule budget_lut; do
+            case $v in
+                rule) alloc=() ;;
+                budget_lut) alloc=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes) ;;
+            esac
+            run="$out/encoders/${v}_seed${seed}"
+            "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+                --batch-size 100 --distill 0.5 --seed "$seed" --eval-split val "${alloc[@]}" --out "$run"
             [ -s "$run/test.json" ] || "$PY" -m maddnet.cli eval --model ds_cnn_s --data speech_commands \
                 --data-root data/kws_espeak --checkpoint "$run/checkpoint.pt" --split test \
                 --threads 1 --no-progress --device cpu > "$run/test.json"

@@ -2,11 +2,12 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|all]
 # steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
 # surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
 #   (docs/encoders.md: the best equal-cost variant at the AMM level), SEEDS (default "0")
+# rule_long: retrain_long rerun with the current code beside encoder_output, SEEDS (default "0")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -103,5 +104,14 @@ if [ "$what" = encoder_output ]; then
         "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
             --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
             --hash-objective output --out "$out/encoder_output/seed${seed}"
+    done
+fi
+if [ "$what" = rule_long ]; then
+    # issue 11's baseline beside encoder_output: retrain_long (the rule's C, stem C = 9) rerun
+    # with the current code (seeded data order), SEEDS (default "0")
+    for seed in ${SEEDS:-0}; do
+        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
+            --out "$out/rule_long/seed${seed}"
     done
 fi

@@ -27,8 +27,8 @@ if [ "$what" = analyze ] || [ "$what" = all ]; then
 fi
 if [ "$what" = retrain ] || [ "$what" = all ]; then
     # every conv/linear layer with groups = 1 (first conv, pointwise convs, classifier). The stem
-    # (10x4 kernel on 1 MFCC channel, D = 40) gets C = 10 (D/C = 4) instead of the rule's one
-    # codebook per input channel (C = 1): the single-layer analysis shows it is the most
+    # (10x4 kernel on 1 MFCC channel, D = 40) gets C = 10 (D/C = 4) instead of the rule's
+    # max(Cin, ceil(D / 9)) = 5: the single-layer analysis shows it is the most
     # sensitive layer (MFCC inputs span a wide range).
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 100 --final-steps 300 \
         --ncodebooks stem.0=10 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 study on LeViT-tiny / Fashion-MNIST (32x32 input), from the dense baseline in
+# Issue 5 study on LeViT-tiny / Fashion-MNIST (28x28 input, stride-4 stem), from the dense baseline in
 # results/baselines/levit_tiny_fashion_mnist/: the single-layer analysis of its
 # conv/linear layers (stem convs, attention qkv/proj, MLPs, heads) at D/C = 8, on the first 2,000 test
 # images; then the layer-by-layer retraining of all 34 conv/linear layers at a small budget.

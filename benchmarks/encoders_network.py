@@ -1,0 +1,245 @@
+"""Encoders and per-layer C at the network level (issue 11; docs/encoders.md, "Network level").
+
+Reads finished retraining runs, trains nothing:
+
+* DS-CNN-S / espeak-ng keywords at the rule's C (``experiments/madd_ds_cnn_kws.sh encoders``
+  and ``budget``: ``results/ds_cnn_s_kws_espeak/encoders/<variant>_seed<s>``), evaluated on
+  the speaker-disjoint validation split during the run (the split the variants are compared
+  on) with the test split read once at the end (``test.json``);
+* ResNet-9 / Fashion-MNIST at the rule's C with stem C = 9 (``experiments/
+  madd_resnet9_fashion_mnist.sh rule_long`` and ``encoder_output``), test split.
+
+For each run: validation and test top-1, and what one inference costs on the accelerator
+model (``maddnet.hw``: the run's own converted layers): encoder compares, adds and
+multiplies, LUT bytes and energy at 45 nm. Beside them the dense controls (the same loss,
+optimiser and number of steps, nothing replaced).
+
+    python benchmarks/encoders_network.py     # -> results/encoders/network.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from maddnet.data.registry import create_dataset
+from maddnet.hw.costs import load_cost_model
+from maddnet.hw.energy import estimate
+from maddnet.hw.network import run_network
+from maddnet.models.registry import create_model
+from maddnet.models.weights import dense_state_dict, is_converted, load_state, read_checkpoint
+from maddnet.train.cli import _load_converted_state
+from maddnet.train.loops import evaluate
+from maddnet.train.runner import model_kwargs_for
+
+ROOT = Path(__file__).resolve().parent.parent
+NETS = {
+    "ds_cnn_s": {
+        "title": "DS-CNN-S / espeak-ng keywords, the rule's C (retrain_long: 300 + 1,000 steps of 100)",
+        "runs": ["results/ds_cnn_s_kws_espeak/encoders"],
+        "controls": [
+            "results/ds_cnn_s_kws_espeak/steering/dense_control_seed0",
+            "results/ds_cnn_s_kws_espeak/steering/dense_control_seed1",
+        ],
+        "baseline": "tree",
+    },
+    "resnet9": {
+        "title": "ResNet-9 (width 16) / Fashion-MNIST, the rule's C with stem C = 9 "
+        "(400 + 2,000 steps of 128)",
+        "runs": ["results/resnet9_fashion_mnist/rule_long", "results/resnet9_fashion_mnist/encoder_output"],
+        "controls": ["results/resnet9_fashion_mnist/dense_control"],
+        "baseline": "rule_long",
+    },
+}
+# what each variant name in a run folder means
+VARIANTS = {
+    "tree": "tree (MADDness), stem C = 10",
+    "output": "tree, output objective, stem C = 10",
+    "pq-l1": "pq-l1 (nearest centroid, L1), stem C = 10",
+    "tree-global": "tree-global + 1 refine sweep, stem C = 10",
+    "pq": "pq (nearest centroid, L2), stem C = 10",
+    "rule": "tree, the uniform rule (stem C = 5)",
+    "budget_lut": "tree, per-layer C at the rule's LUT bytes",
+    "rule_long": "tree (MADDness)",
+    "encoder_output": "tree, output objective",
+}
+
+
+def final_row(folder: Path) -> dict | None:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    finals = [r for r in rows if r.get("phase") == "final"]
+    return finals[-1] if finals else None
+
+
+def costs(folder: Path, cost_model) -> dict:
+    """Encoder work, LUT bytes and energy of one inference of the run's final network."""
+    result = estimate(run_network(folder), cost_model)
+    madd = [layer.counts for layer in result.madd.layers if "lut_bytes" in layer.counts]
+
+    def total(key: str) -> int:
+        return sum(counts.get(key, 0) for counts in madd)
+
+    return {
+        "madd_layers": len(madd),
+        "compares": total("compares"),
+        "encoder_adds": total("encoder_adds"),
+        "encoder_multiplies": total("encoder_multiplies"),
+        "lut_bytes": total("lut_bytes"),
+        "energy_uj": result.madd.energy_pj / 1e6,
+    }
+
+
+def control_top1(folder: Path, split: str) -> float | None:
+    """Top-1 of a dense control's final weights on ``split`` (a dense model: quick)."""
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("eval_split", "test") == split:
+        row = final_row(folder)
+        return None if row is None else row["top1"]
+    data = create_dataset(
+        config["dataset"], split, config.get("data_root"), **(config.get("dataset_kwargs") or {})
+    )
+    model = create_model(
+        config["model"],
+        num_classes=data.info.num_classes,
+        in_chans=data.info.in_chans,
+        **model_kwargs_for(config["model"], data.info, config.get("model_kwargs") or {}),
+    )
+    path = folder / "checkpoint.pt"
+    saved = read_checkpoint(path)
+    if is_converted(saved):  # a retrain run's checkpoint: its final weights, as `maddnet eval` reads them
+        _load_converted_state(model, saved, path)
+    else:
+        load_state(model, dense_state_dict(saved, path), path)
+    with torch.inference_mode():
+        return evaluate(model, DataLoader(data, batch_size=512))["top1"]
+
+
+def collect(net: dict, cost_model) -> dict:
+    rows = []
+    for parent in net["runs"]:
+        parent = ROOT / parent
+        folders = sorted(p for p in parent.glob("*") if p.is_dir()) if parent.exists() else []
+        for folder in folders:
+            match = re.fullmatch(r"(.+)_seed(\d+)", folder.name)
+            variant, seed = (
+                (match.group(1), int(match.group(2)))
+                if match
+                else (parent.name, int(folder.name.removeprefix("seed")))
+            )
+            row = final_row(folder) if (folder / "metrics.jsonl").exists() else None
+            if row is None:
+                rows.append(
+                    {
+                        "variant": variant,
+                        "seed": seed,
+                        "status": "unfinished",
+                        "run": str(folder.relative_to(ROOT)),
+                    }
+                )
+                continue
+            config = json.loads((folder / "config.json").read_text())
+            split = config.get("eval_split", "test")
+            test_file = folder / "test.json"
+            test = (
+                json.loads(test_file.read_text())["top1"]
+                if test_file.exists() and test_file.stat().st_size
+                else None
+            )
+            rows.append(
+                {
+                    "variant": variant,
+                    "meaning": VARIANTS.get(variant, variant),
+                    "seed": seed,
+                    "run": str(folder.relative_to(ROOT)),
+                    "val_top1": row["top1"] if split == "val" else None,
+                    "test_top1": row["top1"] if split == "test" else test,
+                    **costs(folder, cost_model),
+                }
+            )
+    controls = []
+    for folder in net["controls"]:
+        folder = ROOT / folder
+        if not (folder / "checkpoint.pt").exists():
+            continue
+        controls.append(
+            {
+                "run": str(folder.relative_to(ROOT)),
+                "val_top1": control_top1(folder, "val") if net is NETS["ds_cnn_s"] else None,
+                "test_top1": control_top1(folder, "test"),
+            }
+        )
+    return {"title": net["title"], "baseline": net["baseline"], "runs": rows, "controls": controls}
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# Encoders and per-layer C at the network level (issue 11)",
+        "",
+        "Written by `python benchmarks/encoders_network.py` from the finished runs. Costs per",
+        "inference of each run's final network on the accelerator model (`maddnet.hw`, 45 nm",
+        "defaults): encoder compares / adds / multiplies, LUT bytes, energy.",
+    ]
+    for part in results.values():
+        lines += ["", f"## {part['title']}", ""]
+        lines += [
+            "| variant | seed | val top-1 | test top-1 | compares | encoder adds | multiplies "
+            "| LUT bytes | µJ |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(part["runs"], key=lambda r: (r["variant"], r["seed"])):
+            if r.get("status") == "unfinished":
+                lines.append(f"| {r['variant']} | {r['seed']} | unfinished | | | | | | |")
+                continue
+            lines.append(
+                f"| {r['meaning']} | {r['seed']} | {pct(r['val_top1'])} | {pct(r['test_top1'])} | "
+                f"{r['compares']:,} | {r['encoder_adds']:,} | {r['encoder_multiplies']:,} | "
+                f"{r['lut_bytes']:,} | {r['energy_uj']:.2f} |"
+            )
+        lines.append("")
+        by_variant: dict[str, list[dict]] = {}
+        for r in part["runs"]:
+            if r.get("status") != "unfinished":
+                by_variant.setdefault(r["variant"], []).append(r)
+        for variant, runs in sorted(by_variant.items()):
+            for key in ("val_top1", "test_top1"):
+                values = [r[key] for r in runs if r[key] is not None]
+                if values:
+                    split = key.split("_")[0]
+                    lines.append(
+                        f"- {VARIANTS.get(variant, variant)}, {split}: mean {pct(statistics.mean(values))} "
+                        f"over {len(values)} seed(s) ({', '.join(pct(v) for v in values)})"
+                    )
+        for c in part["controls"]:
+            lines.append(
+                f"- dense control `{c['run']}`: val {pct(c['val_top1'])}, test {pct(c['test_top1'])}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", default=str(ROOT / "results/encoders/network"), help="output path without suffix"
+    )
+    args = parser.parse_args()
+    cost_model = load_cost_model()
+    results = {name: collect(net, cost_model) for name, net in NETS.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
+    Path(args.out + ".md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

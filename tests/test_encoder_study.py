@@ -7,6 +7,7 @@ product-fitted LUT (docs/encoders.md).
 
 from __future__ import annotations
 
+import numba
 import pytest
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ from maddnet.amm.encoders.nearest import nearest_cost
 from maddnet.amm.lut import quantized_lut_sum
 from maddnet.amm.lut_fit import product_lut
 from maddnet.amm.prototypes import ridge_prototypes
-from maddnet.nn import LayerSpec, MaddConfig, MaddLinear, convert
-from maddnet.nn.encoders import L1Module, LinfModule, PQModule
+from maddnet.nn import LayerSpec, MaddConfig, MaddLinear, _nearest_kernel, convert
+from maddnet.nn.encoders import L1Module, LinfModule, PQModule, _nearest_kernel_applies
 
 
 def clustered_rows(nrows: int, ndims: int, seed: int = 0) -> torch.Tensor:
@@ -221,6 +222,65 @@ def test_soft_argmin_surrogate_is_the_gradient_of_the_soft_lut_sum(module_cls):
     torch.testing.assert_close(grad_v, want_v)
     torch.testing.assert_close(grad_c, want_c)
     assert grad_t is None and float(grad_v[:, 1, 2].abs().max()) == 0.0  # padding gets nothing
+
+
+@pytest.mark.parametrize("module_cls", [PQModule, L1Module])
+def test_fused_soft_argmin_backward_equals_autograd(module_cls):
+    """float32 on CPU takes the numba kernel (no (N, C, K, W) tensors); it must give the
+    float64 autograd gradients of the same surrogate to float32 rounding, over several row
+    blocks, with a padded block, for each subset of the wanted gradients."""
+    torch.manual_seed(1)
+    module = module_cls(3, 16, ndims=8)  # blocks of 3, 3 and 2 columns (one padded)
+    with torch.no_grad():
+        module.centroids.copy_(torch.randn(3, 16, 3))
+        module.temperature.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    nrows = 2 * _nearest_kernel.BLOCK + 37
+    values = torch.randn(nrows, 3, 3)
+    table, grad_out = torch.randn(3, 16, 5), torch.randn(nrows, 5)
+    values[:5] = module.centroids.detach()[:, 0][None]  # ties: L1's subgradient is 0 there
+
+    def soft_sum(v, c):
+        scores = module.double().soft_scores(v, c, module.temperature.double())
+        return (torch.einsum("nck,ckm->nm", scores, table.double()) * grad_out.double()).sum()
+
+    v = values.double().requires_grad_()
+    c = module.centroids.detach().double().requires_grad_()
+    want_v, want_c = torch.autograd.grad(soft_sum(v, c), (v, c))
+    module.float()
+    assert _nearest_kernel_applies(module.metric, values, module.centroids, grad_out)
+    codes = module.encode_values(values)
+    for needs in [(True, True, False), (True, False, False), (False, True, False)]:
+        grad_v, (grad_c, _) = module.surrogate_backward(
+            values, codes, (module.centroids.detach(), module.temperature), table, grad_out, needs
+        )
+        if needs[0]:
+            assert grad_v.dtype == torch.float32
+            torch.testing.assert_close(grad_v.double(), want_v, rtol=1e-4, atol=1e-5)
+            assert float(grad_v[:, 2, 2].abs().max()) == 0.0  # the padding column
+        else:
+            assert grad_v is None
+        if needs[1]:
+            torch.testing.assert_close(grad_c.double(), want_c, rtol=1e-4, atol=1e-4)
+        else:
+            assert grad_c is None
+    # the per-block centroid gradients are summed in block order: any thread count, same bits
+    first = module.surrogate_backward(
+        values, codes, (module.centroids.detach(), module.temperature), table, grad_out, (True, True, False)
+    )
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        again = module.surrogate_backward(
+            values,
+            codes,
+            (module.centroids.detach(), module.temperature),
+            table,
+            grad_out,
+            (True, True, False),
+        )
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1][0], again[1][0])
 
 
 @pytest.mark.parametrize("encoder", ["tree-global", "pq-l1"])

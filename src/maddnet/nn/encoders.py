@@ -22,7 +22,7 @@ from torch import nn
 from ..amm.checks import check_nprototypes
 from ..amm.encoders import Encoder, EncoderCost, NearestPrototypeEncoder, TreeEncoder, nearest
 from ..amm.encoders.tree import tree_cost
-from . import functional
+from . import _nearest_kernel, functional
 from .spec import SURROGATES, LayerSpec
 
 
@@ -293,6 +293,10 @@ class NearestPrototypeModule(EncoderModule):
 
     def surrogate_backward(self, values, codes, tensors, table, grad_out, needs):
         centroids, temperature = tensors
+        if not (needs[0] or needs[1]):
+            return None, (None, None)
+        if _nearest_kernel_applies(self.metric, values, centroids, grad_out):
+            return self._fused_backward(values, centroids, temperature, table, grad_out, needs)
         with torch.enable_grad():
             inputs = (values.detach().requires_grad_(needs[0]), centroids.detach().requires_grad_(needs[1]))
             wanted = [x for x in inputs if x.requires_grad]
@@ -305,11 +309,40 @@ class NearestPrototypeModule(EncoderModule):
         grad_centroids = next(grads) if needs[1] else None
         return grad_values, (grad_centroids, None)
 
+    def _fused_backward(self, values, centroids, temperature, table, grad_out, needs):
+        """:meth:`surrogate_backward` by the numba kernel (CPU, float32, L1 / L2): no
+        (N, C, K, W) tensor is formed; the same gradients as autograd to float32 rounding."""
+        grad_scores = torch.einsum("nm,ckm->nck", grad_out, table.float())
+        grad_values, parts = _nearest_kernel.soft_argmin_backward(
+            values.detach().contiguous().numpy(),
+            centroids.detach().contiguous().numpy(),
+            self.mask.to(torch.float32).contiguous().numpy(),
+            (1.0 / temperature.detach().float()).contiguous().numpy(),
+            grad_scores.contiguous().numpy(),
+            _nearest_kernel.METRIC_CODES[self.metric],
+            bool(needs[0]),
+            bool(needs[1]),
+            _nearest_kernel.BLOCK,
+        )
+        grad_values = torch.from_numpy(grad_values) if needs[0] else None
+        grad_centroids = torch.from_numpy(parts.sum(0)) if needs[1] else None
+        return grad_values, (grad_centroids, None)
+
     def cost(self) -> EncoderCost:
         return nearest.nearest_cost(self.metric, self.ndims, self.ncodebooks, self.nprototypes)
 
     def extra_repr(self) -> str:
         return f"C={self.ncodebooks}, K={self.nprototypes}, metric={self.metric!r}"
+
+
+def _nearest_kernel_applies(metric: str, values, centroids, grad_out) -> bool:
+    """Whether the fused CPU kernel computes this surrogate backward (else autograd)."""
+    tensors = (values, centroids, grad_out)
+    return (
+        metric in _nearest_kernel.METRIC_CODES
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and values.dim() == 3
+    )
 
 
 class PQModule(NearestPrototypeModule):

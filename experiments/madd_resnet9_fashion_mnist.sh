@@ -2,12 +2,13 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_pq_l1|all]
 # steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
 # surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
 #   (docs/encoders.md: the best equal-cost variant at the AMM level), SEEDS (default "0")
 # rule_long: retrain_long rerun with the current code beside encoder_output, SEEDS (default "0")
+# encoder_pq_l1: rule_long with the pq-l1 encoder (multiplier-free, reads every input), SEEDS (default "0")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -113,5 +114,15 @@ if [ "$what" = rule_long ]; then
         "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
             --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
             --out "$out/rule_long/seed${seed}"
+    done
+fi
+if [ "$what" = encoder_pq_l1 ]; then
+    # issue 11's best multiplier-free encoder at the network level: rule_long with --encoder
+    # pq-l1 (nearest of 16 centroids per block under L1: reads every input, no multiply);
+    # several hours on one core (its soft-argmin backward is a fused kernel), SEEDS (default "0")
+    for seed in ${SEEDS:-0}; do
+        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
+            --encoder pq-l1 --out "$out/encoder_pq_l1/seed${seed}"
     done
 fi

@@ -2,13 +2,15 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_pq_l1|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_pq_l1|dense_holdout|all]
 # steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
 # surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
 #   (docs/encoders.md: the best equal-cost variant at the AMM level), SEEDS (default "0")
 # rule_long: retrain_long rerun with the current code beside encoder_output, SEEDS (default "0")
 # encoder_pq_l1: rule_long with the pq-l1 encoder (multiplier-free, reads every input), SEEDS (default "0")
+# dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
+#   analysis on them (what per-layer C should be chosen from)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -125,4 +127,18 @@ if [ "$what" = encoder_pq_l1 ]; then
             --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
             --encoder pq-l1 --out "$out/encoder_pq_l1/seed${seed}"
     done
+fi
+if [ "$what" = dense_holdout ]; then
+    # issue 11's method: a ResNet-9 baseline that never saw the 5,000 held-out validation
+    # images (the recipe's 8 epochs on the other 55,000), the test split read once at the end;
+    # then the single-layer analysis on the validation split, for choosing per-layer C
+    hb=results/baselines/resnet9_fashion_mnist_holdout
+    experiments/run_baseline.sh resnet9_fashion_mnist_holdout -- --model resnet9 --model-kw width=16 \
+        --data fashion_mnist --data-kw holdout=5000 --eval-split val --threads 1
+    [ -s "$hb/test.json" ] || { "$PY" -m maddnet.cli eval --model resnet9 --model-kw width=16 \
+        --data fashion_mnist --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt" --split test \
+        --threads 1 --no-progress --device cpu > "$hb/test.json.part" && mv "$hb/test.json.part" "$hb/test.json"; }
+    "$PY" -m maddnet.cli analyze --model resnet9 --model-kw width=16 --data fashion_mnist \
+        --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt" --threads 1 --no-progress --device cpu \
+        --widths 4.5 9 18 --eval-split val --eval-samples 2000 --out "$out/single_layer_val"
 fi

@@ -48,6 +48,12 @@ NETS = {
             "results/ds_cnn_s_kws_espeak/steering/dense_control_seed1",
         ],
         "baseline": "tree",
+        # the tree with more codebooks, same steps (test split; earlier code, sequential data order)
+        "references": {
+            "results/ds_cnn_s_kws_espeak/retrain_long": "tree, the rule (D/C = 8, stem C = 10), earlier code",
+            "results/ds_cnn_s_kws_espeak/retrain_wide": "tree, 2x the rule's C (D/C = 4, stem C = 20)",
+            "results/ds_cnn_s_kws_espeak/retrain_wider": "tree, 4x the rule's C (D/C = 2, stem C = 40)",
+        },
     },
     "resnet9": {
         "title": "ResNet-9 (width 16) / Fashion-MNIST, the rule's C with stem C = 9 "
@@ -55,6 +61,11 @@ NETS = {
         "runs": ["results/resnet9_fashion_mnist/rule_long", "results/resnet9_fashion_mnist/encoder_output"],
         "controls": ["results/resnet9_fashion_mnist/dense_control"],
         "baseline": "rule_long",
+        "references": {
+            "results/resnet9_fashion_mnist/retrain_long": "tree, the rule, earlier code (data in order)",
+            "results/resnet9_fashion_mnist/retrain_wide_long": "tree, 2x the rule's C (D/C = 4.5)",
+            "results/resnet9_fashion_mnist/retrain_wide_long_seed1": "tree, 2x the rule's C, seed 1",
+        },
     },
 }
 # what each variant name in a run folder means
@@ -162,6 +173,20 @@ def collect(net: dict, cost_model) -> dict:
                     **costs(folder, cost_model),
                 }
             )
+    references = []
+    for folder, meaning in net.get("references", {}).items():
+        folder = ROOT / folder
+        row = final_row(folder) if (folder / "metrics.jsonl").exists() else None
+        if row is None or not (folder / "checkpoint.pt").exists():
+            continue
+        references.append(
+            {
+                "run": str(folder.relative_to(ROOT)),
+                "meaning": meaning,
+                "test_top1": row["top1"],
+                **costs(folder, cost_model),
+            }
+        )
     controls = []
     for folder in net["controls"]:
         folder = ROOT / folder
@@ -172,9 +197,16 @@ def collect(net: dict, cost_model) -> dict:
                 "run": str(folder.relative_to(ROOT)),
                 "val_top1": control_top1(folder, "val") if net is NETS["ds_cnn_s"] else None,
                 "test_top1": control_top1(folder, "test"),
+                "dense_energy_uj": estimate(run_network(folder), cost_model).dense.energy_pj / 1e6,
             }
         )
-    return {"title": net["title"], "baseline": net["baseline"], "runs": rows, "controls": controls}
+    return {
+        "title": net["title"],
+        "baseline": net["baseline"],
+        "runs": rows,
+        "references": references,
+        "controls": controls,
+    }
 
 
 def pct(value: float | None) -> str:
@@ -219,9 +251,24 @@ def markdown(results: dict) -> str:
                         f"- {VARIANTS.get(variant, variant)}, {split}: mean {pct(statistics.mean(values))} "
                         f"over {len(values)} seed(s) ({', '.join(pct(v) for v in values)})"
                     )
+        if part["references"]:
+            lines += [
+                "",
+                "References (the same steps with more codebooks; test split):",
+                "",
+                "| run | test top-1 | compares | LUT bytes | µJ |",
+                "|---|---|---|---|---|",
+            ]
+            for r in part["references"]:
+                lines.append(
+                    f"| {r['meaning']} (`{r['run']}`) | {pct(r['test_top1'])} | {r['compares']:,} | "
+                    f"{r['lut_bytes']:,} | {r['energy_uj']:.2f} |"
+                )
+            lines.append("")
         for c in part["controls"]:
             lines.append(
-                f"- dense control `{c['run']}`: val {pct(c['val_top1'])}, test {pct(c['test_top1'])}"
+                f"- dense control `{c['run']}`: val {pct(c['val_top1'])}, test {pct(c['test_top1'])}; "
+                f"the dense network {c['dense_energy_uj']:.2f} µJ per inference (baseline accelerator)"
             )
     return "\n".join(lines) + "\n"
 

@@ -77,6 +77,7 @@ VARIANTS = {
     "pq": "pq (nearest centroid, L2), stem C = 10",
     "rule": "tree, the uniform rule (stem C = 5)",
     "budget_lut": "tree, per-layer C at the rule's LUT bytes",
+    "budget_lut_octaves0": "tree, per-layer C at the rule's LUT bytes, no C beyond the analysed",
     "rule_long": "tree (MADDness)",
     "encoder_output": "tree, output objective",
 }

@@ -11,16 +11,17 @@
 #   variant in VARIANTS (default "tree output pq-l1 tree-global pq") and seed in SEEDS (default
 #   "0 1"), evaluated on the speaker-disjoint validation split; the test split is read once per
 #   run at the end (test.json)
-# budget: per-layer C from a validation-split analysis at the uniform rule's LUT bytes, beside
-#   the rule (stem C = 5) itself; SEEDS (default "0 1")
+# budget: per-layer C from a validation-split analysis at the uniform rule's LUT bytes (with and
+#   without extrapolated C), beside the rule (stem C = 5) itself; SEEDS (default "0 1")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+. experiments/test_once.sh
 base=results/baselines/ds_cnn_s_kws_espeak/checkpoint.pt
 out=results/ds_cnn_s_kws_espeak
 what=${1:-all}
-common=(--model ds_cnn_s --data speech_commands --data-root data/kws_espeak --checkpoint "$base"
-        --threads 1 --no-progress --device cpu)
+net=(--model ds_cnn_s --data speech_commands --data-root data/kws_espeak)
+common=("${net[@]}" --checkpoint "$base" --threads 1 --no-progress --device cpu)
 
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli analyze "${common[@]}" --widths 8 16 --batch-size 100 --out "$out/single_layer"
@@ -98,9 +99,7 @@ if [ "$what" = encoders ]; then
             "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
                 --ncodebooks stem.0=10 --batch-size 100 --distill 0.5 --seed "$seed" \
                 --eval-split val "${enc[@]}" --out "$run"
-            [ -s "$run/test.json" ] || "$PY" -m maddnet.cli eval --model ds_cnn_s --data speech_commands \
-                --data-root data/kws_espeak --checkpoint "$run/checkpoint.pt" --split test \
-                --threads 1 --no-progress --device cpu > "$run/test.json"
+            test_once "$run/test.json" "${net[@]}" --checkpoint "$run/checkpoint.pt"
         done
     done
 fi
@@ -108,36 +107,24 @@ if [ "$what" = budget ]; then
     # issue 11, per-layer C: the single-layer analysis on the validation split at D/C = 2, 4, 8
     # and 16, then retraining (retrain_long's steps) with the C per layer that minimises the
     # summed single-layer drop at the LUT bytes of the uniform rule (D/C = 8, stem C = 5),
-    # beside the uniform rule itself at that cost; SEEDS (default "0 1"); chosen and compared
-    # on the validation split, the test split read once per run (test.json)
+    # beside the uniform rule itself at that cost, with (budget_lut) and without
+    # (budget_lut_octaves0: --budget-octaves 0) C extrapolated beyond the analysed ones;
+    # SEEDS (default "0 1"); chosen and compared on the validation split, the test split read
+    # once per run (test.json)
     "$PY" -m maddnet.cli analyze "${common[@]}" --widths 2 4 8 16 --batch-size 100 --eval-split val \
         --out "$out/single_layer_val"
     for seed in ${SEEDS:-0 1}; do
-        for v in rule budget_lut; do
+        for v in rule budget_lut budget_lut_octaves0; do
+            allocation=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes)
             case $v in
                 rule) alloc=() ;;
-                budget_lut) alloc=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes) ;;
+                budget_lut) alloc=("${allocation[@]}") ;;
+                budget_lut_octaves0) alloc=("${allocation[@]}" --budget-octaves 0) ;;
             esac
             run="$out/encoders/${v}_seed${seed}"
             "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
                 --batch-size 100 --distill 0.5 --seed "$seed" --eval-split val "${alloc[@]}" --out "$run"
-            [ -s "$run/test.json" ] || "$PY" -m maddnet.cli eval --model ds_cnn_s --data speech_commands \
-                --data-root data/kws_espeak --checkpoint "$run/checkpoint.pt" --split test \
-                --threads 1 --no-progress --device cpu > "$run/test.json"
+            test_once "$run/test.json" "${net[@]}" --checkpoint "$run/checkpoint.pt"
         done
-    done
-fi
-if [ "$what" = budget_octaves0 ]; then
-    # the budget run with --budget-octaves 0: no C outside the analysed range (budget_lut put
-    # the classifier at C = 2, extrapolated from C = 4, and lost 16 points there); SEEDS (default "0")
-    for seed in ${SEEDS:-0}; do
-        run="$out/encoders/budget_lut_octaves0_seed${seed}"
-        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
-            --batch-size 100 --distill 0.5 --seed "$seed" --eval-split val \
-            --ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes \
-            --budget-octaves 0 --out "$run"
-        [ -s "$run/test.json" ] || "$PY" -m maddnet.cli eval --model ds_cnn_s --data speech_commands \
-            --data-root data/kws_espeak --checkpoint "$run/checkpoint.pt" --split test \
-            --threads 1 --no-progress --device cpu > "$run/test.json"
     done
 fi

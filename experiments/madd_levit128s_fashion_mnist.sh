@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+. experiments/test_once.sh
 run=levit_128s_fashion_mnist
 base=results/baselines/$run/checkpoint.pt
 out=results/$run
@@ -27,10 +28,8 @@ if [ "$what" = dense ] || [ "$what" = all ]; then
     experiments/run_baseline.sh "$run" -- "${model[@]}" "${data[@]}" --eval-split val \
         --threads 1
 fi
-if { [ "$what" = dense_test ] || [ "$what" = all ]; } && [ ! -s "results/baselines/$run/test.json" ]; then
-    "$PY" -m maddnet.cli eval "${model[@]}" "${data[@]}" --checkpoint "$base" --split test \
-        --threads 1 --no-progress --device cpu > "results/baselines/$run/test.json.part"
-    mv "results/baselines/$run/test.json.part" "results/baselines/$run/test.json"
+if [ "$what" = dense_test ] || [ "$what" = all ]; then
+    test_once "results/baselines/$run/test.json" "${model[@]}" "${data[@]}" --checkpoint "$base"
 fi
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     # every conv/linear layer alone at D/C = 8 (the rule) and 16, on the first

@@ -19,6 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+. experiments/test_once.sh
 run=resnet50_fashion_mnist
 base=results/baselines/$run/checkpoint.pt
 out=results/$run
@@ -34,11 +35,9 @@ if [ "$what" = dense ] || [ "$what" = all ]; then
     experiments/run_baseline.sh "$run" -- "${model[@]}" "${data[@]}" --eval-split val \
         --epochs 5 --threads 1
 fi
-if { [ "$what" = dense_test ] || [ "$what" = all ]; } && [ ! -s "results/baselines/$run/test.json" ]; then
+if [ "$what" = dense_test ] || [ "$what" = all ]; then
     # the test split, read once for the finished dense model
-    "$PY" -m maddnet.cli eval "${model[@]}" "${data[@]}" --checkpoint "$base" --split test \
-        --threads 1 --no-progress --device cpu > "results/baselines/$run/test.json.part"
-    mv "results/baselines/$run/test.json.part" "results/baselines/$run/test.json"
+    test_once "results/baselines/$run/test.json" "${model[@]}" "${data[@]}" --checkpoint "$base"
 fi
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     # every conv/linear layer alone at D/C = 9 and 18, on the first
@@ -56,9 +55,7 @@ if [ "$what" = retrain ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --ncodebooks conv1=9 --steps-per-layer 20 \
         --final-steps 400 --batch-size 64 --distill 0.5 --eval-split val --eval-samples 1000 \
         --out "$out/retrain"
-    [ -s "$out/retrain/test.json" ] || { "$PY" -m maddnet.cli eval "${model[@]}" "${data[@]}" \
-        --checkpoint "$out/retrain/checkpoint.pt" --split test --threads 1 --no-progress \
-        --device cpu > "$out/retrain/test.json.part" && mv "$out/retrain/test.json.part" "$out/retrain/test.json"; }
+    test_once "$out/retrain/test.json" "${model[@]}" "${data[@]}" --checkpoint "$out/retrain/checkpoint.pt"
 fi
 if [ "$what" = dense_control ] || [ "$what" = all ]; then
     # control for retrain: the same loss, optimiser and total budget (54 x 20 + 400 = 1,480
@@ -66,7 +63,6 @@ if [ "$what" = dense_control ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 20 --final-steps 400 \
         --batch-size 64 --distill 0.5 --eval-split val --eval-samples 1000 --dense-control \
         --out "$out/dense_control"
-    [ -s "$out/dense_control/test.json" ] || { "$PY" -m maddnet.cli eval "${model[@]}" "${data[@]}" \
-        --checkpoint "$out/dense_control/checkpoint.pt" --split test --threads 1 --no-progress \
-        --device cpu > "$out/dense_control/test.json.part" && mv "$out/dense_control/test.json.part" "$out/dense_control/test.json"; }
+    test_once "$out/dense_control/test.json" "${model[@]}" "${data[@]}" \
+        --checkpoint "$out/dense_control/checkpoint.pt"
 fi

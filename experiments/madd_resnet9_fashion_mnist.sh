@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+. experiments/test_once.sh
 base=results/baselines/resnet9_fashion_mnist/checkpoint.pt
 out=results/resnet9_fashion_mnist
 what=${1:-all}
@@ -135,9 +136,8 @@ if [ "$what" = dense_holdout ]; then
     hb=results/baselines/resnet9_fashion_mnist_holdout
     experiments/run_baseline.sh resnet9_fashion_mnist_holdout -- --model resnet9 --model-kw width=16 \
         --data fashion_mnist --data-kw holdout=5000 --eval-split val --threads 1
-    [ -s "$hb/test.json" ] || { "$PY" -m maddnet.cli eval --model resnet9 --model-kw width=16 \
-        --data fashion_mnist --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt" --split test \
-        --threads 1 --no-progress --device cpu > "$hb/test.json.part" && mv "$hb/test.json.part" "$hb/test.json"; }
+    test_once "$hb/test.json" --model resnet9 --model-kw width=16 --data fashion_mnist \
+        --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt"
     "$PY" -m maddnet.cli analyze --model resnet9 --model-kw width=16 --data fashion_mnist \
         --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt" --threads 1 --no-progress --device cpu \
         --widths 4.5 9 18 --eval-split val --eval-samples 2000 --out "$out/single_layer_val"

@@ -51,19 +51,12 @@ def build_transform(image_size: int, augment: bool) -> v2.Compose:
 
 
 class ImageFolderDataset(SeededSampleMixin, Dataset):
-    """torchvision ``ImageFolder`` with transforms seeded per (seed, epoch, index);
-    ``indices`` keeps only those images of the folder (in that order)."""
+    """torchvision ``ImageFolder`` with transforms seeded per (seed, epoch, index). Setting
+    ``indices`` (an int array) keeps only those images of the folder, in that order."""
 
-    def __init__(
-        self,
-        folder: Path,
-        image_size: int,
-        augment: bool,
-        seed: int = 0,
-        indices: np.ndarray | None = None,
-    ):
+    def __init__(self, folder: Path, image_size: int, augment: bool, seed: int = 0):
         self.folder = datasets.ImageFolder(str(folder))
-        self.indices = indices
+        self.indices: np.ndarray | None = None
         self.transform = build_transform(image_size, augment)
         self.seed = seed
         self.info = DatasetInfo(

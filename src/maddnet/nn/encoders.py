@@ -300,8 +300,6 @@ class NearestPrototypeModule(EncoderModule):
         with torch.enable_grad():
             inputs = (values.detach().requires_grad_(needs[0]), centroids.detach().requires_grad_(needs[1]))
             wanted = [x for x in inputs if x.requires_grad]
-            if not wanted:
-                return None, (None, None)
             scores = self.soft_scores(inputs[0], inputs[1], temperature.detach())
             grad_scores = torch.einsum("nm,ckm->nck", grad_out.to(scores.dtype), table.to(scores.dtype))
             grads = iter(torch.autograd.grad(scores, wanted, grad_scores))

@@ -33,8 +33,7 @@ from maddnet.hw.costs import load_cost_model
 from maddnet.hw.energy import estimate
 from maddnet.hw.network import run_network
 from maddnet.models.registry import create_model
-from maddnet.models.weights import dense_state_dict, is_converted, load_state, read_checkpoint
-from maddnet.train.cli import _load_converted_state
+from maddnet.train.cli import load_evaluated
 from maddnet.train.loops import evaluate
 from maddnet.train.runner import model_kwargs_for
 
@@ -122,12 +121,7 @@ def control_top1(folder: Path, split: str) -> float | None:
         in_chans=data.info.in_chans,
         **model_kwargs_for(config["model"], data.info, config.get("model_kwargs") or {}),
     )
-    path = folder / "checkpoint.pt"
-    saved = read_checkpoint(path)
-    if is_converted(saved):  # a retrain run's checkpoint: its final weights, as `maddnet eval` reads them
-        _load_converted_state(model, saved, path)
-    else:
-        load_state(model, dense_state_dict(saved, path), path)
+    load_evaluated(model, folder / "checkpoint.pt")  # its final weights, as `maddnet eval` reads them
     with torch.inference_mode():
         return evaluate(model, DataLoader(data, batch_size=512))["top1"]
 

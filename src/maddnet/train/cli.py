@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from maddnet.cli_args import (
@@ -107,7 +108,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from maddnet.data import create_dataset
     from maddnet.models import create_model
-    from maddnet.models.weights import dense_state_dict, is_converted, load_state, read_checkpoint
     from maddnet.train.distributed import pick_device
     from maddnet.train.loops import evaluate
     from maddnet.train.runner import model_kwargs_for
@@ -119,13 +119,7 @@ def run_eval(args: argparse.Namespace) -> int:
     info = dataset.info
     kwargs = model_kwargs_for(args.model, info, parse_key_values(args.model_kw, "--model-kw"))
     model = create_model(args.model, info.num_classes, info.in_chans, **kwargs)
-    saved = read_checkpoint(args.checkpoint)
-    if is_converted(saved):  # a retrain run's checkpoint.pt or a save_converted file
-        _load_converted_state(model, saved, args.checkpoint)
-        evaluated = "converted"
-    else:
-        load_state(model, dense_state_dict(saved, args.checkpoint), args.checkpoint)
-        evaluated = "dense"
+    evaluated = load_evaluated(model, args.checkpoint)
     model = model.to(device)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers)
     with torch.inference_mode():
@@ -135,17 +129,25 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_converted_state(model, saved: dict[str, Any], path: str) -> None:
-    """Rebuild the converted (MADD) model of ``saved`` on the fresh dense ``model``."""
-    from maddnet.models.weights import load_state
+def load_evaluated(model, path: str | os.PathLike) -> str:
+    """Load the weights ``maddnet eval`` evaluates from ``path`` into the fresh dense
+    ``model``: a retrain run's checkpoint.pt or a ``save_converted`` file gives its converted
+    (MADD) model (plan rebuilt, then its state), anything else dense weights. Returns
+    ``"converted"`` or ``"dense"``; ValueError when a plan does not fit the model."""
+    from maddnet.models.weights import dense_state_dict, is_converted, load_state, read_checkpoint
     from maddnet.nn import rebuild
 
+    saved = read_checkpoint(path)
+    if not is_converted(saved):
+        load_state(model, dense_state_dict(saved, path), path)
+        return "dense"
     try:
         rebuild(model, saved["plan"])
     except (KeyError, ValueError, TypeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         raise ValueError(f"{path}: its conversion plan does not fit the model: {message}") from error
     load_state(model, saved["state_dict"], path)
+    return "converted"
 
 
 def _add_train_parser(subparsers) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from maddnet.amm.hashing import encode
 from maddnet.amm.lut import quantized_lut_sum
-from maddnet.nn import MaddConv2d
+from maddnet.nn import MaddConv2d, _kernels
 from maddnet.nn._conv_kernels import _exp32
 from maddnet.nn.functional import madd_lut
 from maddnet.nn.patches import MaddConvFunction, encode_patches, gather_patch_columns
@@ -141,6 +141,34 @@ def test_fused_training_step_equals_unfused(kernel, stride, padding, dilation, q
         assert ((got - want).abs().max() / scale) < 1e-4
 
 
+@pytest.mark.parametrize("nprototypes,sharp", [(8, False), (32, False), (16, True)])
+def test_fused_training_step_general_tree_loop(nprototypes, sharp):
+    """The soft backward's general loop (trees not of depth 4, or a codebook with a node far
+    from its level's centre, which takes its own exp) beside the depth-4 register path."""
+    layer = random_layer(3, 5, 3, 6, nprototypes, seed=11, padding=1, bias=False).train()
+    if sharp:
+        with torch.no_grad():  # codebooks 0 and 3: |2 / tau * (v - centre)| > 30 at some node
+            layer.temperature[0::3] = 0.01
+            layer.thresholds[0::3, 1:] *= 4.0
+        thresholds = layer.thresholds.detach().numpy()
+        inv_tau = (1.0 / layer.temperature.detach()).numpy()
+        direct = _kernels.level_factors(thresholds, inv_tau)[2]
+        assert direct[0::3].any(1).all() and not direct[1:3].any() and not direct[4:].any()
+    x = torch.randn(2, 3, 7, 6)
+    grad_out = torch.randn(2, 5, 7, 6)
+    ref_out, ref_grads = reference_step(layer, x, grad_out, quantized=False)
+    xg = x.clone().requires_grad_()
+    out = MaddConvFunction.apply(
+        xg, layer.thresholds, layer.lut, layer.temperature, None, None, None, None, 0,
+        layer.geometry, layer.split_dims, "soft",
+    )  # fmt: skip
+    (out * grad_out).sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.lut.grad, ref_grads[2], rtol=1e-6, atol=1e-5)
+    for got, want in ((xg.grad, ref_grads[0]), (layer.thresholds.grad, ref_grads[1])):
+        assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)) < 1e-4
+
+
 def test_layer_uses_fused_function_and_input_without_grad():
     layer = random_layer(3, 4, 3, 3, 16, seed=5, padding=1).train()
     x = torch.randn(2, 3, 7, 7)  # no grad: the first layer of a network
@@ -188,3 +216,39 @@ def test_set_threads_sets_torch_and_numba():
     finally:
         torch.set_num_threads(before[0])
         numba.set_num_threads(before[1])
+
+
+@pytest.mark.parametrize("surrogate", ["soft", "path"])
+def test_backward_chunks_and_thread_groups(monkeypatch, surrogate):
+    """Gradients do not depend on how the backward cuts the batch into kernel calls (one
+    image per call, a short last chunk, the whole batch in one) or on the thread groups."""
+    import numba
+
+    from maddnet.nn import patches
+
+    layer = random_layer(3, 5, 3, 4, 16, seed=13, padding=1).train()
+    x = torch.randn(5, 3, 6, 7)
+    grad_out = torch.randn(5, 5, 6, 7)
+    _, ref_grads = reference_step(layer, x, grad_out, quantized=False, surrogate=surrogate)
+
+    def grads():
+        xg = x.clone().requires_grad_()
+        out = MaddConvFunction.apply(
+            xg, layer.thresholds, layer.lut, layer.temperature, layer.bias, None, None, None, 0,
+            layer.geometry, layer.split_dims, surrogate,
+        )  # fmt: skip
+        (out * grad_out).sum().backward()
+        got = [xg.grad, layer.thresholds.grad, layer.lut.grad]
+        layer.zero_grad(set_to_none=True)
+        return got
+
+    before = numba.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            for chunk_bytes in (1, 3 * 4 * 16 * 48 * 4, 16 << 20):  # chunks of 1, ~2-3, all 5
+                monkeypatch.setattr(patches, "_BACKWARD_CHUNK_BYTES", chunk_bytes)
+                for got, want in zip(grads(), ref_grads[:3], strict=True):
+                    assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)) < 1e-4
+    finally:
+        numba.set_num_threads(before)

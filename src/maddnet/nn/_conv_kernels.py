@@ -304,6 +304,154 @@ def _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x):  # pragma: 
             grad_images[b, ch, y] = summed[ch, y + pad_y, pad_x : pad_x + width]
 
 
+@numba.njit(inline="always")
+def _soft_block4(expo, f, scale, grad_scores, row0, j, start, block, tap_grad, totals):  # pragma: no cover
+    """Soft-tree forward and backward of one depth-4 codebook over one block of positions,
+    every node in registers (the generic loop keeps (nodes, block) arrays).
+
+    expo (4, >= block) = exp(s_t (centre_t - x_t)) per level; f (15,) node factors (no
+    ``direct`` node); scale (4,) = 2 / tau per level; the leaf scores are
+    grad_scores[row0 + k, j, start + i] (read as contiguous 1-D slices: a 2-D slice of the
+    (C*K, n, q) array has unknown strides, and numba then gathers instead of loading).
+    Writes tap_grad[t, :block] (the input gradient per tap) and totals[:] (per node, the
+    sum of its gradient over the block).
+    """
+    one = np.float32(1.0)
+    f0, f1, f2, f3, f4, f5, f6, f7 = f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]
+    f8, f9, f10, f11, f12, f13, f14 = f[8], f[9], f[10], f[11], f[12], f[13], f[14]
+    c0, c1, c2, c3 = scale[0], scale[1], scale[2], scale[3]
+    e0, e1, e2, e3 = expo[0], expo[1], expo[2], expo[3]
+    s0, s1, s2, s3 = (
+        grad_scores[row0 + 0, j, start:],
+        grad_scores[row0 + 1, j, start:],
+        grad_scores[row0 + 2, j, start:],
+        grad_scores[row0 + 3, j, start:],
+    )
+    s4, s5, s6, s7 = (
+        grad_scores[row0 + 4, j, start:],
+        grad_scores[row0 + 5, j, start:],
+        grad_scores[row0 + 6, j, start:],
+        grad_scores[row0 + 7, j, start:],
+    )
+    s8, s9, s10, s11 = (
+        grad_scores[row0 + 8, j, start:],
+        grad_scores[row0 + 9, j, start:],
+        grad_scores[row0 + 10, j, start:],
+        grad_scores[row0 + 11, j, start:],
+    )
+    s12, s13, s14, s15 = (
+        grad_scores[row0 + 12, j, start:],
+        grad_scores[row0 + 13, j, start:],
+        grad_scores[row0 + 14, j, start:],
+        grad_scores[row0 + 15, j, start:],
+    )
+    g0, g1, g2, g3 = tap_grad[0], tap_grad[1], tap_grad[2], tap_grad[3]
+    z = np.float32(0.0)
+    t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = z
+    t8 = t9 = t10 = t11 = t12 = t13 = t14 = z
+    for i in range(block):
+        # right-probabilities p, slopes d p / d x, reach of the internal nodes
+        p0 = one / (one + e0[i] * f0)
+        p1 = one / (one + e1[i] * f1)
+        p2 = one / (one + e1[i] * f2)
+        p3 = one / (one + e2[i] * f3)
+        p4 = one / (one + e2[i] * f4)
+        p5 = one / (one + e2[i] * f5)
+        p6 = one / (one + e2[i] * f6)
+        p7 = one / (one + e3[i] * f7)
+        p8 = one / (one + e3[i] * f8)
+        p9 = one / (one + e3[i] * f9)
+        p10 = one / (one + e3[i] * f10)
+        p11 = one / (one + e3[i] * f11)
+        p12 = one / (one + e3[i] * f12)
+        p13 = one / (one + e3[i] * f13)
+        p14 = one / (one + e3[i] * f14)
+        r1 = one * (one - p0)
+        r2 = one * p0
+        r3 = r1 * (one - p1)
+        r4 = r1 * p1
+        r5 = r2 * (one - p2)
+        r6 = r2 * p2
+        r7 = r3 * (one - p3)
+        r8 = r3 * p3
+        r9 = r4 * (one - p4)
+        r10 = r4 * p4
+        r11 = r5 * (one - p5)
+        r12 = r5 * p5
+        r13 = r6 * (one - p6)
+        r14 = r6 * p6
+        # level 3: the leaves' scores
+        d = s1[i] - s0[i]
+        n7 = r7 * d * (p7 * (one - p7) * c3)
+        q7 = s0[i] + p7 * d
+        d = s3[i] - s2[i]
+        n8 = r8 * d * (p8 * (one - p8) * c3)
+        q8 = s2[i] + p8 * d
+        d = s5[i] - s4[i]
+        n9 = r9 * d * (p9 * (one - p9) * c3)
+        q9 = s4[i] + p9 * d
+        d = s7[i] - s6[i]
+        n10 = r10 * d * (p10 * (one - p10) * c3)
+        q10 = s6[i] + p10 * d
+        d = s9[i] - s8[i]
+        n11 = r11 * d * (p11 * (one - p11) * c3)
+        q11 = s8[i] + p11 * d
+        d = s11[i] - s10[i]
+        n12 = r12 * d * (p12 * (one - p12) * c3)
+        q12 = s10[i] + p12 * d
+        d = s13[i] - s12[i]
+        n13 = r13 * d * (p13 * (one - p13) * c3)
+        q13 = s12[i] + p13 * d
+        d = s15[i] - s14[i]
+        n14 = r14 * d * (p14 * (one - p14) * c3)
+        q14 = s14[i] + p14 * d
+        # level 2
+        d = q8 - q7
+        n3 = r3 * d * (p3 * (one - p3) * c2)
+        q3 = q7 + p3 * d
+        d = q10 - q9
+        n4 = r4 * d * (p4 * (one - p4) * c2)
+        q4 = q9 + p4 * d
+        d = q12 - q11
+        n5 = r5 * d * (p5 * (one - p5) * c2)
+        q5 = q11 + p5 * d
+        d = q14 - q13
+        n6 = r6 * d * (p6 * (one - p6) * c2)
+        q6 = q13 + p6 * d
+        # level 1
+        d = q4 - q3
+        n1 = r1 * d * (p1 * (one - p1) * c1)
+        q1 = q3 + p1 * d
+        d = q6 - q5
+        n2 = r2 * d * (p2 * (one - p2) * c1)
+        q2 = q5 + p2 * d
+        # level 0
+        d = q2 - q1
+        n0 = d * (p0 * (one - p0) * c0)
+        g0[i] = n0
+        g1[i] = n1 + n2
+        g2[i] = ((n3 + n4) + n5) + n6
+        g3[i] = ((((((n7 + n8) + n9) + n10) + n11) + n12) + n13) + n14
+        t0 += n0
+        t1 += n1
+        t2 += n2
+        t3 += n3
+        t4 += n4
+        t5 += n5
+        t6 += n6
+        t7 += n7
+        t8 += n8
+        t9 += n9
+        t10 += n10
+        t11 += n11
+        t12 += n12
+        t13 += n13
+        t14 += n14
+    totals[0], totals[1], totals[2], totals[3], totals[4] = t0, t1, t2, t3, t4
+    totals[5], totals[6], totals[7], totals[8], totals[9] = t5, t6, t7, t8, t9
+    totals[10], totals[11], totals[12], totals[13], totals[14] = t10, t11, t12, t13, t14
+
+
 @cached_njit(parallel=True, fastmath=_FAST)
 def conv_backward(
     images,
@@ -327,16 +475,18 @@ def conv_backward(
 ):  # pragma: no cover
     """Training backward of a MADD conv for images image0 .. image0 + n - 1 (soft-tree
     surrogate, the maths of :func:`maddnet.nn.functional.tree_surrogate_grads`); threads
-    take images.
+    take groups of images.
 
     images (B, Cin, H, W) float32; offsets (C, L); q_base (nq,) or empty (stride 1);
     thresholds (C, K-1) float32; inv_tau (C, L) float32; centre, factor, direct: from
     :func:`maddnet.nn._kernels.level_factors`; codes (B, C, >= nq) uint8 (the forward's
-    codes). Per slot j (image image0 + j): grad_scores (n, C*K, >= nq) float32
-    = ``T[c, k] . dL/dY[q]`` and grad_rows (n, >= nq, M) float32 = dL/dY per position (both
-    zero at ignored positions); the first nq positions are read. Adds into the per-slot
-    partial sums grad_lut (n, C, K, M) float32 (the exact LUT gradient) and grad_thresholds
-    (n, C, K-1) float64, and writes grad_images[image0 + j] (skipped when grad_images is empty).
+    codes). For image image0 + j: grad_scores[:, j] (C*K, n, >= nq) float32
+    = ``T[c, k] . dL/dY[q]`` and grad_rows[j] (n, >= nq, M) float32 = dL/dY per position
+    (both zero at ignored positions); the first nq positions are read. Group g (of G, the
+    first axis of the partial sums) takes images j = g, g + G, g + 2G, ... and adds into its
+    partial sums grad_lut[g] (G, C, K, M) float32 (the exact LUT gradient) and
+    grad_thresholds[g] (G, C, K-1) float64; grad_images[image0 + j] is written (skipped
+    when grad_images is empty).
     """
     ncodebooks, depth = offsets.shape
     nleaves = 1 << depth
@@ -344,9 +494,9 @@ def conv_backward(
     want_images = grad_images.shape[0] > 0
     f32 = np.float32
     one = f32(1.0)
-    for slot in numba.prange(grad_scores.shape[0]):
-        b = image0 + slot
-        flat, grad_plane = _image_planes(images, b, pad_y, pad_x, want_images)
+    ngroups = grad_lut.shape[0]
+    nimages = grad_rows.shape[0]
+    for group in numba.prange(ngroups):
         right = np.empty((nnodes, _QBLOCK), np.float32)
         slope = np.empty((nnodes, _QBLOCK), np.float32)
         reach = np.empty((nnodes + nleaves, _QBLOCK), np.float32)
@@ -357,59 +507,90 @@ def conv_backward(
         expo = np.empty(_QBLOCK, np.float32)
         bits = np.empty(_QBLOCK, np.int32)
         bits_as_float = bits.view(np.float32)
-        for c in range(ncodebooks):
-            # exact LUT gradient: sum of dL/dY over the positions with each code
-            _add_lut_gradient(grad_lut[slot, c], codes[b, c], grad_rows[slot], nq)
-            for start in range(0, nq, _QBLOCK):
-                block = min(_QBLOCK, nq - start)
-                _read_taps(flat, offsets[c], q_base, start, block, x)
-                # forward through the soft tree: right-probabilities, slopes, reach
-                for i in range(block):
-                    reach[0, i] = one
-                for t in range(depth):
-                    scale = f32(2.0) * inv_tau[c, t]
-                    first = (1 << t) - 1
-                    mid = centre[c, t]
-                    for i in range(block):
-                        z[i] = min(max(scale * (mid - x[t, i]), f32(-50.0)), f32(50.0))
-                    _exp32(z[:block], expo[:block], bits[:block], bits_as_float[:block])
-                    for node in range(first, 2 * first + 1):
-                        if direct[c, node]:
-                            v = thresholds[c, node]
+        tap_grad = np.empty((depth, _QBLOCK), np.float32)
+        totals = np.empty(nnodes, np.float32)
+        levels = np.empty((depth, _QBLOCK), np.float32)
+        scales = np.empty(depth, np.float32)
+        for j in range(group, nimages, ngroups):
+            b = image0 + j
+            flat, grad_plane = _image_planes(images, b, pad_y, pad_x, want_images)
+            for c in range(ncodebooks):
+                # exact LUT gradient: sum of dL/dY over the positions with each code
+                _add_lut_gradient(grad_lut[group, c], codes[b, c], grad_rows[j], nq)
+                # depth 4 without a `direct` node: the tree in registers (same maths, about 3x
+                # faster than the (nodes, block) arrays of the general loop below)
+                in_registers = depth == 4 and not direct[c].any()
+                for start in range(0, nq, _QBLOCK):
+                    block = min(_QBLOCK, nq - start)
+                    _read_taps(flat, offsets[c], q_base, start, block, x)
+                    if in_registers:
+                        for t in range(depth):
+                            scales[t] = f32(2.0) * inv_tau[c, t]
+                            mid = centre[c, t]
                             for i in range(block):
-                                z[i] = scale * (v - x[t, i])
-                            _exp32(z[:block], acc[:block], bits[:block], bits_as_float[:block])
-                        else:
-                            f = factor[c, node]
-                            for i in range(block):
-                                acc[i] = expo[i] * f
-                        for i in range(block):
-                            p = one / (one + acc[i])
-                            right[node, i] = p
-                            slope[node, i] = p * (one - p) * scale
-                            reach[2 * node + 1, i] = reach[node, i] * (one - p)
-                            reach[2 * node + 2, i] = reach[node, i] * p
-                # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
-                for k in range(nleaves):
-                    grad_reach[nnodes + k, :block] = grad_scores[slot, c * nleaves + k, start : start + block]
-                for t in range(depth - 1, -1, -1):
-                    first = (1 << t) - 1
+                                z[i] = min(max(scales[t] * (mid - x[t, i]), f32(-50.0)), f32(50.0))
+                            _exp32(z[:block], levels[t, :block], bits[:block], bits_as_float[:block])
+                        row0 = c * nleaves
+                        _soft_block4(
+                            levels, factor[c], scales, grad_scores, row0, j, start, block, tap_grad, totals
+                        )
+                        for node in range(nnodes):
+                            grad_thresholds[group, c, node] -= totals[node]
+                        if want_images:
+                            for t in range(depth):
+                                _add_tap_gradient(
+                                    grad_plane, offsets[c, t], q_base, start, block, tap_grad[t]
+                                )
+                        continue
+                    # forward through the soft tree: right-probabilities, slopes, reach
                     for i in range(block):
-                        acc[i] = 0
-                    for node in range(first, 2 * first + 1):
-                        total = f32(0.0)
+                        reach[0, i] = one
+                    for t in range(depth):
+                        scale = f32(2.0) * inv_tau[c, t]
+                        first = (1 << t) - 1
+                        mid = centre[c, t]
                         for i in range(block):
-                            left_grad = grad_reach[2 * node + 1, i]
-                            diff = grad_reach[2 * node + 2, i] - left_grad
-                            grad_node = reach[node, i] * diff * slope[node, i]
-                            grad_reach[node, i] = left_grad + right[node, i] * diff
-                            acc[i] += grad_node
-                            total += grad_node
-                        grad_thresholds[slot, c, node] -= total
-                    if want_images:
-                        _add_tap_gradient(grad_plane, offsets[c, t], q_base, start, block, acc)
-        if want_images:
-            _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x)
+                            z[i] = min(max(scale * (mid - x[t, i]), f32(-50.0)), f32(50.0))
+                        _exp32(z[:block], expo[:block], bits[:block], bits_as_float[:block])
+                        for node in range(first, 2 * first + 1):
+                            if direct[c, node]:
+                                v = thresholds[c, node]
+                                for i in range(block):
+                                    z[i] = scale * (v - x[t, i])
+                                _exp32(z[:block], acc[:block], bits[:block], bits_as_float[:block])
+                            else:
+                                f = factor[c, node]
+                                for i in range(block):
+                                    acc[i] = expo[i] * f
+                            for i in range(block):
+                                p = one / (one + acc[i])
+                                right[node, i] = p
+                                slope[node, i] = p * (one - p) * scale
+                                reach[2 * node + 1, i] = reach[node, i] * (one - p)
+                                reach[2 * node + 2, i] = reach[node, i] * p
+                    # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
+                    for k in range(nleaves):
+                        grad_reach[nnodes + k, :block] = grad_scores[
+                            c * nleaves + k, j, start : start + block
+                        ]
+                    for t in range(depth - 1, -1, -1):
+                        first = (1 << t) - 1
+                        for i in range(block):
+                            acc[i] = 0
+                        for node in range(first, 2 * first + 1):
+                            total = f32(0.0)
+                            for i in range(block):
+                                left_grad = grad_reach[2 * node + 1, i]
+                                diff = grad_reach[2 * node + 2, i] - left_grad
+                                grad_node = reach[node, i] * diff * slope[node, i]
+                                grad_reach[node, i] = left_grad + right[node, i] * diff
+                                acc[i] += grad_node
+                                total += grad_node
+                            grad_thresholds[group, c, node] -= total
+                        if want_images:
+                            _add_tap_gradient(grad_plane, offsets[c, t], q_base, start, block, acc)
+            if want_images:
+                _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x)
 
 
 @cached_njit(parallel=True, fastmath=_FAST)
@@ -432,7 +613,7 @@ def conv_backward_path(
 ):  # pragma: no cover
     """Training backward of a MADD conv with the hard-path surrogate (``surrogate="path"``,
     the maths of :func:`maddnet.nn._kernels.path_backward`) for images image0 .. image0 + n - 1;
-    threads take images.
+    threads take groups of images.
 
     Per position and codebook only the L nodes on the hard path get a gradient: node t
     switches between the reached leaf and the leaf reached by going the other way at t
@@ -442,19 +623,18 @@ def conv_backward_path(
 
     images (B, Cin, H, W) float32; offsets (C, L); q_base (nq,) or empty (stride 1);
     thresholds (C, K-1) float32; inv_tau (C, L) float32; codes (B, C, >= nq) uint8 (the
-    forward's codes); table (C, K, M) float32, the table the forward read. Per slot j
-    (image image0 + j): grad_rows (n, >= nq, M) float32 = dL/dY per position (zero at
-    ignored positions). Adds into the per-slot partial sums grad_lut (n, C, K, M) float32
-    and grad_thresholds (n, C, K-1) float64, and writes grad_images[image0 + j] (skipped
-    when grad_images is empty).
+    forward's codes); table (C, K, M) float32, the table the forward read. For image
+    image0 + j: grad_rows[j] (n, >= nq, M) float32 = dL/dY per position (zero at ignored
+    positions). Group g (of G) takes images j = g, g + G, ... and adds into its partial sums
+    grad_lut[g] (G, C, K, M) float32 and grad_thresholds[g] (G, C, K-1) float64;
+    grad_images[image0 + j] is written (skipped when grad_images is empty).
     """
     ncodebooks, depth = offsets.shape
     want_images = grad_images.shape[0] > 0
     f32 = np.float32
     one = f32(1.0)
-    for slot in numba.prange(grad_rows.shape[0]):
-        b = image0 + slot
-        flat, grad_plane = _image_planes(images, b, pad_y, pad_x, want_images)
+    ngroups = grad_lut.shape[0]
+    for group in numba.prange(ngroups):
         x = np.empty((depth, _QBLOCK), np.float32)
         node_grad = np.empty((depth, _QBLOCK), np.float32)  # the score differences, then dL/dx
         nodes = np.empty((depth, _QBLOCK), np.int64)
@@ -462,32 +642,35 @@ def conv_backward_path(
         expo = np.empty(_QBLOCK, np.float32)
         bits = np.empty(_QBLOCK, np.int32)
         bits_as_float = bits.view(np.float32)
-        for c in range(ncodebooks):
-            # exact LUT gradient: sum of dL/dY over the positions with each code
-            _add_lut_gradient(grad_lut[slot, c], codes[b, c], grad_rows[slot], nq)
-            rows_of_c = table[c]
-            for start in range(0, nq, _QBLOCK):
-                block = min(_QBLOCK, nq - start)
-                _read_taps(flat, offsets[c], q_base, start, block, x)
-                for i in range(block):
-                    leaf = np.int64(codes[b, c, start + i])
-                    g = grad_rows[slot, start + i]
-                    path_score_differences(
-                        g, rows_of_c, leaf, x[:, i], thresholds[c], node_grad[:, i], nodes[:, i]
-                    )
-                # the slopes p' a level at a time, with the vectorised exp of the soft kernel
-                for t in range(depth):
-                    scale = f32(2.0) * inv_tau[c, t]
+        for j in range(group, grad_rows.shape[0], ngroups):
+            b = image0 + j
+            flat, grad_plane = _image_planes(images, b, pad_y, pad_x, want_images)
+            for c in range(ncodebooks):
+                # exact LUT gradient: sum of dL/dY over the positions with each code
+                _add_lut_gradient(grad_lut[group, c], codes[b, c], grad_rows[j], nq)
+                rows_of_c = table[c]
+                for start in range(0, nq, _QBLOCK):
+                    block = min(_QBLOCK, nq - start)
+                    _read_taps(flat, offsets[c], q_base, start, block, x)
                     for i in range(block):
-                        z[i] = (thresholds[c, nodes[t, i]] - x[t, i]) * scale
-                    _exp32(z[:block], expo[:block], bits[:block], bits_as_float[:block])
-                    for i in range(block):
-                        p = one / (one + expo[i])
-                        grad = p * (one - p) * scale * node_grad[t, i]
-                        node_grad[t, i] = grad
-                        grad_thresholds[slot, c, nodes[t, i]] -= grad
-                if want_images:
+                        leaf = np.int64(codes[b, c, start + i])
+                        g = grad_rows[j, start + i]
+                        path_score_differences(
+                            g, rows_of_c, leaf, x[:, i], thresholds[c], node_grad[:, i], nodes[:, i]
+                        )
+                    # the slopes p' a level at a time, with the vectorised exp of the soft kernel
                     for t in range(depth):
-                        _add_tap_gradient(grad_plane, offsets[c, t], q_base, start, block, node_grad[t])
-        if want_images:
-            _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x)
+                        scale = f32(2.0) * inv_tau[c, t]
+                        for i in range(block):
+                            z[i] = (thresholds[c, nodes[t, i]] - x[t, i]) * scale
+                        _exp32(z[:block], expo[:block], bits[:block], bits_as_float[:block])
+                        for i in range(block):
+                            p = one / (one + expo[i])
+                            grad = p * (one - p) * scale * node_grad[t, i]
+                            node_grad[t, i] = grad
+                            grad_thresholds[group, c, nodes[t, i]] -= grad
+                    if want_images:
+                        for t in range(depth):
+                            _add_tap_gradient(grad_plane, offsets[c, t], q_base, start, block, node_grad[t])
+            if want_images:
+                _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x)

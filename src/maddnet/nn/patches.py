@@ -22,6 +22,9 @@ from ..amm.lut import QuantizedLut
 from . import _conv_kernels, _kernels
 from .functional import no_autocast
 
+# buffer bytes of one chunk of images in the fused conv backward (MaddConvFunction)
+_BACKWARD_CHUNK_BYTES = 16 << 20
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -356,21 +359,28 @@ class MaddConvFunction(torch.autograd.Function):
         grad_out = grad_out.detach().float().contiguous()
         flat_table = table.reshape(ncodebooks * nprototypes, nout).float().contiguous()
         batch = images.shape[0]
-        # images go to the kernel `slots` at a time, one per thread: one parallel region per
-        # slots images; the (C*K, q) score matrices of a chunk are made by one batched product
-        slots = max(1, min(numba.get_num_threads(), batch))
-        grad_lut = np.zeros((slots, ncodebooks, nprototypes, nout), np.float32)
-        grad_thresholds = np.zeros((slots, *thresholds.shape), np.float64)
+        # Threads take groups of images (each group its own partial sums); one kernel call
+        # and one leaf-score product take `chunk` images, as many as fit in
+        # _BACKWARD_CHUNK_BYTES of buffers (per-call costs dominate small feature maps).
+        groups = max(1, min(numba.get_num_threads(), batch))
+        scores_per_image = ncodebooks * nprototypes * plan.ncols if ctx.surrogate == "soft" else 0
+        per_image = 4 * (scores_per_image + 2 * nout * plan.ncols)
+        chunk = min(batch, max(groups, _BACKWARD_CHUNK_BYTES // per_image // groups * groups))
+        grad_lut = np.zeros((groups, ncodebooks, nprototypes, nout), np.float32)
+        grad_thresholds = np.zeros((groups, *thresholds.shape), np.float64)
         images_np = images.detach().contiguous().numpy()
         grad_images = np.empty(images.shape if need_images else (0, 0, 0, 0), np.float32)
         inv_tau = (1.0 / temperature.float()).contiguous().numpy()
         thresholds_np = thresholds.detach().float().contiguous().numpy()
-        # buffers reused chunk after chunk (fresh 10 MB allocations page-fault on every call)
-        rows = torch.zeros(slots, nout, plan.out_h, plan.pitch)
-        per_position = rows.view(slots, nout, plan.ncols)
-        rows_t = torch.empty(slots, plan.ncols, nout)
+        # buffers reused chunk after chunk (fresh 10 MB allocations page-fault on every call):
+        # dL/dY laid out (M, images, positions) for the product, (images, positions, M) for
+        # the kernels; the last chunk takes the front of each buffer
+        rows_buffer = torch.empty(nout * chunk * plan.ncols)
+        rows_t_buffer = torch.empty(chunk * plan.ncols * nout)
+        scores_buffer = torch.empty(scores_per_image * chunk)
         if ctx.surrogate == "path":
-            path_args = (
+            kernel = _conv_kernels.conv_backward_path
+            tree = (
                 plan.offsets,
                 plan.q_base,
                 thresholds_np,
@@ -378,35 +388,28 @@ class MaddConvFunction(torch.autograd.Function):
                 ctx.codes,
                 table.float().contiguous().numpy(),
             )
-            for start in range(0, batch, slots):
-                n = min(slots, batch - start)
-                rows[:n, :, :, : plan.out_w] = grad_out[start : start + n]
-                rows_t[:n].copy_(per_position[:n].transpose(1, 2))
-                grads = (rows_t[:n].numpy(), grad_lut[:n], grad_thresholds[:n], grad_images)
-                _conv_kernels.conv_backward_path(
-                    images_np, start, *path_args, *grads, plan.nq, *geometry.padding
-                )
-            return MaddConvFunction._gradients(
-                ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table
-            )
-        centre, factor, direct = _kernels.level_factors(thresholds_np, inv_tau)
-        grad_scores = torch.empty(slots, ncodebooks * nprototypes, plan.ncols)
-        tables = flat_table.expand(slots, -1, -1)
-        tree = (plan.offsets, plan.q_base, thresholds_np, inv_tau, centre, factor, direct, ctx.codes)
-        for start in range(0, batch, slots):
-            n = min(slots, batch - start)
-            rows[:n, :, :, : plan.out_w] = grad_out[start : start + n]
-            # (C*K, q): T[c, k] . dL/dY[q]
-            torch.bmm(tables[:n], per_position[:n], out=grad_scores[:n])
-            rows_t[:n].copy_(per_position[:n].transpose(1, 2))
-            grads = (
-                grad_scores[:n].numpy(),
-                rows_t[:n].numpy(),
-                grad_lut[:n],
-                grad_thresholds[:n],
-                grad_images,
-            )
-            _conv_kernels.conv_backward(images_np, start, *tree, *grads, plan.nq, *geometry.padding)
+        else:
+            kernel = _conv_kernels.conv_backward
+            centre, factor, direct = _kernels.level_factors(thresholds_np, inv_tau)
+            tree = (plan.offsets, plan.q_base, thresholds_np, inv_tau, centre, factor, direct, ctx.codes)
+        filled = 0
+        for start in range(0, batch, chunk):
+            n = min(chunk, batch - start)
+            rows = rows_buffer[: nout * n * plan.ncols].view(nout, n, plan.out_h, plan.pitch)
+            if n != filled:  # the padding columns (ox >= Wout) stay zero for this layout
+                rows.zero_()
+                filled = n
+            rows[..., : plan.out_w] = grad_out[start : start + n].transpose(0, 1)
+            rows_t = rows_t_buffer[: n * plan.ncols * nout].view(n, plan.ncols, nout)
+            rows_t.copy_(rows.view(nout, n, plan.ncols).permute(1, 2, 0))
+            grads = (rows_t.numpy(), grad_lut, grad_thresholds, grad_images)
+            if ctx.surrogate == "soft":
+                # (C*K, n * q): T[c, k] . dL/dY[q], one product for the chunk
+                scores = scores_buffer[: ncodebooks * nprototypes * n * plan.ncols]
+                scores = scores.view(ncodebooks * nprototypes, n * plan.ncols)
+                torch.mm(flat_table, rows.view(nout, n * plan.ncols), out=scores)
+                grads = (scores.view(-1, n, plan.ncols).numpy(), *grads)
+            kernel(images_np, start, *tree, *grads, plan.nq, *geometry.padding)
         return MaddConvFunction._gradients(
             ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table
         )

@@ -533,6 +533,40 @@ def test_analyze_end_to_end_with_spec_flags(tiny_checkpoint, tmp_path, capsys, o
     assert "--layers pattern 'nothing*' matches no conv/linear layer" in capsys.readouterr().err
 
 
+def test_analyze_resumes_and_refuses_other_weights(tiny_checkpoint, tmp_path, capsys, one_torch_thread):
+    """Finished cells are kept in --out: a rerun with another width computes only the new
+    cells; the same --out with other weights at the same path is refused."""
+    out = tmp_path / "out"
+    argv = ["analyze", "--model", "resnet9", "--model-kw", "width=4", "--data", "digits"]
+    argv += [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--layers",
+        "fc",
+        "--calib-batches",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    argv += ["--threads", "1", "--no-progress", "--out", str(out)]
+    assert main(argv + ["--widths", "4"]) == 0
+    lines = (out / "cells.rank0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["C"] for line in lines] == [8]  # fc: D = 32
+    assert main(argv + ["--widths", "4", "8"]) == 0
+    lines = (out / "cells.rank0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["C"] for line in lines] == [8, 4]  # only C = 4 was computed
+    result = json.loads((out / "single_layer.json").read_text())
+    assert [(r["layer"], r["C"]) for r in result["rows"]] == [("fc", 8), ("fc", 4)]
+    state = torch.load(tiny_checkpoint)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, tiny_checkpoint)
+    capsys.readouterr()
+    assert main(argv + ["--widths", "4"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "finished single-layer cells were computed with other settings (differing: checkpoint_sha256)" in err
+    )
+
+
 @pytest.mark.slow
 def test_analyze_zero_arguments_in_a_subprocess(tiny_checkpoint, tmp_path):
     """The field case: bad numbers end with the error line and exit code 2, no traceback."""

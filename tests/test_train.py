@@ -138,6 +138,16 @@ def test_jsonl_truncate_after(tmp_path):
     assert [r["step"] for r in writer.read()] == [10, 20]
 
 
+def test_jsonl_record_after_a_cut_short_line_is_kept(tmp_path):
+    writer = JsonlWriter(tmp_path / "m.jsonl")
+    writer.write({"step": 10})
+    with open(writer.path, "a") as handle:
+        handle.write('{"step": 20, "cut sh')  # a line cut short by a kill
+    writer.write({"step": 30})  # starts a line of its own
+    assert [r["step"] for r in writer.read()] == [10, 30]
+    assert writer.path.read_text().endswith('"cut sh\n{"step": 30}\n')
+
+
 # ---------------------------------------------------------------- loops
 
 

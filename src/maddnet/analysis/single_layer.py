@@ -24,8 +24,9 @@ from ..nn import MaddConfig, convert_layer, mapping, record_inputs
 from ..nn.config import named_leaf_layers
 from ..nn.mapping import input_dim
 from ..train import evaluate
-from ..train.distributed import fail_together, gather_objects, is_distributed
+from ..train.distributed import broadcast_object, fail_together, gather_objects, is_distributed
 from .amm_sweep import markdown_table
+from .cells import CellLog
 from .output import pyplot_or_none, write_csv
 
 MIN_INPUT_DIM = 4  # below this a 16-leaf tree per codebook has nothing to choose from
@@ -100,6 +101,7 @@ def analyze_layers(
     nmse_batches: int = 2,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    cells: CellLog | None = None,
 ) -> dict[str, Any]:
     """Replace each layer alone for each D/C in ``widths``; returns rows and skipped layers.
 
@@ -112,6 +114,11 @@ def analyze_layers(
     round-robin, each rank evaluates its cells on all of ``eval_loader``, and rank 0
     gathers the rows in the one-process order (the other ranks get ``rows=[]``). A cell
     that fails on any rank stops all ranks with one error naming the rank.
+
+    With ``cells`` (a :class:`~maddnet.analysis.cells.CellLog`), every finished row is
+    written to disk at once, and the rows already there (rank 0 reads them and tells the
+    others) are not computed again: an interrupted analysis resumes where it stopped.
+    Their ``drop`` is recomputed against this run's dense evaluation.
     """
     config = config or MaddConfig()
     device = torch.device(device)
@@ -122,22 +129,36 @@ def analyze_layers(
         if unknown:
             raise ValueError(f"unknown or non-conv/linear layers {unknown}; candidates: {names}")
         names = [n for n in names if n in layers]
-    calib = [(b[0].to(device), b[1]) for _, b in zip(range(calib_batches), calib_loader, strict=False)]
-    rows_by_layer = record_inputs(model, names, calib, config=config)
-    nmse_inputs = [b[0].to(device) for _, b in zip(range(nmse_batches), eval_loader, strict=False)]
-    dense_outputs = _layer_outputs(model, names, nmse_inputs)
-    baseline = evaluate(model, eval_loader, device=device, reduce=False)
     jobs = {}  # (name, C) -> None: widths that round to the same C are run once
     for name in names:
         for width in widths:
             jobs[(name, codebooks_for_width(input_dim(model.get_submodule(name)), width))] = None
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    mine = list(jobs)[rank::world]
+    finished = fail_together(lambda: cells.load() if cells is not None and rank == 0 else {}, "reading cells")
+    finished = broadcast_object(finished)
+    finished = {job: row for job, row in finished.items() if job in jobs}
+    todo = [job for job in jobs if job not in finished]
+    mine = todo[rank::world]
+    needed = list(dict.fromkeys(name for name, _ in todo))  # layers with a cell left, in order
+    calib = [(b[0].to(device), b[1]) for _, b in zip(range(calib_batches), calib_loader, strict=False)]
+    # every layer is recorded while any is needed: a layer's row sample is seeded by its
+    # position in the recorded list, so a resumed run must record the same list
+    rows_by_layer = record_inputs(model, names, calib, config=config) if needed else {}
+    nmse_inputs = [b[0].to(device) for _, b in zip(range(nmse_batches), eval_loader, strict=False)]
+    dense_outputs = _layer_outputs(model, needed, nmse_inputs) if needed else {}
+    baseline = evaluate(model, eval_loader, device=device, reduce=False)
 
     def run_cells() -> list[dict[str, Any]]:
-        cells = tqdm(mine, desc="single-layer analysis", disable=not progress or rank != 0)
-        return [
-            _analyze_cell(
+        rows = []
+        bar = tqdm(
+            mine,
+            desc="single-layer analysis",
+            disable=not progress or rank != 0,
+            initial=len(finished),
+            total=len(finished) + len(mine),
+        )
+        for name, c in bar:
+            row = _analyze_cell(
                 model,
                 name,
                 c,
@@ -148,15 +169,18 @@ def analyze_layers(
                 config,
                 device,
             )
-            for name, c in cells
-        ]
+            if cells is not None:
+                cells.append(rank, {k: v for k, v in row.items() if k != "drop"})  # drop: set at the end
+            rows.append(row)
+        return rows
 
-    results = fail_together(lambda: _with_drop(run_cells(), baseline), "single-layer analysis")
+    results = fail_together(run_cells, "single-layer analysis")
     gathered = gather_objects(results)
     if gathered is None:
         return {"baseline": baseline, "rows": [], "skipped": skipped}
-    # rank r holds cells r, r + world, ...: deal them back into the one-process order
-    ordered = [gathered[i % world][i // world] for i in range(len(jobs))]
+    # rank r holds the cells r, r + world, ... of `todo`: deal them back into the one-process order
+    computed = {todo[i]: gathered[i % world][i // world] for i in range(len(todo))}
+    ordered = _with_drop([computed[job] if job in computed else finished[job] for job in jobs], baseline)
     return {"baseline": baseline, "rows": ordered, "skipped": skipped}
 
 

@@ -84,6 +84,20 @@ def settings(args: argparse.Namespace, spec, device: str) -> dict[str, Any]:
     return values | {"spec": spec.to_dict(), "device": device}
 
 
+# what a finished (layer, C) row does not depend on: left out of the settings a resumed
+# analysis must match (so a rerun may add layers or widths, or change threads)
+_NOT_IN_CELLS = ("out", "widths", "layers", "exclude", "threads", "progress", "dist_timeout")
+
+
+def cell_settings(args: argparse.Namespace, spec, device: str) -> dict[str, Any]:
+    """The settings every finished cell in ``--out`` must share (:class:`CellLog`): the
+    command's settings less :data:`_NOT_IN_CELLS`, plus the weights' SHA-256."""
+    from .cells import file_digest
+
+    kept = {k: v for k, v in settings(args, spec, device).items() if k not in _NOT_IN_CELLS}
+    return kept | {"checkpoint_sha256": file_digest(args.checkpoint)}
+
+
 def run(args: argparse.Namespace) -> int:
     """Under torchrun the (layer, C) cells are split over the ranks and rank 0 writes."""
     from ..train.distributed import cleanup
@@ -97,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..nn import MaddConfig
     from ..train.distributed import fail_together, init_distributed, process_device
+    from .cells import CellLog
     from .single_layer import analyze_layers, write_analysis
 
     spec = spec_from_args(args)
@@ -118,6 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         nmse_batches=args.nmse_batches,
         device=device,
         progress=args.progress,
+        cells=CellLog(args.out, cell_settings(args, spec, device)),
     )
     if not dist_info.is_main:
         return 0
@@ -173,7 +189,8 @@ def _add_input_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         default="runs/analyze",
         metavar="DIR",
-        help="folder for single_layer.{json,csv,md,png} (default: runs/analyze)",
+        help="folder for single_layer.{json,csv,md,png} and the finished cells (cells.rank*.jsonl: "
+        "a rerun with the same settings resumes from them) (default: runs/analyze)",
     )
 
 

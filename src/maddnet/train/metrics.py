@@ -27,8 +27,16 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with open(self.path, "ab+") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":
+                    # a write cut short by a kill: end that line, or this record would join it
+                    # and be lost with it when read back
+                    line = "\n" + line
+            handle.write(line.encode())
 
     def truncate_after(self, step: int) -> None:
         """Drop records with ``step`` > the given step (written after the checkpoint a

@@ -107,8 +107,9 @@ if [ "$what" = budget ]; then
     # issue 11, per-layer C: the single-layer analysis on the validation split at D/C = 2, 4, 8
     # and 16, then retraining (retrain_long's steps) with the C per layer that minimises the
     # summed single-layer drop at the LUT bytes of the uniform rule (D/C = 8, stem C = 5),
-    # beside the uniform rule itself at that cost, with (budget_lut) and without
-    # (budget_lut_octaves0: --budget-octaves 0) C extrapolated beyond the analysed ones;
+    # beside the uniform rule itself at that cost, with (budget_lut: --budget-octaves 1) and
+    # without (budget_lut_octaves0: --budget-octaves 0, now the default) C extrapolated
+    # beyond the analysed ones;
     # SEEDS (default "0 1"); chosen and compared on the validation split, the test split read
     # once per run (test.json)
     "$PY" -m maddnet.cli analyze "${common[@]}" --widths 2 4 8 16 --batch-size 100 --eval-split val \
@@ -118,7 +119,7 @@ if [ "$what" = budget ]; then
             allocation=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes)
             case $v in
                 rule) alloc=() ;;
-                budget_lut) alloc=("${allocation[@]}") ;;
+                budget_lut) alloc=("${allocation[@]}" --budget-octaves 1) ;;  # the default until 2026-11-30
                 budget_lut_octaves0) alloc=("${allocation[@]}" --budget-octaves 0) ;;
             esac
             run="$out/encoders/${v}_seed${seed}"

@@ -142,6 +142,9 @@ def test_candidates():
     assert candidate_codebooks([16, 32], 288, octaves=1, extra=[24]) == [8, 16, 24, 32, 64]
     assert candidate_codebooks([16, 32], 40, octaves=2) == [4, 8, 16, 32]
     assert candidate_codebooks([1], 9, octaves=3) == [1]
+    # the rule's C stays a choice outside the range (the default octaves=0: measured C only)
+    assert candidate_codebooks([7, 14], 128, extra=[16]) == [7, 8, 14, 16]
+    assert candidate_codebooks([7, 14], 12, extra=[16]) == [7, 8]
     assert max(candidate_codebooks([64, 128], 144, octaves=1)) == 128
 
 
@@ -174,7 +177,11 @@ def test_plan_on_a_toy_model(tmp_path):
         {"layer": "2", "C": 2, "drop": 0.2, "nmse": 0.07},
     ]
     report = write_report(tmp_path / "a.json", rows)
-    budget = CodebookBudget(report, unit="lut_bytes")
+    # measured C only (the default): the first layer takes the second's codebooks as far as
+    # the measured range allows
+    inside = allocate_for_model(toy_model(), (64,), MaddConfig(), CodebookBudget(report, unit="lut_bytes"))
+    assert inside.ncodebooks == {"0": 8, "2": 4} and inside.totals()["sensitivity"] <= 4.1 + 1e-9
+    budget = CodebookBudget(report, unit="lut_bytes", octaves=1)
     allocation = allocate_for_model(toy_model(), (64,), MaddConfig(), budget)
     got = allocation.to_dict()
     # rule (width 8): C = 8 and 4; the budget is their cost, which the allocation respects

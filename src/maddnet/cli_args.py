@@ -93,7 +93,7 @@ def add_budget_arguments(group: argparse._ArgumentGroup, *, suppress: bool = Fal
         "--budget-octaves",
         type=non_negative_int,
         default=default(None),
-        help="factors of 2 beyond the measured C that C may take (extrapolated; default: 1)",
+        help="factors of 2 beyond the measured C that C may take (extrapolated; default: 0)",
     )
     group.add_argument(
         "--budget-method",

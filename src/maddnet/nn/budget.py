@@ -58,6 +58,8 @@ class CodebookBudget:
             ``value=None``: the run's own ``codebook_width``.
         metric: the sensitivity: ``"drop"`` (top-1 points lost) or ``"nmse"`` (output NMSE).
         octaves: how many factors of 2 beyond the measured C range C may go (extrapolated).
+            Default 0: only measured C. Extrapolating one octave lost 12-14 points of top-1
+            on DS-CNN-S against the uniform rule, staying inside gained 6-11 (docs/encoders.md).
         method: ``"exact"`` (Pareto dynamic programming) or ``"greedy"``.
     """
 
@@ -66,7 +68,7 @@ class CodebookBudget:
     value: float | None = None
     width: int | None = None
     metric: str = "drop"
-    octaves: int = 1
+    octaves: int = 0
     method: str = "exact"
 
     def __post_init__(self) -> None:
@@ -198,17 +200,20 @@ def interpolate_log(measured: Mapping[int, float], ncodebooks: int) -> float:
 
 
 def candidate_codebooks(
-    measured: Sequence[int], ndims: int, octaves: int = 1, extra: Sequence[int] = ()
+    measured: Sequence[int], ndims: int, octaves: int = 0, extra: Sequence[int] = ()
 ) -> list[int]:
-    """C values a layer may take: the measured ones, ``extra`` (e.g. the rule's C) and every
-    power of 2, within ``[min measured / 2**octaves, max measured * 2**octaves]`` and
-    ``[1, D]``; only the measured C when one was measured (nothing to extend)."""
+    """C values a layer may take: the measured ones and every power of 2 within
+    ``[min measured / 2**octaves, max measured * 2**octaves]`` and ``[1, D]``, plus
+    ``extra`` (e.g. the rule's C) anywhere in ``[1, D]``, so that the allocation can always
+    keep the rule's C, at the sensitivity the rule is predicted with; only the measured C
+    when one was measured (nothing to extend)."""
     if len(set(measured)) < 2:
         return sorted(set(measured))
     low = max(1, math.ceil(min(measured) / 2**octaves))
     high = min(ndims, max(measured) * 2**octaves)
     powers = (2**i for i in range(int(math.log2(high)) + 1))
-    return sorted(c for c in {*measured, *extra, *powers} if low <= c <= high)
+    inside = {c for c in {*measured, *powers} if low <= c <= high}
+    return sorted(inside | {c for c in extra if 1 <= c <= ndims})
 
 
 # ---------------------------------------------------------------------------- allocation

@@ -305,6 +305,15 @@ def _write_image_gradient(grad_plane, grad_images, b, pad_y, pad_x):  # pragma: 
 
 
 @numba.njit(inline="always")
+def _soft_node(reach, left, right, p, scale):  # pragma: no cover
+    """(gradient of the node's threshold input, dL/d reach of the node) of one soft-tree node
+    from its children's dL/d reach (the general loop's maths: ``reach * diff * slope`` and
+    ``left + p * diff``, slope ``p (1 - p) scale``)."""
+    diff = right - left
+    return reach * diff * (p * (np.float32(1.0) - p) * scale), left + p * diff
+
+
+@numba.njit(inline="always")
 def _soft_block4(expo, f, scale, grad_scores, row0, j, start, block, tap_grad, totals):  # pragma: no cover
     """Soft-tree forward and backward of one depth-4 codebook over one block of positions,
     every node in registers (the generic loop keeps (nodes, block) arrays).
@@ -381,53 +390,22 @@ def _soft_block4(expo, f, scale, grad_scores, row0, j, start, block, tap_grad, t
         r13 = r6 * (one - p6)
         r14 = r6 * p6
         # level 3: the leaves' scores
-        d = s1[i] - s0[i]
-        n7 = r7 * d * (p7 * (one - p7) * c3)
-        q7 = s0[i] + p7 * d
-        d = s3[i] - s2[i]
-        n8 = r8 * d * (p8 * (one - p8) * c3)
-        q8 = s2[i] + p8 * d
-        d = s5[i] - s4[i]
-        n9 = r9 * d * (p9 * (one - p9) * c3)
-        q9 = s4[i] + p9 * d
-        d = s7[i] - s6[i]
-        n10 = r10 * d * (p10 * (one - p10) * c3)
-        q10 = s6[i] + p10 * d
-        d = s9[i] - s8[i]
-        n11 = r11 * d * (p11 * (one - p11) * c3)
-        q11 = s8[i] + p11 * d
-        d = s11[i] - s10[i]
-        n12 = r12 * d * (p12 * (one - p12) * c3)
-        q12 = s10[i] + p12 * d
-        d = s13[i] - s12[i]
-        n13 = r13 * d * (p13 * (one - p13) * c3)
-        q13 = s12[i] + p13 * d
-        d = s15[i] - s14[i]
-        n14 = r14 * d * (p14 * (one - p14) * c3)
-        q14 = s14[i] + p14 * d
-        # level 2
-        d = q8 - q7
-        n3 = r3 * d * (p3 * (one - p3) * c2)
-        q3 = q7 + p3 * d
-        d = q10 - q9
-        n4 = r4 * d * (p4 * (one - p4) * c2)
-        q4 = q9 + p4 * d
-        d = q12 - q11
-        n5 = r5 * d * (p5 * (one - p5) * c2)
-        q5 = q11 + p5 * d
-        d = q14 - q13
-        n6 = r6 * d * (p6 * (one - p6) * c2)
-        q6 = q13 + p6 * d
-        # level 1
-        d = q4 - q3
-        n1 = r1 * d * (p1 * (one - p1) * c1)
-        q1 = q3 + p1 * d
-        d = q6 - q5
-        n2 = r2 * d * (p2 * (one - p2) * c1)
-        q2 = q5 + p2 * d
-        # level 0
-        d = q2 - q1
-        n0 = d * (p0 * (one - p0) * c0)
+        n7, q7 = _soft_node(r7, s0[i], s1[i], p7, c3)
+        n8, q8 = _soft_node(r8, s2[i], s3[i], p8, c3)
+        n9, q9 = _soft_node(r9, s4[i], s5[i], p9, c3)
+        n10, q10 = _soft_node(r10, s6[i], s7[i], p10, c3)
+        n11, q11 = _soft_node(r11, s8[i], s9[i], p11, c3)
+        n12, q12 = _soft_node(r12, s10[i], s11[i], p12, c3)
+        n13, q13 = _soft_node(r13, s12[i], s13[i], p13, c3)
+        n14, q14 = _soft_node(r14, s14[i], s15[i], p14, c3)
+        # levels 2, 1, 0
+        n3, q3 = _soft_node(r3, q7, q8, p3, c2)
+        n4, q4 = _soft_node(r4, q9, q10, p4, c2)
+        n5, q5 = _soft_node(r5, q11, q12, p5, c2)
+        n6, q6 = _soft_node(r6, q13, q14, p6, c2)
+        n1, q1 = _soft_node(r1, q3, q4, p1, c1)
+        n2, q2 = _soft_node(r2, q5, q6, p2, c1)
+        n0, _ = _soft_node(one, q1, q2, p0, c0)
         g0[i] = n0
         g1[i] = n1 + n2
         g2[i] = ((n3 + n4) + n5) + n6

@@ -372,16 +372,16 @@ def write_markdown(path: Path, result: dict) -> None:
             for r in result["convert"]
         ]
     if result["models"]:
-        lines += ["\n## Converting whole models (256 inputs of 3x64x64, random weights, one thread)\n"]
+        lines += ["\n## Converting whole models (256 inputs of 3x64x64, random weights)\n"]
         lines += [
-            "| model | seconds | CPU seconds | peak RSS MB | most own time (wall) |",
-            "|---|---|---|---|---|",
+            "| model | threads | seconds | CPU seconds | peak RSS MB | load (1 min) | most own time (wall) |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in result["models"]:
             top = "; ".join(f"{t['function']} {t['s']:.1f} s" for t in r["top_own_time"][:4])
             lines.append(
-                f"| {r['model']} | {r['convert_s']:.1f} | {r['convert_cpu_s']:.1f} "
-                f"| {r['peak_rss_mb']:.0f} | {top} |"
+                f"| {r['model']} | {r.get('threads', 1)} | {r['convert_s']:.1f} | {r['convert_cpu_s']:.1f} "
+                f"| {r['peak_rss_mb']:.0f} | {r.get('load_avg_1min', float('nan')):.1f} | {top} |"
             )
     path.write_text("\n".join(lines) + "\n")
 

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader
 
+from maddnet.analysis.cells import CellLog
 from maddnet.analysis.single_layer import analyze_layers
 from maddnet.data.registry import create_dataset
 from maddnet.models.registry import list_models, register_model
@@ -63,11 +64,13 @@ def _config(out_dir: Path, batch_size: int, **overrides) -> RetrainConfig:
     return RetrainConfig(**values)
 
 
-def _analysis(model: nn.Module) -> dict:
+def _analysis(model: nn.Module, cells: CellLog | None = None) -> dict:
     """Single-layer analysis of ``model`` on digits: 2 layers x 2 values of C."""
     calib = DataLoader(create_dataset("digits", "train", None), batch_size=64)
     evaluation = DataLoader(create_dataset("digits", "test", None), batch_size=128)
-    return analyze_layers(model, calib, evaluation, widths=(4, 8), calib_batches=4, progress=False)
+    return analyze_layers(
+        model, calib, evaluation, widths=(4, 8), calib_batches=4, progress=False, cells=cells
+    )
 
 
 def _worker(rank: int, world_size: int, tmp: str) -> None:
@@ -80,6 +83,17 @@ def _worker(rank: int, world_size: int, tmp: str) -> None:
         analysis = _analysis(_dense())
         if rank == 0:
             torch.save(analysis, Path(tmp, "analysis.pt"))
+        # the same with finished cells on disk; then rank 1's file is lost (as if it was
+        # killed before its rows were written) and a rerun computes only those cells
+        cells = Path(tmp) / "cells"
+        first = _analysis(_dense(), CellLog(cells, {"test": 1}))
+        dist.barrier()
+        if rank == 0:
+            (cells / "cells.rank1.jsonl").unlink()
+        dist.barrier()
+        resumed = _analysis(_dense(), CellLog(cells, {"test": 1}))
+        if rank == 0:
+            torch.save({"first": first, "resumed": resumed}, Path(tmp, "resumed.pt"))
         bad = _config(Path(tmp) / "bad", 16, dist_timeout=30.0)
         if rank == 1:
             bad.dataset = "no_such_data_set"
@@ -149,6 +163,13 @@ def test_two_processes_equal_one_process_and_a_failing_rank_stops_both(tmp_path)
     strip = [{k: v for k, v in row.items() if k != "fit_s"} for row in reference["rows"]]
     assert [{k: v for k, v in row.items() if k != "fit_s"} for row in analysis["rows"]] == strip
     assert analysis["baseline"] == reference["baseline"]
+    # with a cell log: the same rows; after losing rank 1's cells, the rerun dealt its two
+    # cells over both ranks again (rank 0 had cells 0 and 2, now also one of the lost ones)
+    for key in ("first", "resumed"):
+        rows = torch.load(tmp_path / "resumed.pt", weights_only=False)[key]["rows"]
+        assert [{k: v for k, v in row.items() if k != "fit_s"} for row in rows] == strip
+    lines = {r: (tmp_path / "cells" / f"cells.rank{r}.jsonl").read_text().splitlines() for r in range(2)}
+    assert (len(lines[0]), len(lines[1])) == (3, 1)
 
     errors = [(tmp_path / f"error{r}.txt").read_text() for r in range(2)]
     assert errors[0] == errors[1]

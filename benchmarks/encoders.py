@@ -13,7 +13,7 @@ the ResNet-9 baseline in results/baselines/resnet9_fashion_mnist/model.pt on
 Fashion-MNIST (NMSE only: its accuracy would need the rest of the network).
 
 Usage:  nice python benchmarks/encoders.py [--quick] [--tasks fashion-mnist resnet9-conv]
-        [--ncodebooks 8 16 32 64] [--out results/encoders] [--append]
+        [--ncodebooks 8 16 32 64] [--out results/encoders] [--append | --resume]
 Writes encoders.json, encoders.csv, encoders.md, encoders.png under --out.
 """
 
@@ -130,15 +130,31 @@ def run(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    if args.append and (out / "encoders.json").exists():  # keep the rows this run does not redo
+    done: set[tuple[str, int, str]] = set()
+    if (args.append or args.resume) and (out / "encoders.json").exists():
         old = json.loads((out / "encoders.json").read_text())
+        # keep the rows this run does not redo
         results = [r for r in old if r["task"] not in args.tasks or r["C"] not in args.ncodebooks]
+        if args.resume:  # and, in its scope, the finished rows measured on the same row counts
+            sizes = {"N_train": args.ntrain, "N_val": args.nval, "N_test": args.ntest}
+            finished = [
+                r
+                for r in old
+                if r not in results
+                and r["variant"] in args.variants
+                and "nmse_test" in r
+                and all(r.get(k) == v for k, v in sizes.items())
+            ]
+            results += finished
+            done = {(r["task"], r["C"], r["variant"]) for r in finished}
     for task in build_tasks(args.tasks):
         train, val, test = split_rows(task, args.ntrain, args.nval, args.ntest)
         weight = task.B.float()
         exact_val, exact_test = val @ weight, test @ weight
         for ncodebooks in args.ncodebooks:
             for name in args.variants:
+                if (task.name, ncodebooks, name) in done:
+                    continue
                 start = time.perf_counter()
                 try:
                     amm = fit_variant(name, ncodebooks, train, weight)
@@ -161,6 +177,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                     **cost.as_dict(),
                     "bytes_read": 4 * cost.reads,
                     "N_train": train.shape[0],
+                    "N_val": val.shape[0],
+                    "N_test": test.shape[0],
                 }
                 if task.y_test is not None:
                     labels = task.y_test[: test.shape[0]]
@@ -248,6 +266,12 @@ def main() -> None:
     parser.add_argument("--ntest", type=int, default=None, help="test rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--append", action="store_true", help="keep the rows of other tasks / C in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="as --append, and skip the (task, C, variant) rows already in --out with the same "
+        "row counts: an interrupted run continues (every row is written as soon as it is measured)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quick = args.quick

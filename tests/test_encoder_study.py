@@ -324,3 +324,51 @@ def test_unknown_encoder_option_is_named():
         MaddnessMatmul(4, encoder="pq-l1", encoder_options={"bogus": 1}).fit(
             torch.randn(200, 32), torch.randn(32, 4)
         )
+
+
+def test_encoder_benchmark_resumes(tmp_path, monkeypatch):
+    """benchmarks/encoders.py --resume: rows already written (same row counts) are kept and
+    not fitted again; a row lost to an interruption is fitted; other row counts redo all."""
+    import argparse
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from maddnet.analysis.amm_sweep import MatmulTask
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "encoders.py"
+    spec = importlib.util.spec_from_file_location("bench_encoders", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gen = torch.Generator().manual_seed(0)
+    task = MatmulTask("toy", torch.randn(900, 32, generator=gen), torch.randn(100, 32, generator=gen),
+                      torch.randn(32, 6, generator=gen))  # fmt: skip
+    monkeypatch.setattr(bench, "build_tasks", lambda names: [task])
+    fitted = []
+    real_fit = bench.fit_variant
+
+    def counted(name, ncodebooks, train, weight):
+        fitted.append((name, ncodebooks))
+        return real_fit(name, ncodebooks, train, weight)
+
+    monkeypatch.setattr(bench, "fit_variant", counted)
+    monkeypatch.setattr(bench, "plot", lambda results, path: None)
+    variants = ["tree (MADDness)", "pq-l1"]
+
+    def args(**kw):
+        values = dict(
+            out=str(tmp_path), tasks=["toy"], ncodebooks=[4], variants=variants, ntrain=600, nval=200
+        )
+        return argparse.Namespace(**{**values, "ntest": 100, "append": False, "resume": False, **kw})
+
+    first = bench.run(args())
+    assert fitted == [("tree (MADDness)", 4), ("pq-l1", 4)]
+    rows = json.loads((tmp_path / "encoders.json").read_text())
+    (tmp_path / "encoders.json").write_text(json.dumps(rows[:1]))  # pq-l1's row never written
+    fitted.clear()
+    resumed = bench.run(args(resume=True))
+    assert fitted == [("pq-l1", 4)]
+    assert resumed[0] == first[0] and [r["variant"] for r in resumed] == variants
+    fitted.clear()
+    bench.run(args(resume=True, ntrain=500))  # other training rows: nothing reusable
+    assert fitted == [("tree (MADDness)", 4), ("pq-l1", 4)]

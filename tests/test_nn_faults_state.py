@@ -102,6 +102,10 @@ def test_unchanged_since_compares_bit_patterns(dtype):
     snapshot = lut.clone()
     assert unchanged_since(lut, snapshot)
     assert unchanged_since(lut.transpose(0, 2), snapshot.transpose(0, 2).contiguous())  # strided views
+    for first_or_last in (0, -1):  # a difference in any word counts, at either end too
+        changed = snapshot.clone()
+        changed.view(-1)[first_or_last] += 1
+        assert not unchanged_since(lut, changed)
     lut.data[1, 2, 3] += 1  # unseen by the version counter
     assert not unchanged_since(lut, snapshot)
     assert not unchanged_since(lut, None)

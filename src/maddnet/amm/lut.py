@@ -72,7 +72,8 @@ def unchanged_since(tensor: torch.Tensor, snapshot: torch.Tensor | None) -> bool
 
     Version counters miss in-place writes through ``.data``, so the values are compared, as
     bit patterns (a NaN equals itself; -0.0 differs from 0.0, which only costs a re-derive).
-    On CPU that is one pass over both through numpy, about 5x faster than ``torch.equal``
+    On CPU that is one pass over both in a numba kernel (no temporary), faster than
+    ``np.array_equal`` and about 5x faster than ``torch.equal``
     (which took a quarter of a converted LeViT-128S's eval time at 50 layers); on other
     devices the answer is False (re-derive), since reading the comparison's result would
     stall on a host synchronisation.
@@ -84,7 +85,8 @@ def unchanged_since(tensor: torch.Tensor, snapshot: torch.Tensor | None) -> bool
     word = _BIT_PATTERN_DTYPES.get(tensor.element_size())
     if word is None or tensor.is_complex():
         return torch.equal(snapshot, tensor)
-    return bool(np.array_equal(tensor.detach().view(word).numpy(), snapshot.detach().view(word).numpy()))
+    current = tensor.detach().contiguous().view(word).reshape(-1).numpy()
+    return _lut_kernel.same_words(current, snapshot.detach().contiguous().view(word).reshape(-1).numpy())
 
 
 # integer dtypes of each element size: a tensor viewed as one of these compares bit patterns

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,16 @@ def test_unchanged_since_compares_bit_patterns(dtype):
         nan = torch.full((3,), float("nan"), dtype=dtype)
         assert unchanged_since(nan, nan.clone())  # the same bits: nothing to re-derive
         assert not unchanged_since(torch.zeros(3, dtype=dtype), -torch.zeros(3, dtype=dtype))
+
+
+def test_same_words_compares_bits_of_any_item_size():
+    from maddnet.amm._lut_kernel import same_words
+
+    values = np.array([1.5, -0.0, np.nan], np.float32)  # floats, as a traced call may pass
+    assert same_words(values, values.copy())
+    assert not same_words(values, np.array([1.5, 0.0, np.nan], np.float32))  # -0.0 vs 0.0
+    assert same_words(values.view(np.int32), values.copy().view(np.int32))
+    assert not same_words(np.arange(5, dtype=np.uint8), np.arange(1, 6, dtype=np.uint8))
 
 
 def test_half_precision_cast_keeps_the_integer_lut_scale_finite():

@@ -125,3 +125,26 @@ def test_interrupted_analysis_resumes_from_its_cells(tmp_path, monkeypatch):
     assert calls == [] and again["rows"] == resumed["rows"]
     with pytest.raises(ValueError, match=r"other settings \(differing: seed\).*cells_settings.json"):
         CellLog(tmp_path, {"model": "small", "seed": 1}).load()
+
+
+def test_a_layer_gets_the_same_rows_whichever_layers_are_analysed(tmp_path):
+    """Row samples are seeded by a layer's place among all candidates, so cells kept from a
+    run over some layers (--layers) equal those of a run over all of them."""
+    from maddnet.analysis.cells import CellLog
+
+    model, _, evaluation = small_model_and_data()
+    kwargs = dict(widths=(4, 9), config=MaddConfig(max_rows=2000, seed=0), calib_batches=6, progress=False)
+
+    def calib():
+        return DataLoader(
+            evaluation.dataset, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+
+    full = analyze_layers(model, calib(), evaluation, **kwargs)
+    alone = analyze_layers(model, calib(), evaluation, layers=["4"], cells=CellLog(tmp_path, {}), **kwargs)
+    resumed = analyze_layers(model, calib(), evaluation, cells=CellLog(tmp_path, {}), **kwargs)
+
+    def layer4(result):
+        return [(r["C"], r["nmse"], r["top1"], r["calib_rows"]) for r in result["rows"] if r["layer"] == "4"]
+
+    assert layer4(alone) == layer4(full) == layer4(resumed)

@@ -275,5 +275,9 @@ def same_words(a: np.ndarray, b: np.ndarray) -> bool:
     pass over both, no temporary (``np.array_equal`` first writes an (n,) bool array; this
     is about 1.5x faster on 600,000 words). Arrays that are not integers are viewed as the
     integers of their item size (a traced ``torch.compile`` call can hand floats here)."""
+    if a.shape != b.shape or a.ndim != 1 or a.dtype.itemsize != b.dtype.itemsize:
+        raise ValueError(
+            f"same_words needs two 1-D arrays of one length and item size, got {a.shape}, {b.shape}"
+        )
     word = np.dtype(f"i{a.dtype.itemsize}")
     return bool(_same_words(a.view(word), b.view(word)))

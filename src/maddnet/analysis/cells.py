@@ -48,8 +48,7 @@ class CellLog:
         self.settings = json.loads(json.dumps(settings, sort_keys=True))
 
     def load(self) -> dict[tuple[str, int], dict[str, Any]]:
-        """Rows already finished here, keyed by (layer, C); records the settings when the
-        folder has none yet.
+        """Rows already finished here, keyed by (layer, C).
 
         Raises:
             ValueError: the folder's rows were computed with other settings (names the
@@ -67,11 +66,6 @@ class CellLog:
                     f"settings (differing: {', '.join(keys)}); use another --out, or delete "
                     f"{path} and {self.folder}/cells.rank*.jsonl to start over"
                 )
-        else:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
-            os.replace(tmp, path)  # never a half-written settings file
         rows: dict[tuple[str, int], dict[str, Any]] = {}
         for part in sorted(self.folder.glob("cells.rank*.jsonl")):
             for row in JsonlWriter(part).read():  # a line cut short by a kill is skipped
@@ -79,5 +73,12 @@ class CellLog:
         return rows
 
     def append(self, rank: int, row: dict[str, Any]) -> None:
-        """Add one finished row (this rank's own file)."""
+        """Add one finished row (this rank's own file); the settings are recorded with the
+        first row, so a run that finished no cell leaves the folder free."""
+        path = self.folder / SETTINGS_FILE
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.settings, indent=2, sort_keys=True))
+            os.replace(tmp, path)  # never a half-written settings file
         JsonlWriter(self.folder / f"cells.rank{rank}.jsonl").write(row)

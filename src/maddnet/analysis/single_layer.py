@@ -124,6 +124,9 @@ def analyze_layers(
     device = torch.device(device)
     model = model.to(device).eval()
     names, skipped = candidate_layers(model)
+    # a layer's row sample is seeded by its place among all candidates, not among the
+    # selected or still unfinished ones: the same rows whatever --layers and resuming leave
+    seed_index = {name: index for index, name in enumerate(names)}
     if layers is not None:
         unknown = sorted(set(layers) - set(names) - {s["layer"] for s in skipped})
         if unknown:
@@ -141,9 +144,9 @@ def analyze_layers(
     mine = todo[rank::world]
     needed = list(dict.fromkeys(name for name, _ in todo))  # layers with a cell left, in order
     calib = [(b[0].to(device), b[1]) for _, b in zip(range(calib_batches), calib_loader, strict=False)]
-    # every layer is recorded while any is needed: a layer's row sample is seeded by its
-    # position in the recorded list, so a resumed run must record the same list
-    rows_by_layer = record_inputs(model, names, calib, config=config) if needed else {}
+    rows_by_layer = (
+        record_inputs(model, needed, calib, config=config, seed_index=seed_index) if needed else {}
+    )
     nmse_inputs = [b[0].to(device) for _, b in zip(range(nmse_batches), eval_loader, strict=False)]
     dense_outputs = _layer_outputs(model, needed, nmse_inputs) if needed else {}
     baseline = evaluate(model, eval_loader, device=device, reduce=False)

@@ -85,17 +85,21 @@ def settings(args: argparse.Namespace, spec, device: str) -> dict[str, Any]:
 
 
 # what a finished (layer, C) row does not depend on: left out of the settings a resumed
-# analysis must match (so a rerun may add layers or widths, or change threads)
-_NOT_IN_CELLS = ("out", "widths", "layers", "exclude", "threads", "progress", "dist_timeout")
+# analysis must match (so a rerun may add layers or widths, or change threads); the
+# weights are named by their SHA-256, not by the checkpoint's path
+_NOT_IN_CELLS = ("out", "widths", "layers", "exclude", "threads", "progress", "dist_timeout", "checkpoint")
 
 
 def cell_settings(args: argparse.Namespace, spec, device: str) -> dict[str, Any]:
     """The settings every finished cell in ``--out`` must share (:class:`CellLog`): the
-    command's settings less :data:`_NOT_IN_CELLS`, plus the weights' SHA-256."""
+    command's settings less :data:`_NOT_IN_CELLS`, the device type (not its index: rank r
+    of a torchrun job runs on cuda:r), and the weights' SHA-256."""
+    import torch
+
     from .cells import file_digest
 
     kept = {k: v for k, v in settings(args, spec, device).items() if k not in _NOT_IN_CELLS}
-    return kept | {"checkpoint_sha256": file_digest(args.checkpoint)}
+    return kept | {"device": torch.device(device).type, "checkpoint_sha256": file_digest(args.checkpoint)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,9 @@ Modelling assumptions (stated in the reports too):
   single-layer sensitivities (the classic additivity assumption of bit allocation);
 * between measured C the sensitivity is **linear in log2 C**, and up to ``octaves`` factors
   of 2 beyond the measured range it is extrapolated along the nearest measured segment,
-  clipped at 0 (a layer measured at one C only stays at that C).
+  clipped at 0 (a layer measured at one C only stays at that C). The uniform rule's own
+  C is extrapolated the same way wherever it lies, since the rule's predicted sensitivity
+  needs it, and it stays a choice, so the allocation is not predicted worse than the rule.
 """
 
 from __future__ import annotations
@@ -204,9 +206,9 @@ def candidate_codebooks(
 ) -> list[int]:
     """C values a layer may take: the measured ones and every power of 2 within
     ``[min measured / 2**octaves, max measured * 2**octaves]`` and ``[1, D]``, plus
-    ``extra`` (e.g. the rule's C) anywhere in ``[1, D]``, so that the allocation can always
-    keep the rule's C, at the sensitivity the rule is predicted with; only the measured C
-    when one was measured (nothing to extend)."""
+    ``extra`` (e.g. the rule's C) anywhere in ``[1, D]``, so that the allocation can keep
+    the rule's C at the sensitivity the rule is predicted with; only the measured C when a
+    single C was measured (nothing to extend or interpolate)."""
     if len(set(measured)) < 2:
         return sorted(set(measured))
     low = max(1, math.ceil(min(measured) / 2**octaves))
@@ -404,8 +406,9 @@ def _row(cells: Sequence[Any]) -> str:
 ASSUMPTIONS = (
     "Predicted sensitivity: the sum of single-layer measurements (each layer replaced alone); "
     "network-level accuracy of the allocation is not measured by this report.",
-    "Between measured C the sensitivity is linear in log2 C; beyond them (up to the stated octaves) "
-    "the nearest measured segment is extended and clipped at 0: a modelling assumption.",
+    "Between measured C the sensitivity is linear in log2 C; beyond them (up to the stated octaves, "
+    "and at the rule's own C wherever it lies) the nearest measured segment is extended and clipped "
+    "at 0: a modelling assumption.",
 )
 
 

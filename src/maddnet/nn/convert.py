@@ -31,7 +31,7 @@ first name, and the one MADD layer is swapped in at every name (:func:`~maddnet.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -265,12 +265,16 @@ def record_inputs(
     max_rows: int | None = None,
     config: MaddConfig | None = None,
     forward_fn: ForwardFn | None = None,
+    seed_index: Mapping[str, int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Input rows of the named layers on ``loader``'s batches: ``{name: (N, D) CPU rows}``.
 
     Bounded like :func:`prepare` (``max_rows`` overrides ``config.max_rows``). The model
     runs as it is now, e.g. with some layers already converted. A shared module is recorded
-    once (the inputs of all its call sites); two names of it get the same rows.
+    once (the inputs of all its call sites); two names of it get the same rows. Each layer's
+    row sample is seeded by ``config.seed`` plus its position in ``names``, or
+    ``seed_index[name]`` when given (so that a layer gets the same rows whichever other
+    layers are recorded with it).
     """
     config = config or MaddConfig()
     max_rows = config.max_rows if max_rows is None else max_rows
@@ -286,7 +290,8 @@ def record_inputs(
             if reason is not None:
                 raise TypeError(f"layer {name!r} cannot be recorded for a MADD layer: {reason}")
             capacity = capacity_for(input_dim(module), max_rows, config.max_bytes_per_layer)
-            recorders[name] = by_module[id(module)] = RowRecorder(capacity, seed=config.seed + index)
+            seed = config.seed + (index if seed_index is None else seed_index[name])
+            recorders[name] = by_module[id(module)] = RowRecorder(capacity, seed=seed)
             handles.append(module.register_forward_pre_hook(record_hook(recorders[name], module)))
         calibrate(model, loader, forward_fn)
     finally:

@@ -314,6 +314,17 @@ def _soft_node(reach, left, right, p, scale):  # pragma: no cover
 
 
 @numba.njit(inline="always")
+def _four_leaf_rows(grad_scores, row, j, start):  # pragma: no cover
+    """grad_scores[row + k, j, start:] for k = 0..3: contiguous 1-D slices (see _soft_block4)."""
+    return (
+        grad_scores[row, j, start:],
+        grad_scores[row + 1, j, start:],
+        grad_scores[row + 2, j, start:],
+        grad_scores[row + 3, j, start:],
+    )
+
+
+@numba.njit(inline="always")
 def _soft_block4(expo, f, scale, grad_scores, row0, j, start, block, tap_grad, totals):  # pragma: no cover
     """Soft-tree forward and backward of one depth-4 codebook over one block of positions,
     every node in registers (the generic loop keeps (nodes, block) arrays).
@@ -330,30 +341,10 @@ def _soft_block4(expo, f, scale, grad_scores, row0, j, start, block, tap_grad, t
     f8, f9, f10, f11, f12, f13, f14 = f[8], f[9], f[10], f[11], f[12], f[13], f[14]
     c0, c1, c2, c3 = scale[0], scale[1], scale[2], scale[3]
     e0, e1, e2, e3 = expo[0], expo[1], expo[2], expo[3]
-    s0, s1, s2, s3 = (
-        grad_scores[row0 + 0, j, start:],
-        grad_scores[row0 + 1, j, start:],
-        grad_scores[row0 + 2, j, start:],
-        grad_scores[row0 + 3, j, start:],
-    )
-    s4, s5, s6, s7 = (
-        grad_scores[row0 + 4, j, start:],
-        grad_scores[row0 + 5, j, start:],
-        grad_scores[row0 + 6, j, start:],
-        grad_scores[row0 + 7, j, start:],
-    )
-    s8, s9, s10, s11 = (
-        grad_scores[row0 + 8, j, start:],
-        grad_scores[row0 + 9, j, start:],
-        grad_scores[row0 + 10, j, start:],
-        grad_scores[row0 + 11, j, start:],
-    )
-    s12, s13, s14, s15 = (
-        grad_scores[row0 + 12, j, start:],
-        grad_scores[row0 + 13, j, start:],
-        grad_scores[row0 + 14, j, start:],
-        grad_scores[row0 + 15, j, start:],
-    )
+    s0, s1, s2, s3 = _four_leaf_rows(grad_scores, row0, j, start)
+    s4, s5, s6, s7 = _four_leaf_rows(grad_scores, row0 + 4, j, start)
+    s8, s9, s10, s11 = _four_leaf_rows(grad_scores, row0 + 8, j, start)
+    s12, s13, s14, s15 = _four_leaf_rows(grad_scores, row0 + 12, j, start)
     g0, g1, g2, g3 = tap_grad[0], tap_grad[1], tap_grad[2], tap_grad[3]
     z = np.float32(0.0)
     t0 = t1 = t2 = t3 = t4 = t5 = t6 = t7 = z

@@ -314,6 +314,16 @@ def _soft_node(reach, left, right, p, scale):  # pragma: no cover
 
 
 @numba.njit(inline="always")
+def _level_exp(x_t, scale, mid, block, z, out, bits):  # pragma: no cover
+    """out[:block] = exp(scale (mid - x_t)) with the exponent clamped to [-50, 50]: the
+    soft tree's per-level factor E of a block of positions (see level_factors); z and bits
+    are scratch of at least block entries."""
+    for i in range(block):
+        z[i] = min(max(scale * (mid - x_t[i]), np.float32(-50.0)), np.float32(50.0))
+    _exp32(z[:block], out[:block], bits[:block], bits[:block].view(np.float32))
+
+
+@numba.njit(inline="always")
 def _four_leaf_rows(grad_scores, row, j, start):  # pragma: no cover
     """grad_scores[row + k, j, start:] for k = 0..3: contiguous 1-D slices (see _soft_block4)."""
     return (
@@ -495,10 +505,7 @@ def conv_backward(
                     if in_registers:
                         for t in range(depth):
                             scales[t] = f32(2.0) * inv_tau[c, t]
-                            mid = centre[c, t]
-                            for i in range(block):
-                                z[i] = min(max(scales[t] * (mid - x[t, i]), f32(-50.0)), f32(50.0))
-                            _exp32(z[:block], levels[t, :block], bits[:block], bits_as_float[:block])
+                            _level_exp(x[t], scales[t], centre[c, t], block, z, levels[t], bits)
                         row0 = c * nleaves
                         _soft_block4(
                             levels, factor[c], scales, grad_scores, row0, j, start, block, tap_grad, totals
@@ -517,10 +524,7 @@ def conv_backward(
                     for t in range(depth):
                         scale = f32(2.0) * inv_tau[c, t]
                         first = (1 << t) - 1
-                        mid = centre[c, t]
-                        for i in range(block):
-                            z[i] = min(max(scale * (mid - x[t, i]), f32(-50.0)), f32(50.0))
-                        _exp32(z[:block], expo[:block], bits[:block], bits_as_float[:block])
+                        _level_exp(x[t], scale, centre[c, t], block, z, expo, bits)
                         for node in range(first, 2 * first + 1):
                             if direct[c, node]:
                                 v = thresholds[c, node]

@@ -416,7 +416,7 @@ class MaddConvFunction(torch.autograd.Function):
 
     @staticmethod
     def _gradients(ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table):
-        """The backward's return tuple from the kernels' per-slot partial sums."""
+        """The backward's return tuple from the kernels' per-group partial sums."""
         need_images, need_thresholds, need_lut = ctx.needs_input_grad[:3]
         grad_bias = grad_out.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[4] else None
         return (

@@ -229,6 +229,30 @@ def test_row_recorder_is_bounded_uniform_and_deterministic():
     assert float((samples[0] >= 9000).float().mean()) > 0.06  # late rows kept too
 
 
+@pytest.mark.parametrize("chunks", [(3000, 2000, 5000), (999, 2, 4000, 1), (10_000,), (7,) * 300])
+def test_row_recorder_equals_algorithm_r_row_by_row(chunks):
+    """The batched sample equals Algorithm R run row by row with the same draws, also where
+    one batch fills the reservoir and its later rows draw slots of that same batch (a
+    duplicate slot in one store would be written in an unspecified order)."""
+    capacity, seed = 1000, 3
+    recorder = RowRecorder(capacity=capacity, seed=seed)
+    stream = torch.arange(sum(chunks), dtype=torch.float32)[:, None]
+    for chunk in stream.split(list(chunks)):
+        positions, slots = recorder.choose(chunk.shape[0])
+        assert slots.unique().numel() == slots.numel()
+        recorder.store(chunk[positions], slots)
+    generator, reservoir, seen = torch.Generator().manual_seed(seed), list(range(capacity)), 0
+    for size in chunks:  # the same draws: one per row past the reservoir's fill, batch by batch
+        first = max(seen, capacity)
+        draws = torch.rand(max(0, seen + size - first), generator=generator).tolist()
+        for i, draw in zip(range(first, seen + size), draws, strict=True):
+            slot = int(draw * (i + 1))
+            if slot < capacity:
+                reservoir[slot] = i
+        seen += size
+    assert recorder.rows()[:, 0].tolist() == reservoir
+
+
 def test_recorder_memory_bound():
     model = nn.Sequential(nn.Conv2d(64, 8, 3))
     config = MaddConfig(max_rows=10_000, max_bytes_per_layer=64 * 576 * 4)

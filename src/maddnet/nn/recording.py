@@ -40,27 +40,34 @@ class RowRecorder:
         return None if self._rows is None else self._rows[: self.nrows]
 
     def choose(self, nrows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which of the next ``nrows`` stream rows to keep: (positions in batch, slots)."""
+        """Which of the next ``nrows`` stream rows to keep: (positions in batch, slots).
+
+        Equal to Algorithm R run row by row with the same draws: the slots are distinct,
+        and where several rows of the batch land in one slot (a row that fills the
+        reservoir and later rows that draw its slot, or two later rows drawing the same
+        one) the last of them is the one kept.
+        """
         start = self.seen
         self.seen += nrows
         fill = max(0, min(nrows, self.capacity - start))
-        positions = [torch.arange(fill)]
-        slots = [torch.arange(start, start + fill)]
+        positions = torch.arange(fill)
+        slots = torch.arange(start, start + fill)
         if fill < nrows:
             index = torch.arange(start + fill, start + nrows)  # global stream index i
             draw = torch.rand(index.shape[0], generator=self._generator)
             slot = (draw * (index + 1).double()).long()  # uniform in [0, i]
             keep = slot < self.capacity
-            kept_pos, kept_slot = torch.arange(fill, nrows)[keep], slot[keep]
-            if kept_slot.numel():
-                # Several rows of one batch may draw the same slot; the last one wins,
-                # as in the sequential algorithm.
-                unique, inverse = torch.unique(kept_slot, return_inverse=True)
-                last = torch.full((unique.shape[0],), -1, dtype=torch.int64)
-                last.scatter_reduce_(0, inverse, torch.arange(inverse.shape[0]), reduce="amax")
-                positions.append(kept_pos[last])
-                slots.append(unique)
-        return torch.cat(positions), torch.cat(slots)
+            positions = torch.cat([positions, torch.arange(fill, nrows)[keep]])
+            slots = torch.cat([slots, slot[keep]])
+        if fill < positions.shape[0]:
+            # Resolve shared slots to the row latest in the stream; the stores must not
+            # carry duplicate slots, whose order of writing is unspecified (it varies with
+            # the thread count and from run to run).
+            unique, inverse = torch.unique(slots, return_inverse=True)
+            last = torch.full((unique.shape[0],), -1, dtype=torch.int64)
+            last.scatter_reduce_(0, inverse, torch.arange(inverse.shape[0]), reduce="amax")
+            positions, slots = positions[last], unique
+        return positions, slots
 
     def store(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Write chosen rows (n, D) into ``slots`` (n,)."""

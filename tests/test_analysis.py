@@ -56,6 +56,26 @@ def test_each_layer_alone_for_each_width(tmp_path):
     assert paths["csv"].read_text().count("\n") == 7
 
 
+def test_plot_lines_follow_the_requested_widths():
+    """One line per requested D/C: a 64-input layer at D/C = 18 (C = 4, i.e. D/C = 16) stays
+    on the 18 line; two widths that give a layer the same C put that row on both."""
+    from maddnet.analysis.single_layer import _series_by_width
+
+    rows = [
+        {"layer": "a", "D": 64, "C": 7},
+        {"layer": "a", "D": 64, "C": 4},
+        {"layer": "b", "D": 576, "C": 64},
+        {"layer": "b", "D": 576, "C": 32},
+        {"layer": "stem", "D": 9, "C": 1},
+    ]
+    lines = _series_by_width(rows, [9, 18])
+    assert {w: {n: r["C"] for n, r in sub.items()} for w, sub in lines.items()} == {
+        9: {"a": 7, "b": 64, "stem": 1},
+        18: {"a": 4, "b": 32, "stem": 1},
+    }
+    assert set(_series_by_width(rows, None)) == {9, 16, 18}  # no settings: rounded D/C
+
+
 def test_codebooks_for_width_is_clamped():
     assert codebooks_for_width(9, 9) == 1
     assert codebooks_for_width(9, 100) == 1

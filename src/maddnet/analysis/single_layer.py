@@ -229,6 +229,21 @@ def _analyze_cell(
     }
 
 
+def _series_by_width(
+    rows: list[dict[str, Any]], widths: Sequence[float] | None
+) -> dict[float, dict[str, dict[str, Any]]]:
+    """The plot's lines: ``{width: {layer: row}}``, one line per requested D/C (``widths``),
+    holding each layer's row at the C that width gives it (so a 64-input layer, whose
+    D/C = 18 rounds to C = 4, i.e. D/C = 16, stays on the D/C = 18 line). Without
+    ``widths`` (a result from elsewhere) the rows are grouped by their rounded D/C."""
+    if not widths:
+        widths = sorted({round(r["D"] / r["C"]) for r in rows})
+        return {w: {r["layer"]: r for r in rows if round(r["D"] / r["C"]) == w} for w in widths}
+    return {
+        w: {r["layer"]: r for r in rows if codebooks_for_width(r["D"], w) == r["C"]} for w in sorted(widths)
+    }
+
+
 def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> dict[str, Path]:
     """single_layer.json/.csv/.md and single_layer.png (accuracy drop per layer and C)."""
     import json
@@ -270,11 +285,10 @@ def write_analysis(result: dict[str, Any], out_dir: str | Path, title: str) -> d
         return paths
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.7 * len(layers) + 4), 4))
-    for width in sorted({round(r["D"] / r["C"]) for r in rows}):
-        sub = {r["layer"]: r for r in rows if round(r["D"] / r["C"]) == width}
+    for width, sub in _series_by_width(rows, result.get("settings", {}).get("widths")).items():
         xs = [i for i, name in enumerate(layers) if name in sub]
-        axes[0].plot(xs, [sub[layers[i]]["drop"] for i in xs], "o-", label=f"D/C ≈ {width}")
-        axes[1].plot(xs, [sub[layers[i]]["nmse"] for i in xs], "o-", label=f"D/C ≈ {width}")
+        axes[0].plot(xs, [sub[layers[i]]["drop"] for i in xs], "o-", label=f"D/C ≈ {width:g}")
+        axes[1].plot(xs, [sub[layers[i]]["nmse"] for i in xs], "o-", label=f"D/C ≈ {width:g}")
     for ax, label in zip(axes, ["top-1 drop (points)", "layer output NMSE"], strict=True):
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels(layers, rotation=60, ha="right", fontsize=7)

@@ -13,7 +13,10 @@ Measured in one process, dense and MADD interleaved call by call, repeated; medi
 
 Usage:  python benchmarks/layers.py [--repeats 7] [--batch 32] [--out benchmarks/results]
                                    [--suffix ""] [--threads N] [--eval-only]
-                                   [--baseline-src OLD/src/maddnet]
+                                   [--baseline-src OLD/src/maddnet] [--profile]
+``--profile`` adds, per shape, where the soft MADD training step's time goes: the self
+time per step of its largest operations (torch.profiler over 3 steps; the numba kernels
+show up as the self time of the autograd Function that calls them).
 ``--baseline-src DIR`` times an older maddnet (the package directory of another revision:
 ``git archive REV src/maddnet | tar -x -C /tmp/base`` then ``--baseline-src
 /tmp/base/src/maddnet``), imported beside the current one as ``maddnet_baseline``, its
@@ -99,8 +102,36 @@ def learn_layer(conv: nn.Conv2d, x: torch.Tensor, lut_bits: int | None, nrows: i
     return MaddConv2d.from_dense(conv, rows, ncodebooks=conv.in_channels, lut_bits=lut_bits)
 
 
+def profile_step(run: Callable[[], object], steps: int = 3, top: int = 6) -> list[dict]:
+    """Self CPU milliseconds per call of ``run`` of its ``top`` largest operations."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {
+            "op": e.key,
+            "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+            "share": e.self_cpu_time_total / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[:top]
+    ]
+
+
 def bench_shape(
-    label: str, channels: int, size: int, batch: int, repeats: int, train: bool = True, baseline=None
+    label: str,
+    channels: int,
+    size: int,
+    batch: int,
+    repeats: int,
+    train: bool = True,
+    baseline=None,
+    profile: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size).relu()
@@ -173,6 +204,8 @@ def bench_shape(
         if gap > 1e-5:
             raise AssertionError(f"{label}: the baseline's gradients differ (relative {gap:.2e})")
     train_s = interleaved_medians(train_fns, repeats)
+    if profile:
+        result["train_madd_profile"] = profile_step(train_fns["madd"])
     if baseline is not None:
         result["train_madd_baseline_s"] = train_s["madd_baseline"]
         result["train_ratio_baseline"] = train_s["madd_baseline"] / train_s["dense"]
@@ -236,6 +269,24 @@ def markdown(results: list[dict], meta: dict) -> str:
                 f"| {r['shape']} | {r['eval_ratio_int8_baseline']:.2f} -> {r['eval_ratio_int8']:.2f} "
                 f"| {train} | {gap} |"
             )
+    profiled = [r for r in results if "train_madd_profile" in r]
+    if profiled:
+        lines += [
+            "",
+            "Where the soft MADD training step's time goes (torch.profiler, self time per step: "
+            "the wall time spent in each operation less its child operations, on the calling "
+            "thread; the numba kernels count as the self time of the autograd Function that "
+            "calls them):",
+            "",
+            "| shape | operation | self ms / step | share | calls / step |",
+            "|---|---|---|---|---|",
+        ]
+        for r in profiled:
+            for e in r["train_madd_profile"]:
+                lines.append(
+                    f"| {r['shape']} | `{e['op']}` | {e['self_ms_per_step']:.1f} | "
+                    f"{100 * e['share']:.0f} % | {e['calls_per_step']:g} |"
+                )
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -255,7 +306,12 @@ def main() -> None:
         default=None,
         help="an older maddnet package directory (e.g. /tmp/base/src/maddnet) to time alongside",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="where the MADD training step's time goes, per shape"
+    )
     args = parser.parse_args()
+    if args.profile and args.eval_only:
+        parser.error("--profile profiles the training step; it cannot go with --eval-only")
     baseline = None if args.baseline_src is None else load_baseline(args.baseline_src)
     load_before = os.getloadavg()[0]
     if args.threads:
@@ -263,7 +319,14 @@ def main() -> None:
     results = []
     for label, channels, size in SHAPES:
         result = bench_shape(
-            label, channels, size, args.batch, args.repeats, train=not args.eval_only, baseline=baseline
+            label,
+            channels,
+            size,
+            args.batch,
+            args.repeats,
+            train=not args.eval_only,
+            baseline=baseline,
+            profile=args.profile,
         )
         print(json.dumps(result))
         results.append(result)
@@ -283,6 +346,7 @@ def main() -> None:
             + ([f"--threads {args.threads}"] if args.threads else [])
             + (["--eval-only"] if args.eval_only else [])
             + ([f"--baseline-src {args.baseline_src}"] if args.baseline_src else [])
+            + (["--profile"] if args.profile else [])
         ),
     }
     os.makedirs(args.out, exist_ok=True)

@@ -128,6 +128,80 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_checkpoint_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """A full disk makes torch's zip writer raise a RuntimeError ("unexpected pos ...") on top
+    of the OSError; save_checkpoint reports the OSError with the path instead."""
+    import errno
+
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj, handle):
+        handle.write(b"part")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from None
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"ckpt\.pt: No space left on device \(the previous checkpoint") as info:
+        save_checkpoint(path, {"step": 2})
+    assert info.value.errno == errno.ENOSPC
+    with pytest.raises(OSError, match="nothing was written"):
+        save_checkpoint(tmp_path / "new.pt", {"step": 2})
+
+    def other_failure(obj, handle):
+        raise RuntimeError("not a disk error")
+
+    monkeypatch.setattr(torch, "save", other_failure)
+    with pytest.raises(RuntimeError, match="not a disk error"):  # other failures pass unchanged
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("writer", ["converted model", "MaddnessMatmul state"])
+def test_every_torch_file_maddnet_writes_is_atomic(tmp_path, monkeypatch, writer):
+    """save_converted and MaddnessMatmul.save write like save_checkpoint: a failed write
+    leaves the earlier file and no temporary one, and names the file."""
+    import errno
+
+    from torch import nn
+
+    from maddnet import MaddnessMatmul
+    from maddnet.nn import convert, load_converted, save_converted
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(512, 16, generator=gen)
+    if writer == "converted model":
+        model = convert(nn.Sequential(nn.Linear(16, 4)), [rows[:256], rows[256:]])
+
+        def save(path):
+            save_converted(model, path)
+
+        def load(path):
+            load_converted(nn.Sequential(nn.Linear(16, 4)), path)
+
+    else:
+        amm = MaddnessMatmul(ncodebooks=2).fit(rows, torch.randn(16, 4, generator=gen))
+        save, load = amm.save, MaddnessMatmul.load
+    path = tmp_path / "saved.pt"
+    save(path)
+    before = path.read_bytes()
+
+    def full_disk(obj, handle):
+        handle.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"{writer} .*saved\.pt: No space left on device"):
+        save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["saved.pt"]
+    load(path)
+
+
 def test_jsonl_truncate_after(tmp_path):
     writer = JsonlWriter(tmp_path / "m.jsonl")
     for step in (10, 20, 30):

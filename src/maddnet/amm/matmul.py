@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._atomic import atomic_torch_save
 from . import lut
 from . import prototypes as prototype_fit
 from .checks import ArrayLike, NotFittedError, as_matrix, check_all_finite, check_nprototypes, like_input
@@ -369,8 +370,10 @@ class MaddnessMatmul:
         return self
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` with ``torch.save``."""
-        torch.save(self.state_dict(), path)
+        """Write :meth:`state_dict` to ``path`` with ``torch.save``, atomically (an
+        interrupted or failed write leaves no truncated file; a full disk raises
+        :class:`OSError` naming ``path``)."""
+        atomic_torch_save(self.state_dict(), path, "MaddnessMatmul state")
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device | None = None) -> MaddnessMatmul:

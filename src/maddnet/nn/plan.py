@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._atomic import atomic_torch_save
 from .layers import _MaddLayer
 from .mapping import LAYER_TYPES
 
@@ -211,7 +212,7 @@ def save_converted(model: nn.Module, path: str | os.PathLike, for_inference: boo
             plan["layers"][name]["config"]["float_lut"] = False
             for alias in names[id(layer)]:
                 state.pop(f"{alias}.lut" if alias else "lut", None)
-    torch.save({"plan": plan, "state_dict": state}, path)
+    atomic_torch_save({"plan": plan, "state_dict": state}, path, "converted model")
 
 
 def load_converted(

@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from maddnet._atomic import atomic_torch_save
 from maddnet.models.weights import read_checkpoint
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` with ``torch.save`` to ``path`` atomically.
-
-    The data goes to a temporary file in the same folder, is flushed to disk, and then
-    replaces ``path`` with ``os.replace``: a kill at any moment leaves either the old or
-    the new checkpoint, never a truncated one.
+    """Write ``state`` with ``torch.save`` to ``path`` atomically
+    (:func:`maddnet._atomic.atomic_torch_save`): a kill at any moment leaves either the old
+    or the new checkpoint, never a truncated one; a full disk raises :class:`OSError`
+    naming ``path``, the previous checkpoint unchanged.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a checkpoint is a normal file
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with _suppress_oserror():
-            os.unlink(tmp_name)
-        raise
-    return path
+    return atomic_torch_save(state, path, "checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -76,11 +61,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))  # noqa: NPY002
     torch.manual_seed(seed)
-
-
-class _suppress_oserror:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        return exc_type is not None and issubclass(exc_type, OSError)

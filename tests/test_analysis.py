@@ -147,22 +147,38 @@ def test_interrupted_analysis_resumes_from_its_cells(tmp_path, monkeypatch):
         CellLog(tmp_path, {"model": "small", "seed": 1}).load()
 
 
-def test_a_layer_gets_the_same_rows_whichever_layers_are_analysed(monkeypatch):
+def test_a_layer_gets_the_same_rows_whichever_layers_are_analysed(tmp_path, monkeypatch):
     """analyze seeds each layer's row sample by its place among all candidates
-    (seed_index), whatever --layers selects or resuming leaves; the rows then agree to
-    rounding (oneDNN's convs may vary in the last bits between calls)."""
+    (seed_index), so cells kept from a run over some layers (--layers, or resuming) equal
+    those of a run over all of them."""
     from maddnet.analysis import single_layer
+    from maddnet.analysis.cells import CellLog
     from maddnet.nn import record_inputs
 
     model, _, evaluation = small_model_and_data()
     config = MaddConfig(max_rows=2000, seed=0)
-    calib = [
-        (x, y) for _, (x, y) in zip(range(6), DataLoader(evaluation.dataset, batch_size=100), strict=False)
-    ]
-    every = record_inputs(model, ["0", "4", "8"], calib, config=config)
-    alone = record_inputs(model, ["4"], calib, config=config, seed_index={"0": 0, "4": 1, "8": 2})
-    torch.testing.assert_close(alone["4"], every["4"], rtol=1e-5, atol=1e-6)
-    other_sample = record_inputs(model, ["4"], calib, config=config)["4"]  # seeded as position 0
+    kwargs = dict(widths=(4, 9), config=config, calib_batches=6, progress=False)
+
+    def calib():
+        return DataLoader(
+            evaluation.dataset, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
+
+    full = analyze_layers(model, calib(), evaluation, **kwargs)
+    alone = analyze_layers(model, calib(), evaluation, layers=["4"], cells=CellLog(tmp_path, {}), **kwargs)
+    resumed = analyze_layers(model, calib(), evaluation, cells=CellLog(tmp_path, {}), **kwargs)
+
+    def layer4(result):
+        return [(r["C"], r["nmse"], r["top1"], r["calib_rows"]) for r in result["rows"] if r["layer"] == "4"]
+
+    assert layer4(alone) == layer4(full) == layer4(resumed)
+
+    batches = list(zip(range(6), DataLoader(evaluation.dataset, batch_size=100), strict=False))
+    batches = [batch for _, batch in batches]
+    every = record_inputs(model, ["0", "4", "8"], batches, config=config)
+    only = record_inputs(model, ["4"], batches, config=config, seed_index={"0": 0, "4": 1, "8": 2})
+    torch.testing.assert_close(only["4"], every["4"], rtol=1e-5, atol=1e-6)
+    other_sample = record_inputs(model, ["4"], batches, config=config)["4"]  # seeded as position 0
     assert not torch.allclose(other_sample, every["4"], rtol=1e-3, atol=1e-3)
     seen = []
 
@@ -171,5 +187,5 @@ def test_a_layer_gets_the_same_rows_whichever_layers_are_analysed(monkeypatch):
         return record_inputs(model, names, calib, config=config, seed_index=seed_index)
 
     monkeypatch.setattr(single_layer, "record_inputs", recording)
-    analyze_layers(model, calib, evaluation, widths=(9,), layers=["4"], config=config, progress=False)
+    analyze_layers(model, batches, evaluation, widths=(9,), layers=["4"], config=config, progress=False)
     assert seen == [{"0": 0, "4": 1, "8": 2}]

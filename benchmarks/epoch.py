@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from maddnet.nn import LayerSpec, MaddConfig, MaddLayer, convert, madd_layers
+from maddnet.nn.spec import SURROGATES
 from maddnet.retrain.config import RetrainConfig
 from maddnet.retrain.pipeline import (
     RetrainLoss,
@@ -88,7 +89,7 @@ def main() -> None:
         default="wide",
         help="wide: retrain_wide_long's C (D/C = 4.5 for the 3x3 convs); rule: MaddConfig's rule (D/C = 9)",
     )
-    parser.add_argument("--surrogate", choices=("soft", "path"), default="soft", help="LayerSpec.surrogate")
+    parser.add_argument("--surrogate", choices=SURROGATES, default="soft", help="LayerSpec.surrogate")
     parser.add_argument("--checkpoint", default="results/baselines/resnet9_fashion_mnist/checkpoint.pt")
     parser.add_argument("--out", default="benchmarks/results/epoch.json")
     args = parser.parse_args()

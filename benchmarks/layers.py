@@ -9,7 +9,11 @@ Measured in one process, dense and MADD interleaved call by call, repeated; medi
                  float-LUT variant is timed too).
   training step: forward + backward of ``sum(y * g)``; dense: input + weight (+ bias)
                  gradients; MADD: input + thresholds + LUT (+ bias) gradients, qat on,
-                 with the soft-tree surrogate (default) and the hard-path one.
+                 with the soft-tree surrogate (default), the soft tree with its
+                 leaf-score product in bfloat16 (``surrogate="soft-bf16"``; the relative
+                 L2 error of its gradients against the soft ones is reported) and the
+                 hard-path one; and the dense step under ``torch.autocast("cpu",
+                 bfloat16)`` (its convolutions in bfloat16), for reference.
 
 Usage:  python benchmarks/layers.py [--repeats 7] [--batch 32] [--out benchmarks/results]
                                    [--suffix ""] [--threads N] [--eval-only]
@@ -192,7 +196,29 @@ def bench_shape(
     madd_path = learn_layer(conv, x, lut_bits=8)
     madd_path.surrogate = "path"
     madd_path.train()
-    train_fns = {"dense": step(conv), "madd": step(madd), "madd_path": step(madd_path)}
+    madd_bf16 = learn_layer(conv, x, lut_bits=8)
+    madd_bf16.surrogate = "soft-bf16"
+    madd_bf16.train()
+
+    def autocast_bf16(run):
+        def wrapped():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return run()
+
+        return wrapped
+
+    train_fns = {
+        "dense": step(conv),
+        "dense_bf16": autocast_bf16(step(conv)),
+        "madd": step(madd),
+        "madd_bf16": step(madd_bf16),
+        "madd_path": step(madd_path),
+    }
+    # soft-bf16 against soft: relative L2 error of each gradient (the LUT's is exact)
+    bf16_error = max(
+        float((a - b).norm() / a.norm().clamp_min(1e-30))
+        for a, b in zip(step(madd)(), step(madd_bf16)(), strict=True)
+    )
     if baseline is not None:
         train_fns["madd_baseline"] = step(baseline_layer(baseline, madd))
         old = [g.clone() for g in train_fns["madd_baseline"]()]
@@ -215,6 +241,10 @@ def bench_shape(
         "train_dense_s": train_s["dense"],
         "train_madd_s": train_s["madd"],
         "train_ratio": train_s["madd"] / train_s["dense"],
+        "train_dense_bf16_s": train_s["dense_bf16"],
+        "train_madd_bf16_s": train_s["madd_bf16"],
+        "train_ratio_bf16": train_s["madd_bf16"] / train_s["dense"],
+        "train_bf16_gradient_error": bf16_error,
         "train_madd_path_s": train_s["madd_path"],
         "train_ratio_path": train_s["madd_path"] / train_s["dense"],
     }
@@ -233,15 +263,24 @@ def markdown(results: list[dict], meta: dict) -> str:
         "",
         "| shape | batch | D | C | eval dense ms | eval MADD int8 ms | ratio | "
         "eval MADD float ms | ratio | train dense ms | train MADD (soft) ms | ratio | "
-        "train MADD (path) ms | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "train MADD (soft-bf16) ms | ratio | soft-bf16 gradient error | "
+        "train MADD (path) ms | ratio | train dense bf16 autocast ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        bf16 = (
+            f"{1e3 * r['train_madd_bf16_s']:.1f} | {r['train_ratio_bf16']:.2f} | "
+            f"{r['train_bf16_gradient_error']:.1e} | "
+            if "train_madd_bf16_s" in r
+            else "– | – | – | "
+        )
         train = (
             f"{1e3 * r['train_dense_s']:.1f} | {1e3 * r['train_madd_s']:.1f} | {r['train_ratio']:.2f} | "
-            f"{1e3 * r['train_madd_path_s']:.1f} | {r['train_ratio_path']:.2f} |"
+            + bf16
+            + f"{1e3 * r['train_madd_path_s']:.1f} | {r['train_ratio_path']:.2f} | "
+            + (f"{1e3 * r['train_dense_bf16_s']:.1f} |" if "train_dense_bf16_s" in r else "– |")
             if "train_dense_s" in r
-            else "– | – | – | – | – |"
+            else "– | – | – | – | – | – | – | – | – |"
         )
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['D']} | {r['C']} | {1e3 * r['eval_dense_s']:.1f} | "

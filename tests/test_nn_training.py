@@ -89,6 +89,63 @@ def test_surrogate_gradients_equal_soft_tree_autograd(monkeypatch, backend, chun
     assert float(ta.grad.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("nprototypes", [2, 4, 16, 32])
+def test_tree_difference_table_rebuilds_the_leaf_rows(nprototypes):
+    """Leaf k's LUT row is leaf 0's plus the node differences of the nodes whose right
+    subtree holds k (walked leaf by leaf here, as in soft_tree_output)."""
+    table = torch.randn(3, nprototypes, 5, dtype=torch.float64)
+    diffs = functional.tree_difference_table(table)
+    right = functional.right_subtree_matrix(nprototypes, dtype=torch.float64)
+    assert diffs.shape == (3, nprototypes - 1, 5) and right.shape == (nprototypes - 1, nprototypes)
+    depth = nprototypes.bit_length() - 1
+    for leaf in range(nprototypes):
+        node, on_right = 0, []
+        for level in range(depth):
+            bit = (leaf >> (depth - 1 - level)) & 1
+            if bit:
+                on_right.append(2**level - 1 + node)
+            node = 2 * node + bit
+        assert right[:, leaf].nonzero().flatten().tolist() == on_right
+        rebuilt = table[:, 0] + diffs[:, on_right].sum(1)
+        torch.testing.assert_close(rebuilt, table[:, leaf], rtol=0, atol=1e-12)
+
+
+def test_soft_bf16_surrogate_equals_soft_where_bfloat16_is_exact(backend):
+    """With LUT entries and output gradients small integers (every bfloat16 product and sum
+    exact), surrogate="soft-bf16" gives the soft surrogate's gradients."""
+    values, thresholds, _, temperature = (t.float() for t in random_tree_inputs(nrows=400, seed=4))
+    gen = torch.Generator().manual_seed(5)
+    lut = torch.randint(-4, 5, (3, 16, 5), generator=gen).float()
+    weight = torch.randint(-2, 3, (values.shape[0], 5), generator=gen).float()
+    grads = {}
+    for surrogate in ("soft", "soft-bf16"):
+        v, t = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
+        (madd_lut(v, t, lut, temperature, surrogate=surrogate) * weight).sum().backward()
+        grads[surrogate] = (v.grad, t.grad)
+    for got, want in zip(grads["soft-bf16"], grads["soft"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_bf16_surrogate_is_close_to_soft_on_random_data(backend):
+    values, thresholds, lut, temperature = (t.float() for t in random_tree_inputs(nrows=500, seed=6))
+    weight = torch.randn(values.shape[0], lut.shape[2], generator=torch.Generator().manual_seed(7))
+    grads = {}
+    for surrogate in ("soft", "soft-bf16"):
+        v, t = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
+        (madd_lut(v, t, lut, temperature, surrogate=surrogate) * weight).sum().backward()
+        grads[surrogate] = (v.grad, t.grad)
+    for got, want in zip(grads["soft-bf16"], grads["soft"], strict=True):
+        assert 0 < float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_surrogate_precision_is_checked():
+    values, thresholds, lut, temperature = random_tree_inputs(nrows=10)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        functional.tree_surrogate_grads(
+            values, thresholds, lut, temperature, torch.zeros(10, 5, dtype=values.dtype), precision="fp8"
+        )
+
+
 def test_qat_forward_reads_fake_quantized_lut_and_gradient_goes_straight_through():
     torch.manual_seed(3)
     linear = nn.Linear(16, 6)

@@ -335,6 +335,38 @@ def _four_leaf_rows(grad_scores, row, j, start):  # pragma: no cover
 
 
 @numba.njit(inline="always")
+def _leaves_from_bf16(
+    diff_scores, row0, j, start, block, depth, bits, bits_as_float, leaves
+):  # pragma: no cover
+    """leaves[k, 0, :block]: the leaf scores of one codebook and block of positions, up to a
+    constant per position, from its K - 1 bfloat16 node differences (``surrogate="soft-bf16"``).
+
+    diff_scores[row0 + n, j, start + i] (uint16, the bfloat16 bits) is
+    ``(T[c, lm(right(n))] - T[c, lm(n)]) . dL/dY`` for heap node n, lm the leftmost leaf
+    below a node (:func:`maddnet.nn.functional.tree_difference_table`). Leaf 0 is set to 0
+    and every other leaf is its node's leftmost leaf plus the node's difference, level by
+    level. The soft tree's gradients read only differences of leaf scores, so the constant
+    left out (the true leaf-0 score) changes nothing. bits (uint32) and bits_as_float (its
+    float32 view) are scratch of at least ``block`` entries.
+    """
+    nleaves = 1 << depth
+    for i in range(block):
+        leaves[0, 0, i] = np.float32(0.0)
+    node = 0
+    for t in range(depth):
+        span = nleaves >> t  # leaves below a node of level t
+        half = span >> 1
+        for k in range(1 << t):
+            row = diff_scores[row0 + node, j, start:]
+            for i in range(block):
+                bits[i] = np.uint32(row[i]) << np.uint32(16)  # bfloat16 -> float32 is exact
+            left = k * span
+            for i in range(block):
+                leaves[left + half, 0, i] = leaves[left, 0, i] + bits_as_float[i]
+            node += 1
+
+
+@numba.njit(inline="always")
 def _soft_block4(expo, f, scale, grad_scores, row0, j, start, block, tap_grad, totals):  # pragma: no cover
     """Soft-tree forward and backward of one depth-4 codebook over one block of positions,
     every node in registers (the generic loop keeps (nodes, block) arrays).
@@ -444,6 +476,7 @@ def conv_backward(
     direct,
     codes,
     grad_scores,
+    diff_scores,
     grad_rows,
     grad_lut,
     grad_thresholds,
@@ -460,10 +493,12 @@ def conv_backward(
     thresholds (C, K-1) float32; inv_tau (C, L) float32; centre, factor, direct: from
     :func:`maddnet.nn._kernels.level_factors`; codes (B, C, >= nq) uint8 (the forward's
     codes). For image image0 + j: grad_scores[:, j] (C*K, n, >= nq) float32
-    = ``T[c, k] . dL/dY[q]`` and grad_rows[j] (n, >= nq, M) float32 = dL/dY per position
-    (both zero at ignored positions); the first nq positions are read. Group g (of G, the
-    first axis of the partial sums) takes images j = g, g + G, g + 2G, ... and adds into its
-    partial sums grad_lut[g] (G, C, K, M) float32 (the exact LUT gradient) and
+    = ``T[c, k] . dL/dY[q]``, or (``surrogate="soft-bf16"``: grad_scores empty) the node
+    differences diff_scores[:, j] (C*(K-1), n, >= nq) uint16 bfloat16 bits, see
+    :func:`_leaves_from_bf16` (diff_scores empty otherwise); grad_rows[j] (n, >= nq, M)
+    float32 = dL/dY per position (both zero at ignored positions); the first nq positions
+    are read. Group g (of G, the first axis of the partial sums) takes images j = g, g + G,
+    g + 2G, ... and adds into its partial sums grad_lut[g] (G, C, K, M) float32 (the exact LUT gradient) and
     grad_thresholds[g] (G, C, K-1) float64; grad_images[image0 + j] is written (skipped
     when grad_images is empty).
     """
@@ -471,6 +506,7 @@ def conv_backward(
     nleaves = 1 << depth
     nnodes = nleaves - 1
     want_images = grad_images.shape[0] > 0
+    from_bf16 = diff_scores.shape[0] > 0
     f32 = np.float32
     one = f32(1.0)
     ngroups = grad_lut.shape[0]
@@ -490,6 +526,9 @@ def conv_backward(
         totals = np.empty(nnodes, np.float32)
         levels = np.empty((depth, _QBLOCK), np.float32)
         scales = np.empty(depth, np.float32)
+        leaves = np.empty((nleaves, 1, _QBLOCK), np.float32)
+        ubits = np.empty(_QBLOCK, np.uint32)
+        ubits_as_float = ubits.view(np.float32)
         for j in range(group, nimages, ngroups):
             b = image0 + j
             flat, grad_plane = _image_planes(images, b, pad_y, pad_x, want_images)
@@ -502,13 +541,20 @@ def conv_backward(
                 for start in range(0, nq, _QBLOCK):
                     block = min(_QBLOCK, nq - start)
                     _read_taps(flat, offsets[c], q_base, start, block, x)
+                    # where this block's leaf scores are: scores[row0 + k, sj, sstart + i]
+                    if from_bf16:
+                        _leaves_from_bf16(
+                            diff_scores, c * nnodes, j, start, block, depth, ubits, ubits_as_float, leaves
+                        )
+                        scores, row0, sj, sstart = leaves, 0, 0, 0
+                    else:
+                        scores, row0, sj, sstart = grad_scores, c * nleaves, j, start
                     if in_registers:
                         for t in range(depth):
                             scales[t] = f32(2.0) * inv_tau[c, t]
                             _level_exp(x[t], scales[t], centre[c, t], block, z, levels[t], bits)
-                        row0 = c * nleaves
                         _soft_block4(
-                            levels, factor[c], scales, grad_scores, row0, j, start, block, tap_grad, totals
+                            levels, factor[c], scales, scores, row0, sj, sstart, block, tap_grad, totals
                         )
                         for node in range(nnodes):
                             grad_thresholds[group, c, node] -= totals[node]
@@ -543,9 +589,7 @@ def conv_backward(
                                 reach[2 * node + 2, i] = reach[node, i] * p
                     # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
                     for k in range(nleaves):
-                        grad_reach[nnodes + k, :block] = grad_scores[
-                            c * nleaves + k, j, start : start + block
-                        ]
+                        grad_reach[nnodes + k, :block] = scores[row0 + k, sj, sstart : sstart + block]
                     for t in range(depth - 1, -1, -1):
                         first = (1 << t) - 1
                         for i in range(block):

@@ -113,8 +113,9 @@ class TreeEncoderModule(EncoderModule):
     * ``temperature`` (buffer, (C, L)): tau of the surrogate per tree level, in the units of
       that level's split column.
     * ``surrogate``: "soft" (soft decision tree over all nodes,
-      :func:`maddnet.nn.functional.tree_surrogate_grads`) or "path" (only the nodes on each
-      row's hard path, :func:`maddnet.nn.functional.path_surrogate_grads`).
+      :func:`maddnet.nn.functional.tree_surrogate_grads`), "soft-bf16" (the same, its
+      leaf-score product in bfloat16) or "path" (only the nodes on each row's hard path,
+      :func:`maddnet.nn.functional.path_surrogate_grads`).
     """
 
     name: ClassVar[str] = "tree"

@@ -40,6 +40,9 @@ from .spec import SURROGATES
 # Elements of one (rows, C, K) temporary in the surrogate backward; bounds its memory.
 _SURROGATE_CHUNK_ELEMENTS = 1 << 25
 
+# how tree_surrogate_grads computes its leaf scores
+SURROGATE_PRECISIONS = ("float32", "bfloat16")
+
 # dtypes MADD computes in float32 (the numba kernels take float32 / float64 only)
 REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -125,6 +128,7 @@ def tree_surrogate_grads(
     grad_out: torch.Tensor,
     need_values: bool = True,
     need_thresholds: bool = True,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Surrogate gradients of the soft decision tree (see module docstring).
 
@@ -134,14 +138,24 @@ def tree_surrogate_grads(
         table: (C, K, M) the LUT the forward pass read.
         temperature: (C, L) tau per tree level (in the units of that split column).
         grad_out: (N, M) gradient of the loss w.r.t. the layer output (bias excluded).
+        precision: "float32", or "bfloat16" (``surrogate="soft-bf16"``): the leaf scores
+            ``grad_out . T[c, k]`` come from one bfloat16 product (float32 accumulation) of
+            ``grad_out`` with the node differences :func:`tree_difference_table`, rounded
+            to bfloat16, then summed back into leaf scores up to a per-row constant, which
+            the soft tree's gradients do not see (they read only score differences).
+            Faster where the CPU has bfloat16 instructions (AVX512-BF16, AMX) or on a GPU
+            (docs/nn.md, "bfloat16 leaf scores"); each difference then carries a relative
+            error of about 2^-8.
 
     Returns:
         (grad_values (N, C, L) or None, grad_thresholds (C, K-1) or None), in the dtype of
         ``values`` (computed in float32 for float16 / bfloat16 values).
     """
+    if precision not in SURROGATE_PRECISIONS:
+        raise ValueError(f"precision must be one of {SURROGATE_PRECISIONS}, got {precision!r}")
     if values.dtype in REDUCED_DTYPES:
         grads = tree_surrogate_grads(
-            values.float(), thresholds, table, temperature, grad_out, need_values, need_thresholds
+            values.float(), thresholds, table, temperature, grad_out, need_values, need_thresholds, precision
         )
         return tuple(None if g is None else g.to(values.dtype) for g in grads)
     ncodebooks, nprototypes = table.shape[:2]
@@ -150,23 +164,100 @@ def tree_surrogate_grads(
     inv_tau = 1.0 / temperature.to(values.dtype)
     grad_out = grad_out.to(values.dtype)
     chunk = max(1, _SURROGATE_CHUNK_ELEMENTS // (ncodebooks * nprototypes))
+    if precision == "bfloat16":
+        scores = _Bf16LeafScores(table, values.dtype)
+    else:
+        scores = _LeafScores(flat_table)
     surrogate = _surrogate_cpu if values.device.type == "cpu" else _surrogate_torch
     return surrogate(
-        values.detach(), thresholds, flat_table, inv_tau, grad_out, chunk, need_values, need_thresholds
+        values.detach(), thresholds, scores, inv_tau, grad_out, chunk, need_values, need_thresholds
     )
 
 
-def _surrogate_torch(values, thresholds, flat_table, inv_tau, grad_out, chunk, need_values, need_thresholds):
+def tree_difference_table(table: torch.Tensor) -> torch.Tensor:
+    """Node differences of each codebook's LUT rows: (C, K, M) -> (C, K-1, M), heap order.
+
+    Row n of codebook c is ``T[c, lm(right(n))] - T[c, lm(n)]``, with lm the leftmost leaf
+    below a node: node n at level t, index i within the level, spans leaves
+    ``[i S, (i + 1) S)``, S = K / 2^t, so ``lm(n) = i S`` and ``lm(right(n)) = i S + S / 2``.
+    Leaf k's row is then ``T[c, 0]`` plus the rows of the nodes whose right subtree holds k
+    (:func:`right_subtree_matrix`). Computed in the dtype of ``table``.
+    """
+    nprototypes = table.shape[1]
+    depth = nprototypes.bit_length() - 1
+    levels = []
+    for level in range(depth):
+        span = nprototypes >> level
+        left = torch.arange(1 << level, device=table.device) * span
+        levels.append(table[:, left + span // 2] - table[:, left])
+    return torch.cat(levels, dim=1)
+
+
+def right_subtree_matrix(nprototypes: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(K-1, K) 0/1: entry [n, k] is 1 where leaf k is in the right subtree of heap node n,
+    so that ``leaf scores - score of leaf 0 = node differences @ this`` (see
+    :func:`tree_difference_table`)."""
+    depth = nprototypes.bit_length() - 1
+    matrix = torch.zeros(nprototypes - 1, nprototypes, device=device, dtype=dtype)
+    node = 0
+    for level in range(depth):
+        span = nprototypes >> level
+        for i in range(1 << level):
+            matrix[node, i * span + span // 2 : (i + 1) * span] = 1
+            node += 1
+    return matrix
+
+
+class _LeafScores:
+    """``grad_out . T[c, k]`` for a chunk of rows, exactly (float32 product)."""
+
+    def __init__(self, flat_table: torch.Tensor) -> None:
+        self.flat_table = flat_table  # (C*K, M)
+
+    def rows_first(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """(n, C*K) for (n, M) ``grad_out``."""
+        return grad_out @ self.flat_table.T
+
+    def leaves_first(self, grad_out: torch.Tensor) -> torch.Tensor:
+        """(C*K, n) for (n, M) ``grad_out``."""
+        return self.flat_table @ grad_out.T
+
+
+class _Bf16LeafScores:
+    """The same leaf scores up to a constant per row and codebook, from one bfloat16 product
+    with the node differences (``precision="bfloat16"`` of :func:`tree_surrogate_grads`)."""
+
+    def __init__(self, table: torch.Tensor, dtype: torch.dtype) -> None:
+        ncodebooks, nprototypes, nout = table.shape
+        self.shape = (ncodebooks, nprototypes)
+        self.node_table = tree_difference_table(table.to(dtype)).reshape(-1, nout).bfloat16()
+        self.right_of = right_subtree_matrix(nprototypes, table.device, dtype)
+        self.dtype = dtype
+
+    def rows_first(self, grad_out: torch.Tensor) -> torch.Tensor:
+        ncodebooks, nprototypes = self.shape
+        nodes = (grad_out.bfloat16() @ self.node_table.T).to(self.dtype)
+        leaves = nodes.view(-1, ncodebooks, nprototypes - 1) @ self.right_of
+        return leaves.reshape(-1, ncodebooks * nprototypes)
+
+    def leaves_first(self, grad_out: torch.Tensor) -> torch.Tensor:
+        ncodebooks, nprototypes = self.shape
+        nodes = (self.node_table @ grad_out.bfloat16().T).to(self.dtype)
+        leaves = self.right_of.T @ nodes.view(ncodebooks, nprototypes - 1, -1)
+        return leaves.reshape(ncodebooks * nprototypes, -1)
+
+
+def _surrogate_torch(values, thresholds, scores, inv_tau, grad_out, chunk, need_values, need_thresholds):
     """:func:`tree_surrogate_grads` with tensor ops (any device), row chunk by row chunk."""
     nrows, ncodebooks, depth = values.shape
-    nprototypes = flat_table.shape[0] // ncodebooks
+    nprototypes = thresholds.shape[1] + 1
     grad_values = torch.empty_like(values) if need_values else None
     grad_thresholds = torch.zeros_like(thresholds) if need_thresholds else None
     for start in range(0, nrows, chunk):
         stop = min(nrows, start + chunk)
         x = values[start:stop]
         # dL/dscore[n, c, k] = grad_out[n] . T[c, k]
-        grad_scores = (grad_out[start:stop] @ flat_table.T).reshape(-1, ncodebooks, nprototypes)
+        grad_scores = scores.rows_first(grad_out[start:stop]).reshape(-1, ncodebooks, nprototypes)
         # Forward through the soft tree, keeping each level's reach probabilities.
         reach = [x.new_ones(x.shape[0], ncodebooks, 1)]
         right_probs, slopes = [], []
@@ -197,7 +288,7 @@ def _surrogate_torch(values, thresholds, flat_table, inv_tau, grad_out, chunk, n
     return grad_values, grad_thresholds
 
 
-def _surrogate_cpu(values, thresholds, flat_table, inv_tau, grad_out, chunk, need_values, need_thresholds):
+def _surrogate_cpu(values, thresholds, scores, inv_tau, grad_out, chunk, need_values, need_thresholds):
     """:func:`tree_surrogate_grads` through the numba kernel, chunk by chunk of rows."""
     nrows, ncodebooks, depth = values.shape
     grad_values = torch.empty_like(values) if need_values else None
@@ -207,7 +298,7 @@ def _surrogate_cpu(values, thresholds, flat_table, inv_tau, grad_out, chunk, nee
     inv_tau_np = inv_tau.contiguous().numpy()
     for start in range(0, nrows, chunk):
         stop = min(nrows, start + chunk)
-        grad_scores = flat_table @ grad_out[start:stop].T  # (C*K, n): grad_out . T[c, k]
+        grad_scores = scores.leaves_first(grad_out[start:stop])  # (C*K, n): grad_out . T[c, k]
         _kernels.tree_backward(
             values[start:stop].contiguous().numpy(),
             thresholds_np,
@@ -303,7 +394,7 @@ def _path_torch(values, thresholds, inv_tau, table, grad_out, codes, need_values
 
 def tree_backward(surrogate, values, codes, tensors, table, grad_out, needs):
     """The tree encoder's surrogate backward (``EncoderModule.surrogate_backward`` contract):
-    tensors = (thresholds, temperature); "soft" or "path" surrogate."""
+    tensors = (thresholds, temperature); "soft", "soft-bf16" or "path" surrogate."""
     thresholds, temperature = tensors
     need_values, need_thresholds = needs[0], needs[1]
     if surrogate == "path":
@@ -311,8 +402,9 @@ def tree_backward(surrogate, values, codes, tensors, table, grad_out, needs):
             values, thresholds, table, temperature, grad_out, codes, need_values, need_thresholds
         )
     else:
+        precision = "bfloat16" if surrogate == "soft-bf16" else "float32"
         grad_values, grad_thresholds = tree_surrogate_grads(
-            values, thresholds, table, temperature, grad_out, need_values, need_thresholds
+            values, thresholds, table, temperature, grad_out, need_values, need_thresholds, precision
         )
     if grad_thresholds is not None:
         grad_thresholds = grad_thresholds.to(thresholds.dtype)
@@ -428,8 +520,9 @@ def madd_lut(
 
     The tree's tensors given directly (thresholds (C, K-1), temperature (C, L)); see
     :func:`madd_lut_encoded` for ``quantized`` and ``codes``. ``surrogate`` picks the
-    threshold / input gradient: "soft" (the soft decision tree, :func:`tree_surrogate_grads`)
-    or "path" (:func:`path_surrogate_grads`, cheaper).
+    threshold / input gradient: "soft" (the soft decision tree, :func:`tree_surrogate_grads`),
+    "soft-bf16" (the same with its leaf-score product in bfloat16) or "path"
+    (:func:`path_surrogate_grads`, cheaper).
     """
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")

@@ -1017,6 +1017,8 @@ def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 # output positions per image from which the fused conv training function is used (CPU)
 _FUSED_MIN_POSITIONS = 16
+# the surrogates MaddConvFunction has a fused backward for
+_FUSED_SURROGATES = ("soft", "soft-bf16", "path")
 
 
 class MaddConv2d(_MaddLayer):
@@ -1228,7 +1230,8 @@ class TreeConvFastPath:
         # below ~16 output positions per image the per-image work is too small to pay for the
         # per-image kernel; the gathered-values path batches all rows instead (measured: 3x3
         # outputs 1.7x faster unfused, 7x7 1.2x faster fused)
-        if not on_cpu or layer.surrogate not in ("soft", "path") or out_h * out_w < _FUSED_MIN_POSITIONS:
+        fused = layer.surrogate in _FUSED_SURROGATES and out_h * out_w >= _FUSED_MIN_POSITIONS
+        if not on_cpu or not fused:
             return None
         q = widen_quantized(layer.quantized_lut()) if quantized else None
         q_args = (None, None, None, 0) if q is None else (q.values, q.offsets, q.scale, q.bits)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..amm.hashing import NonFiniteInputError
 from ..amm.lut import QuantizedLut
 from . import _conv_kernels, _kernels
-from .functional import no_autocast
+from .functional import no_autocast, tree_difference_table
 
 # buffer bytes of one chunk of images in the fused conv backward (MaddConvFunction)
 _BACKWARD_CHUNK_BYTES = 16 << 20
@@ -304,7 +304,8 @@ class MaddConvFunction(torch.autograd.Function):
 
     Forward: hard encoding straight from the image + LUT sum (+ bias), NCHW out. Backward:
     the exact LUT gradient, the tree's surrogate for thresholds and input taps (``"soft"``:
-    the maths of :func:`maddnet.nn.functional.tree_surrogate_grads`; ``"path"``: those of
+    the maths of :func:`maddnet.nn.functional.tree_surrogate_grads`; ``"soft-bf16"``: the
+    same with its leaf-score product in bfloat16 on node differences; ``"path"``: those of
     :func:`maddnet.nn.functional.path_surrogate_grads`), and the bias gradient. The split
     values are never gathered into an (N, C, L) tensor.
     """
@@ -363,8 +364,16 @@ class MaddConvFunction(torch.autograd.Function):
         # and one leaf-score product take `chunk` images, as many as fit in
         # _BACKWARD_CHUNK_BYTES of buffers (per-call costs dominate small feature maps).
         groups = max(1, min(numba.get_num_threads(), batch))
-        scores_per_image = ncodebooks * nprototypes * plan.ncols if ctx.surrogate == "soft" else 0
-        per_image = 4 * (scores_per_image + 2 * nout * plan.ncols)
+        bf16 = ctx.surrogate == "soft-bf16"
+        # float32 leaf scores (C*K per position), or bfloat16 node differences (C*(K-1))
+        # plus the bfloat16 copy of dL/dY they are multiplied with
+        if ctx.surrogate == "soft":
+            score_bytes = 4 * ncodebooks * nprototypes * plan.ncols
+        elif bf16:
+            score_bytes = 2 * (ncodebooks * (nprototypes - 1) + nout) * plan.ncols
+        else:
+            score_bytes = 0
+        per_image = score_bytes + 4 * 2 * nout * plan.ncols
         chunk = min(batch, max(groups, _BACKWARD_CHUNK_BYTES // per_image // groups * groups))
         grad_lut = np.zeros((groups, ncodebooks, nprototypes, nout), np.float32)
         grad_thresholds = np.zeros((groups, *thresholds.shape), np.float64)
@@ -377,7 +386,16 @@ class MaddConvFunction(torch.autograd.Function):
         # the kernels; the last chunk takes the front of each buffer
         rows_buffer = torch.empty(nout * chunk * plan.ncols)
         rows_t_buffer = torch.empty(chunk * plan.ncols * nout)
-        scores_buffer = torch.empty(scores_per_image * chunk)
+        no_scores, no_diffs = np.empty((0, 0, 0), np.float32), np.empty((0, 0, 0), np.uint16)
+        if ctx.surrogate == "soft":
+            scores_buffer = torch.empty(ncodebooks * nprototypes * plan.ncols * chunk)
+        elif bf16:
+            # the node differences (T[c, lm(right)] - T[c, lm(node)]) . dL/dY: the soft tree
+            # reads only differences of leaf scores, and rounding the difference table
+            # (not the leaf table) to bfloat16 keeps its error relative to those differences
+            node_table = tree_difference_table(table.float()).reshape(-1, nout).bfloat16()
+            diffs_buffer = torch.empty(node_table.shape[0] * plan.ncols * chunk, dtype=torch.bfloat16)
+            rows_bf16_buffer = torch.empty(nout * chunk * plan.ncols, dtype=torch.bfloat16)
         if ctx.surrogate == "path":
             kernel = _conv_kernels.conv_backward_path
             tree = (
@@ -408,7 +426,16 @@ class MaddConvFunction(torch.autograd.Function):
                 scores = scores_buffer[: ncodebooks * nprototypes * n * plan.ncols]
                 scores = scores.view(ncodebooks * nprototypes, n * plan.ncols)
                 torch.mm(flat_table, rows.view(nout, n * plan.ncols), out=scores)
-                grads = (scores.view(-1, n, plan.ncols).numpy(), *grads)
+                grads = (scores.view(-1, n, plan.ncols).numpy(), no_diffs, *grads)
+            elif bf16:
+                # (C*(K-1), n * q) bfloat16 products (float32 accumulation), read as raw bits
+                rows_bf16 = rows_bf16_buffer[: nout * n * plan.ncols].view(nout, n * plan.ncols)
+                rows_bf16.copy_(rows.view(nout, n * plan.ncols))
+                diffs = diffs_buffer[: node_table.shape[0] * n * plan.ncols]
+                diffs = diffs.view(node_table.shape[0], n * plan.ncols)
+                torch.mm(node_table, rows_bf16, out=diffs)
+                bits = diffs.view(torch.int16).numpy().view(np.uint16)
+                grads = (no_scores, bits.reshape(-1, n, plan.ncols), *grads)
             kernel(images_np, start, *tree, *grads, plan.nq, *geometry.padding)
         return MaddConvFunction._gradients(
             ctx, grad_out, grad_images, grad_thresholds, grad_lut, thresholds, table

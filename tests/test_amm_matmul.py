@@ -124,6 +124,31 @@ def test_packed_lut_sum_equals_quantized_lut_sum(ncodebooks, nprototypes, nout, 
     assert torch.equal(lut.packed_lut_sum(codes.long(), packed), expected)
     single = dataclasses.replace(packed, pairs=None)  # the kernel without the pair table
     assert torch.equal(lut.packed_lut_sum(codes, single), expected)
+    # the integer sums before de-quantisation: a naive loop over codebooks, and the float
+    # output is exactly sums * inv_scale + offset_sum
+    naive = torch.zeros(codes.shape[0], nout, dtype=torch.int64)
+    for c in range(ncodebooks):
+        naive += qlut.values[c, codes[:, c].long()].long()
+    for form in (packed, single):
+        sums = lut.packed_lut_integer_sum(codes, form)
+        assert sums.dtype == torch.uint16 and torch.equal(sums.long(), naive)
+    rebuilt = sums.float() * torch.from_numpy(packed.inv_scale) + torch.from_numpy(packed.offset_sum)
+    assert torch.equal(rebuilt, expected)
+
+
+@pytest.mark.parametrize("summer", ["packed_lut_sum", "packed_lut_integer_sum"])
+def test_packed_sums_refuse_codes_they_would_read_out_of_bounds(summer):
+    packed = lut.pack_lut(lut.quantize_lut(torch.randn(4, 16, 3)))
+    run = getattr(lut, summer)
+    with pytest.raises(ValueError, match=rf"{summer}: codes must lie in \[0, 16\), got \[0, 16\]"):
+        run(torch.tensor([[0, 1, 2, 16]], dtype=torch.uint8), packed)
+    with pytest.raises(ValueError, match=rf"{summer}: codes must lie in \[0, 16\), got \[-1, 2\]"):
+        run(torch.tensor([[0, 1, 2, -1]]), packed)
+    with pytest.raises(ValueError, match=rf"{summer}: codes must be an \(N, 4\) CPU tensor, got \(1, 3\)"):
+        run(torch.zeros(1, 3, dtype=torch.uint8), packed)
+    with pytest.raises(ValueError, match=rf"{summer}: codes must be integers, got torch.float32"):
+        run(torch.zeros(1, 4), packed)
+    assert run(torch.zeros(0, 4, dtype=torch.uint8), packed).shape == (0, 3)
 
 
 def test_pack_lut_refuses_what_it_cannot_sum_exactly():

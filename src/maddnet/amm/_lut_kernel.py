@@ -186,19 +186,34 @@ def _finish_row(acc, inv_scale, offset_sum, bias, row_out):  # pragma: no cover 
             row_out[m] = (np.float32(acc[m]) * inv_scale[m] + offset_sum[m]) + bias[m]
 
 
+@cached_njit(inline="always")
+def _store_row(acc, inv_scale, offset_sum, bias, out, sums, n):  # pragma: no cover - jit
+    """Row n's uint16 sums into ``sums[n]`` when ``sums`` has rows (the integer output),
+    else de-quantised into ``out[n]`` (:func:`_finish_row`)."""
+    if sums.shape[0] > 0:
+        row = sums[n]
+        for m in range(row.shape[0]):
+            row[m] = acc[m]
+    else:
+        _finish_row(acc, inv_scale, offset_sum, bias, out[n])
+
+
 @cached_njit(parallel=True)
-def lut_sum_u8(codes, values, inv_scale, offset_sum, bias, block):  # pragma: no cover - jit
+def lut_sum_u8(codes, values, inv_scale, offset_sum, bias, block, sums):  # pragma: no cover - jit
     """Integer LUT sum: codes (N, C) uint8, values (C, K, Mp) uint8 (Mp >= M, padded with
     zeros), inv_scale (M,), offset_sum (M,) and bias (M,) or (0,) float32 -> (N, M) float32
     ``(sum_c values[c, codes[n, c], m] * inv_scale[m] + offset_sum[m]) + bias[m]``
     (fusing a layer's bias saves a pass over the output).
 
-    The sum is accumulated in uint16: the caller guarantees ``C * max(values) < 2**16``.
+    With ``sums`` an (N, M) uint16 array the integer sums ``sum_c values[c, codes[n, c], m]``
+    are written there instead and the float output is (0, M); pass a (0, 0) uint16 array
+    for the float output. The sum is accumulated in uint16: the caller guarantees
+    ``C * max(values) < 2**16``.
     """
     nrows, ncodebooks = codes.shape
     nout = inv_scale.shape[0]
     padded = values.shape[2]
-    out = np.empty((nrows, nout), np.float32)
+    out = np.empty((0 if sums.shape[0] > 0 else nrows, nout), np.float32)
     nblocks = (nrows + block - 1) // block
     for bi in numba.prange(nblocks):
         acc = np.empty(padded, np.uint16)
@@ -219,20 +234,21 @@ def lut_sum_u8(codes, values, inv_scale, offset_sum, bias, block):  # pragma: no
                 for m in range(padded):
                     acc[m] += r0[m]
                 c += 1
-            _finish_row(acc, inv_scale, offset_sum, bias, out[n])
+            _store_row(acc, inv_scale, offset_sum, bias, out, sums, n)
     return out
 
 
 @cached_njit(parallel=True)
-def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, bias, block):  # pragma: no cover - jit
+def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, bias, block, sums):  # pragma: no cover
     """:func:`lut_sum_u8` on a table of codebook pairs: pairs (ceil(C/2), K*K, Mp) uint16 with
     ``pairs[p, a*K + b] = values[2p, a] + values[2p+1, b]`` (a last unpaired codebook uses
-    ``b = 0`` and adds nothing there): half the additions, from a K times larger table."""
+    ``b = 0`` and adds nothing there): half the additions, from a K times larger table.
+    ``sums`` as for :func:`lut_sum_u8`."""
     nrows, ncodebooks = codes.shape
     npairs = pairs.shape[0]
     nout = inv_scale.shape[0]
     padded = pairs.shape[2]
-    out = np.empty((nrows, nout), np.float32)
+    out = np.empty((0 if sums.shape[0] > 0 else nrows, nout), np.float32)
     nblocks = (nrows + block - 1) // block
     for bi in numba.prange(nblocks):
         acc = np.empty(padded, np.uint16)
@@ -258,7 +274,7 @@ def lut_sum_pairs(codes, pairs, nprototypes, inv_scale, offset_sum, bias, block)
                 for m in range(padded):
                     acc[m] += r0[m]
                 p += 1
-            _finish_row(acc, inv_scale, offset_sum, bias, out[n])
+            _store_row(acc, inv_scale, offset_sum, bias, out, sums, n)
     return out
 
 

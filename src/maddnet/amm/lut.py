@@ -206,8 +206,10 @@ def packed_lut_sum(codes: torch.Tensor, packed: PackedLut, bias: torch.Tensor | 
     pass over the (N, M) output.
 
     Raises:
-        ValueError: ``bias`` is not an (M,) float32 CPU tensor.
+        ValueError: ``bias`` is not an (M,) float32 CPU tensor; ``codes`` is not an (N, C)
+            CPU tensor of codes in ``[0, K)`` (:func:`_check_packed_codes`).
     """
+    _check_packed_codes(codes, packed, "packed_lut_sum")
     _lut_kernel.launch_threads()
     nout = packed.inv_scale.shape[0]
     if bias is None:
@@ -219,14 +221,58 @@ def packed_lut_sum(codes: torch.Tensor, packed: PackedLut, bias: torch.Tensor | 
                 f"{tuple(bias.shape)} {bias.dtype} on {bias.device}"
             )
         bias_np = bias.detach().contiguous().numpy()
+    return torch.from_numpy(_packed_sum(codes, packed, bias_np, np.empty((0, 0), np.uint16)))
+
+
+def packed_lut_integer_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tensor:
+    """The integer sums of the packed LUT, before de-quantisation: codes (N, C) uint8 in
+    ``[0, K)`` (CPU) -> (N, M) ``torch.uint16``, ``out[n, m] = sum_c values[c, codes[n, c], m]``.
+
+    What the accelerator's adder tree produces from 8-bit LUT entries (an exact integer;
+    :func:`pack_lut` only packs tables whose sums fit 16 bits), and what the original
+    MADDness scan writes (Blalock & Guttag 2021, its ``uint16`` output). The float result
+    of :func:`packed_lut_sum` is ``out * packed.inv_scale + packed.offset_sum`` (float32,
+    in that order), bit for bit. Half the bytes of the float output, written by the same
+    kernel (docs/amm.md, "LUTs and 8-bit quantisation").
+
+    Raises:
+        ValueError: ``codes`` is not an (N, C) CPU tensor of codes in ``[0, K)``.
+    """
+    _check_packed_codes(codes, packed, "packed_lut_integer_sum")
+    _lut_kernel.launch_threads()
+    nout = packed.inv_scale.shape[0]
+    sums = np.empty((codes.shape[0], nout), np.uint16)
+    _packed_sum(codes, packed, np.empty(0, np.float32), sums)
+    return torch.from_numpy(sums)
+
+
+def _check_packed_codes(codes: torch.Tensor, packed: PackedLut, where: str) -> None:
+    """The kernels read ``values[c, codes[n, c]]`` unchecked: refuse codes they would read
+    out of bounds with (ValueError naming ``where``)."""
+    ncodebooks, nprototypes = packed.values.shape[:2]
+    if codes.device.type != "cpu" or codes.dim() != 2 or codes.shape[1] != ncodebooks:
+        raise ValueError(
+            f"{where}: codes must be an (N, {ncodebooks}) CPU tensor, "
+            f"got {tuple(codes.shape)} on {codes.device}"
+        )
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"{where}: codes must be integers, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= nprototypes):
+        raise ValueError(
+            f"{where}: codes must lie in [0, {nprototypes}), got [{int(codes.min())}, {int(codes.max())}]"
+        )
+
+
+def _packed_sum(codes: torch.Tensor, packed: PackedLut, bias_np: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """The packed kernel (pair table where made): the float output, or (0, M) with ``sums``
+    filled when it has rows."""
     codes_np = np.ascontiguousarray(codes.numpy(), dtype=np.uint8)
     if packed.pairs is not None:
         nprototypes = packed.values.shape[1]
-        out = _lut_kernel.lut_sum_pairs(
-            codes_np, packed.pairs, nprototypes, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK
+        tables = (packed.pairs, nprototypes)
+        return _lut_kernel.lut_sum_pairs(
+            codes_np, *tables, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK, sums
         )
-    else:
-        out = _lut_kernel.lut_sum_u8(
-            codes_np, packed.values, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK
-        )
-    return torch.from_numpy(out)
+    return _lut_kernel.lut_sum_u8(
+        codes_np, packed.values, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK, sums
+    )

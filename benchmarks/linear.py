@@ -17,6 +17,10 @@ Sections (``--sections``, default all):
            heads stay dense: one row per image), learned from 16 random calibration
            inputs (``--models`` picks). Saved sizes: dense state_dict, save_converted,
            and save_converted(for_inference=True).
+  train    one training step (forward + backward, input and parameter gradients) of
+           MaddLinear, soft and soft-bf16 surrogates, against nn.Linear in float32 and
+           under bfloat16 autocast (D x M x rows: 256 x 512 x 4,096, 512 x 128 x 8,192,
+           128 x 256 x 16,384).
   first    time to the first MaddLinear eval output in a fresh Python process, with an
            empty numba cache (NUMBA_CACHE_DIR pointing at a new folder: every kernel
            compiles) and then with that cache filled (what every later process sees).
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -59,7 +64,9 @@ from maddnet.threads import set_threads
 
 LAYER_SHAPES = [(512, 512), (512, 2048), (2048, 512)]  # (D, M): attention/MLP projections
 ROWS = [1024, 4096]
-SECTIONS = ["layers", "scan", "models", "first"]
+SECTIONS = ["layers", "scan", "models", "first", "train"]
+# (D, M, rows) of the training-step section: LeViT-like token projections and MLP layers
+TRAIN_SHAPES = [(256, 512, 4096), (512, 128, 8192), (128, 256, 16384)]
 TOKENS = 256
 # what the original MADDness's paper reports for its LUT scan at C = 16 (AVX2, one thread)
 ORIGINAL_SCAN_RATE = 6.1e9
@@ -120,6 +127,52 @@ def bench_layers(rounds: int, repeats: int) -> list[dict]:
             }
             print(json.dumps(result), flush=True)
             results.append(result)
+    return results
+
+
+def _train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, autocast: bool) -> None:
+    """Forward + backward of ``sum(layer(x) * grad)`` (input and parameter gradients)."""
+    layer.zero_grad(set_to_none=True)
+    inputs = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(inputs)
+    (out.float() * grad).sum().backward()
+
+
+def bench_train(rounds: int, repeats: int) -> list[dict]:
+    """One training step (forward + backward of ``sum(y * g)``, input and parameter
+    gradients) of MaddLinear with the soft and the soft-bf16 surrogate against nn.Linear in
+    float32 and under bfloat16 autocast, interleaved (maddnet.analysis.timing.compare against
+    the float32 dense step)."""
+    results = []
+    for in_dim, out_dim, nrows in TRAIN_SHAPES:
+        dense, madd, mix = learned_linear(in_dim, out_dim)
+        madd_bf16 = copy.deepcopy(madd)
+        madd_bf16.surrogate = "soft-bf16"
+        gen = torch.Generator().manual_seed(3)
+        x = (torch.randn(nrows, 64, generator=gen) @ mix).relu()
+        grad = torch.randn(nrows, out_dim, generator=gen)
+
+        def step(layer, autocast=False, x=x, grad=grad):
+            return functools.partial(_train_step, layer, x, grad, autocast)
+
+        for layer in (dense, madd, madd_bf16):
+            layer.train()
+        timed = {
+            name: compare(run, step(dense), rounds, repeats)
+            for name, run in (
+                ("soft", step(madd)),
+                ("soft_bf16", step(madd_bf16)),
+                ("dense_bf16", step(dense, autocast=True)),
+            )
+        }
+        result = {"D": in_dim, "M": out_dim, "C": madd.ncodebooks, "rows": nrows}
+        for name, r in timed.items():
+            result[f"{name}_s"] = r["candidate_s"]
+            result[f"{name}_ratio"] = r["candidate_s"] / r["baseline_s"]
+        result["dense_s"] = timed["soft"]["baseline_s"]
+        print(json.dumps(result), flush=True)
+        results.append(result)
     return results
 
 
@@ -303,6 +356,13 @@ def _layer_row(r: dict) -> list[str]:
     ]
 
 
+def _train_row(r: dict) -> list[str]:
+    row = [str(r["D"]), str(r["M"]), str(r["C"]), str(r["rows"]), f"{1e3 * r['dense_s']:.1f}"]
+    for name in ("soft", "soft_bf16", "dense_bf16"):
+        row += [f"{1e3 * r[f'{name}_s']:.1f}", f"{r[f'{name}_ratio']:.2f}"]
+    return row
+
+
 def _scan_row(r: dict) -> list[str]:
     row = [str(r["rows"]), str(r["M"]), str(r["pair_table"]), f"{1e3 * r['seconds']:.2f}"]
     row += [f"{r['dot_products_per_s_per_thread'] / 1e9:.2f} G", f"{100 * r['fraction_of_original']:.0f} %"]
@@ -369,6 +429,13 @@ def markdown(report: dict) -> str:
             ),
             [_scan_row(r) for r in part.get("scan", [])],
         )
+        lines += _table(
+            f"## Training step, {threads} thread(s) (K = 16, D/C = 8, int8 LUT with QAT; "
+            "ratio to the float32 nn.Linear step)",
+            ["D", "M", "C", "rows", "nn.Linear ms", "soft ms", "ratio", "soft-bf16 ms", "ratio"]
+            + ["nn.Linear bf16 autocast ms", "ratio"],
+            [_train_row(r) for r in part.get("train", [])],
+        )
         header = ["model", "input", "MADD layers", "convert s", "dense ms", "MADD ms", "ratio"]
         header += [
             "ratio, inference-only layers",
@@ -426,6 +493,8 @@ def main() -> None:
             part["scan"] = bench_scan_rate(args.rounds, args.repeats)
         if "models" in args.sections:
             part["models"] = bench_models(args.rounds, args.repeats, args.models)
+        if "train" in args.sections:
+            part["train"] = bench_train(args.rounds, args.repeats)
         report["threads"][str(threads)] = part
     if "first" in args.sections:
         report["first_call"] = bench_first_call()

@@ -52,12 +52,19 @@ def level_factors(thresholds, inv_tau):  # pragma: no cover
 
 
 @cached_njit(parallel=True, fastmath=_FAST)
-def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_thresholds):  # pragma: no cover
+def tree_backward(
+    values, thresholds, inv_tau, grad_scores, diff_scores, grad_values, grad_thresholds
+):  # pragma: no cover
     """Soft-tree surrogate backward for a chunk of n rows.
 
     values (n, C, L), thresholds (C, K-1) heap order, inv_tau (C, L), grad_scores (C*K, n)
-    = dL/d(soft leaf score) = grad_out[n] . T[c, k]. Writes grad_values (n, C, L)
-    (skipped when it is empty) and adds into grad_thresholds (C, K-1) float64.
+    = dL/d(soft leaf score) = grad_out[n] . T[c, k]; or, with grad_scores empty
+    (``surrogate="soft-bf16"``), diff_scores (C*(K-1), n) uint16, the bfloat16 bits of the
+    node differences ``(T[c, lm(right(n))] - T[c, lm(n)]) . grad_out`` (heap order; see
+    :func:`maddnet.nn.functional.tree_difference_table`), from which the leaf scores are
+    rebuilt per block of rows up to a constant the gradients do not see (diff_scores empty
+    otherwise). Writes grad_values (n, C, L) (skipped when it is empty) and adds into
+    grad_thresholds (C, K-1) float64.
 
     Threads take blocks of rows; inner loops run over a block's rows so they vectorise.
     The right-probability ``p = (1 + tanh(m)) / 2 = 1 / (1 + exp(s (v - x)))`` with
@@ -73,6 +80,7 @@ def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_th
     nleaves = 1 << depth
     nnodes = nleaves - 1
     want_values = grad_values.shape[0] > 0
+    from_bf16 = diff_scores.shape[0] > 0
     dtype = values.dtype
     one = dtype.type(1.0)
     row_limit = dtype.type(50.0)
@@ -89,6 +97,8 @@ def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_th
         grad_reach = np.empty((nnodes + nleaves, _BLOCK), dtype)
         acc = np.empty(_BLOCK, dtype)
         expo = np.empty(_BLOCK, dtype)
+        bits = np.empty(_BLOCK, np.uint32)
+        bits_as_float = bits.view(np.float32)
         for c in range(ncodebooks):
             # forward: probability of going right at every node, reach of every node
             for b in range(block):
@@ -116,9 +126,25 @@ def tree_backward(values, thresholds, inv_tau, grad_scores, grad_values, grad_th
                         reach[2 * node + 1, b] = reach[node, b] * (one - p)
                         reach[2 * node + 2, b] = reach[node, b] * p
             # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
-            for k in range(nleaves):
+            if from_bf16:
+                # leaf 0 at 0; a node's right subtree's leftmost leaf = its own + difference
                 for b in range(block):
-                    grad_reach[nnodes + k, b] = grad_scores[c * nleaves + k, start + b]
+                    grad_reach[nnodes, b] = 0
+                node = 0
+                for t in range(depth):
+                    span = nleaves >> t
+                    for k in range(1 << t):
+                        row = diff_scores[c * nnodes + node]
+                        for b in range(block):
+                            bits[b] = np.uint32(row[start + b]) << np.uint32(16)  # bfloat16 -> float32
+                        left = nnodes + k * span
+                        for b in range(block):
+                            grad_reach[left + span // 2, b] = grad_reach[left, b] + bits_as_float[b]
+                        node += 1
+            else:
+                for k in range(nleaves):
+                    for b in range(block):
+                        grad_reach[nnodes + k, b] = grad_scores[c * nleaves + k, start + b]
             for t in range(depth - 1, -1, -1):
                 first = (1 << t) - 1
                 for b in range(block):

@@ -231,20 +231,48 @@ class _Bf16LeafScores:
         ncodebooks, nprototypes, nout = table.shape
         self.shape = (ncodebooks, nprototypes)
         self.node_table = tree_difference_table(table.to(dtype)).reshape(-1, nout).bfloat16()
-        self.right_of = right_subtree_matrix(nprototypes, table.device, dtype)
         self.dtype = dtype
 
     def rows_first(self, grad_out: torch.Tensor) -> torch.Tensor:
         ncodebooks, nprototypes = self.shape
-        nodes = (grad_out.bfloat16() @ self.node_table.T).to(self.dtype)
-        leaves = nodes.view(-1, ncodebooks, nprototypes - 1) @ self.right_of
+        nodes = grad_out.bfloat16() @ self.node_table.T
+        leaves = _leaves_from_nodes(nodes.view(-1, ncodebooks, nprototypes - 1), 2, self.dtype)
         return leaves.reshape(-1, ncodebooks * nprototypes)
 
-    def leaves_first(self, grad_out: torch.Tensor) -> torch.Tensor:
-        ncodebooks, nprototypes = self.shape
-        nodes = (self.node_table @ grad_out.bfloat16().T).to(self.dtype)
-        leaves = self.right_of.T @ nodes.view(ncodebooks, nprototypes - 1, -1)
-        return leaves.reshape(ncodebooks * nprototypes, -1)
+    def node_bits(self, grad_out: torch.Tensor) -> np.ndarray:
+        """(C*(K-1), n) uint16: the bfloat16 bits of the node differences for (n, M)
+        CPU ``grad_out`` (what :func:`maddnet.nn._kernels.tree_backward` rebuilds leaf
+        scores from, per block of rows)."""
+        nodes = self.node_table @ grad_out.bfloat16().T
+        return nodes.view(torch.int16).numpy().view(np.uint16)
+
+
+def _leaves_from_nodes(nodes: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Leaf scores (K along ``dim``) up to the score of leaf 0, from the K-1 node differences
+    (heap order along ``dim``) of :func:`tree_difference_table`: ``nodes @ right_subtree_matrix``
+    done level by level, one strided addition per level (K - 1 additions per codebook and row
+    instead of a (K-1) x K product), in ``dtype``."""
+    nprototypes = nodes.shape[dim] + 1
+    shape = list(nodes.shape)
+    shape[dim] = nprototypes
+    leaves = nodes.new_empty(shape, dtype=dtype)
+    index = [slice(None)] * nodes.dim()
+
+    def along(part: slice) -> tuple:
+        index[dim] = part
+        return tuple(index)
+
+    leaves[along(slice(0, 1))] = 0
+    first = 0
+    for level in range(nprototypes.bit_length() - 1):
+        span = nprototypes >> level
+        count = 1 << level
+        # every node of this level: its right subtree's leftmost leaf = its leftmost leaf + difference
+        leaves[along(slice(span // 2, None, span))] = leaves[along(slice(0, None, span))] + nodes[
+            along(slice(first, first + count))
+        ].to(dtype)
+        first += count
+    return leaves
 
 
 def _surrogate_torch(values, thresholds, scores, inv_tau, grad_out, chunk, need_values, need_thresholds):
@@ -296,14 +324,19 @@ def _surrogate_cpu(values, thresholds, scores, inv_tau, grad_out, chunk, need_va
     no_values = values.new_empty(0, ncodebooks, depth).numpy()
     thresholds_np = thresholds.contiguous().numpy()
     inv_tau_np = inv_tau.contiguous().numpy()
+    no_scores, no_diffs = np.empty((0, 0), values.numpy().dtype), np.empty((0, 0), np.uint16)
     for start in range(0, nrows, chunk):
         stop = min(nrows, start + chunk)
-        grad_scores = scores.leaves_first(grad_out[start:stop])  # (C*K, n): grad_out . T[c, k]
+        if isinstance(scores, _Bf16LeafScores):
+            leaf_scores, diffs = no_scores, scores.node_bits(grad_out[start:stop])
+        else:  # (C*K, n): grad_out . T[c, k]
+            leaf_scores, diffs = scores.leaves_first(grad_out[start:stop]).contiguous().numpy(), no_diffs
         _kernels.tree_backward(
             values[start:stop].contiguous().numpy(),
             thresholds_np,
             inv_tau_np,
-            grad_scores.contiguous().numpy(),
+            leaf_scores,
+            diffs,
             grad_values[start:stop].numpy() if grad_values is not None else no_values,
             grad_thresholds,
         )

@@ -2,6 +2,7 @@
 against the dense network, same shapes, one process, interleaved rounds, medians.
 
     python benchmarks/gpu_step.py --out benchmarks/results/gpu_step.json
+    python benchmarks/gpu_step.py --surrogate soft-bf16 --out benchmarks/results/gpu_step_bf16.json
 
 Needs CUDA. Converts a randomly initialised ResNet-9 (calibration on random images), so
 the figures are speed only; also counts host synchronisations per MADD training step
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from maddnet.models import create_model
-from maddnet.nn import MaddConfig, convert, madd_layers
+from maddnet.nn import LayerSpec, MaddConfig, convert, madd_layers
+from maddnet.nn.spec import SURROGATES
 
 
 def sync(device: torch.device) -> None:
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/gpu_step.json", help="JSON result file")
     parser.add_argument("--device", default="cuda", help="cuda (cpu only to check the script)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of a MADD step")
+    parser.add_argument("--surrogate", choices=SURROGATES, default="soft", help="LayerSpec.surrogate")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -79,7 +82,10 @@ def main() -> None:
     shape = (args.batch, args.in_chans, args.size, args.size)
     calib = [(torch.randn(shape, device=device), None) for _ in range(4)]
     start = time.perf_counter()
-    convert(madd, calib, MaddConfig(max_rows=8192, min_rows=min(256, 4 * args.batch)))
+    config = MaddConfig(
+        max_rows=8192, min_rows=min(256, 4 * args.batch), spec=LayerSpec(surrogate=args.surrogate)
+    )
+    convert(madd, calib, config)
     convert_s = time.perf_counter() - start
     x, y = torch.randn(shape, device=device), torch.randint(0, 10, (args.batch,), device=device)
     dense.train(), madd.train()

@@ -2,7 +2,7 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|surrogate_bf16|encoder_pq_l1|dense_holdout|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|surrogate_bf16|encoder_pq_l1|dense_holdout|per_layer_c|all]
 # steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
 # surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
@@ -12,6 +12,8 @@
 # encoder_pq_l1: rule_long with the pq-l1 encoder (multiplier-free, reads every input), SEEDS (default "0")
 # dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
 #   analysis on them (what per-layer C should be chosen from)
+# per_layer_c: after dense_holdout, the uniform rule against the per-layer allocation of its LUT
+#   bytes on that baseline, SEEDS (default "0 1")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -152,4 +154,26 @@ if [ "$what" = dense_holdout ]; then
     "$PY" -m maddnet.cli analyze --model resnet9 --model-kw width=16 --data fashion_mnist \
         --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt" --threads 1 --no-progress --device cpu \
         --widths 4.5 9 18 --eval-split val --eval-samples 2000 --out "$out/single_layer_val"
+fi
+if [ "$what" = per_layer_c ]; then
+    # issue 11, item 3 at the network level (after dense_holdout): on the hold-out baseline,
+    # the uniform rule (D/C = 9; classifier D/C = 8) against the per-layer allocation of the
+    # same LUT bytes chosen from the validation-split analysis (docs/encoders.md, "Per-layer
+    # C"), both at rule_long's budget of steps, validated on the 5,000 held-out images, the
+    # test split read once per run; SEEDS (default "0 1")
+    hb=results/baselines/resnet9_fashion_mnist_holdout
+    net=(--model resnet9 --model-kw width=16 --data fashion_mnist --data-kw holdout=5000)
+    steps=(--steps-per-layer 400 --final-steps 2000 --batch-size 128 --eval-split val --eval-samples 2000
+           --distill 0.5 --threads 1 --no-progress --device cpu --checkpoint "$hb/checkpoint.pt")
+    for seed in ${SEEDS:-0 1}; do
+        for v in rule budget; do
+            run="$out/per_layer_c/${v}_seed${seed}"
+            extra=()
+            if [ "$v" = budget ]; then
+                extra=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes)
+            fi
+            "$PY" -m maddnet.cli retrain "${net[@]}" "${steps[@]}" --seed "$seed" "${extra[@]}" --out "$run"
+            test_once "$run/test.json" "${net[@]}" --checkpoint "$run/checkpoint.pt"
+        done
+    done
 fi

@@ -146,8 +146,9 @@ def test_packed_sums_refuse_codes_they_would_read_out_of_bounds(summer):
         run(torch.tensor([[0, 1, 2, -1]]), packed)
     with pytest.raises(ValueError, match=rf"{summer}: codes must be an \(N, 4\) CPU tensor, got \(1, 3\)"):
         run(torch.zeros(1, 3, dtype=torch.uint8), packed)
-    with pytest.raises(ValueError, match=rf"{summer}: codes must be integers, got torch.float32"):
-        run(torch.zeros(1, 4), packed)
+    for dtype in (torch.float32, torch.uint16, torch.bool):
+        with pytest.raises(ValueError, match=rf"{summer}: codes must have one of the dtypes .*, got {dtype}"):
+            run(torch.zeros(1, 4, dtype=dtype), packed)
     assert run(torch.zeros(0, 4, dtype=torch.uint8), packed).shape == (0, 3)
 
 

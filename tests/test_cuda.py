@@ -83,26 +83,38 @@ def test_training_step_on_cuda_equals_cpu(kind, surrogate, qat, bits):
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_soft_bf16_training_step_on_cuda_is_close_to_cpu(kind):
-    """surrogate="soft-bf16" on the GPU: the same bfloat16 products, accumulated in another
-    order (so a bfloat16 rounding may differ): input, threshold and bias gradients within
-    2 % (relative L2) of the CPU's, the exact LUT gradient as for "soft"."""
-    layer, x = layers_for(kind, LayerSpec(surrogate="soft-bf16"))
-    gpu_layer = copy.deepcopy(layer).cuda()
-    grads = []
-    for module, device in ((layer, "cpu"), (gpu_layer, "cuda")):
-        module.train()
+def test_soft_bf16_training_step_on_cuda(kind):
+    """surrogate="soft-bf16" on the GPU (the torch path: bfloat16 product, leaves rebuilt by
+    tensor ops). Where every bfloat16 value is exact (integer LUT entries in [-4, 4], output
+    gradients in [-2, 2], at most 12 outputs) it gives the CPU soft surrogate's gradients,
+    whatever precision cuBLAS reduces in; on random data it differs from soft (it does round)."""
+    layer, x = layers_for(kind, LayerSpec(surrogate="soft-bf16", lut_bits=None))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.lut.copy_(torch.randint(-4, 5, layer.lut.shape, generator=gen))
+    grads = {}
+    for surrogate, device in (("soft", "cpu"), ("soft-bf16", "cuda")):
+        module = copy.deepcopy(layer).to(device).train()
+        module.surrogate = surrogate
         inputs = x.detach().to(device).requires_grad_()
         out = module(inputs)
-        weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(device)
-        (out * weight).sum().backward()
-        grads.append({"x": inputs.grad.cpu(), **{n: p.grad.cpu() for n, p in module.named_parameters()}})
-    for name, want in grads[0].items():
-        got = grads[1][name]
-        if name.endswith("lut"):
-            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4, msg=name)
-        else:
-            assert float((got - want).norm() / want.norm().clamp_min(1e-12)) < 2e-2, name
+        weight = torch.randint(-2, 3, out.shape, generator=torch.Generator().manual_seed(2)).float()
+        (out * weight.to(device)).sum().backward()
+        grads[surrogate] = {"x": inputs.grad.cpu(), **{n: p.grad.cpu() for n, p in module.named_parameters()}}
+    for name, want in grads["soft"].items():
+        torch.testing.assert_close(grads["soft-bf16"][name], want, rtol=1e-4, atol=1e-4, msg=name)
+    # random LUT and output gradient: soft-bf16 against soft, both on the GPU
+    layer, x = layers_for(kind, LayerSpec(lut_bits=None))
+    results = []
+    for surrogate in ("soft", "soft-bf16"):
+        module = copy.deepcopy(layer).cuda().train()
+        module.surrogate = surrogate
+        inputs = x.detach().cuda().requires_grad_()
+        out = module(inputs)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape).cuda()).sum().backward()
+        results.append(inputs.grad.cpu())
+    error = float((results[1] - results[0]).norm() / results[0].norm())
+    assert 0 < error < 1e-2
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])

@@ -71,6 +71,15 @@ def test_encoders_refuse_what_they_cannot_learn_from():
         LayerSpec(encoder="pq", surrogate="path")
 
 
+def test_tree_global_layers_take_the_surrogate():
+    """tree-global's layer module is the tree's: the spec's surrogate reaches it."""
+    spec = LayerSpec(encoder="tree-global", surrogate="soft-bf16")
+    layer = MaddLinear.from_dense(nn.Linear(16, 4), low_rank_rows(600, 16), ncodebooks=2, spec=spec)
+    assert layer.surrogate == "soft-bf16" and layer.encoder.surrogate == "soft-bf16"
+    with pytest.raises(ValueError, match="configure the tree encoder"):
+        LayerSpec(encoder="tree-global", hash_objective="output")
+
+
 def test_hash_objective_reaches_the_layers():
     rows, linear = low_rank_rows(1500, 16), nn.Linear(16, 4)
     layer = MaddLinear.from_dense(linear, rows, ncodebooks=2, hash_objective="output", lut_bits=None)

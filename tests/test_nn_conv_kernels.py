@@ -105,7 +105,7 @@ def reference_step(layer, x, grad_out, quantized, surrogate="soft"):
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", GEOMETRIES)
 @pytest.mark.parametrize("quantized,bias", [(True, True), (False, False)])
-@pytest.mark.parametrize("surrogate", ["soft", "path"])
+@pytest.mark.parametrize("surrogate", ["soft", "soft-bf16", "path"])
 def test_fused_training_step_equals_unfused(kernel, stride, padding, dilation, quantized, bias, surrogate):
     layer = random_layer(
         3, 5, kernel, 4, 16, seed=3, stride=stride, padding=padding, dilation=dilation, bias=bias
@@ -218,7 +218,7 @@ def test_set_threads_sets_torch_and_numba():
         numba.set_num_threads(before[1])
 
 
-@pytest.mark.parametrize("surrogate", ["soft", "path"])
+@pytest.mark.parametrize("surrogate", ["soft", "soft-bf16", "path"])
 def test_backward_chunks_and_thread_groups(monkeypatch, surrogate):
     """Gradients do not depend on how the backward cuts the batch into kernel calls (one
     image per call, a short last chunk, the whole batch in one) or on the thread groups."""
@@ -316,3 +316,18 @@ def test_fused_soft_bf16_is_close_to_soft_on_random_data():
     for a, b in zip(got[:2], want[:2], strict=True):
         error = float((a - b).norm() / b.norm())
         assert 0 < error < 1e-2
+
+
+@pytest.mark.parametrize("surrogate", ["soft", "soft-bf16", "path"])
+def test_fused_training_step_on_an_empty_batch(surrogate):
+    """A batch of 0 images trains to zero gradients (the backward used to divide it into
+    chunks of 0 images and fail)."""
+    layer = random_layer(3, 4, 3, 3, 16, seed=21, padding=1).train()
+    layer.surrogate = surrogate
+    x = torch.randn(0, 3, 7, 7, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 4, 7, 7) and type(out.grad_fn).__name__ == "MaddConvFunctionBackward"
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(layer.thresholds.grad, torch.zeros_like(layer.thresholds))
+    assert torch.equal(layer.lut.grad, torch.zeros_like(layer.lut))

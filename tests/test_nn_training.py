@@ -110,20 +110,25 @@ def test_tree_difference_table_rebuilds_the_leaf_rows(nprototypes):
         torch.testing.assert_close(rebuilt, table[:, leaf], rtol=0, atol=1e-12)
 
 
-def test_soft_bf16_surrogate_equals_soft_where_bfloat16_is_exact(backend):
+@pytest.mark.parametrize("depth", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_soft_bf16_surrogate_equals_soft_where_bfloat16_is_exact(backend, depth, dtype):
     """With LUT entries and output gradients small integers (every bfloat16 product and sum
-    exact), surrogate="soft-bf16" gives the soft surrogate's gradients."""
-    values, thresholds, _, temperature = (t.float() for t in random_tree_inputs(nrows=400, seed=4))
+    exact), surrogate="soft-bf16" gives the soft surrogate's gradients (K = 4 ... 256)."""
+    values, thresholds, _, temperature = (
+        t.to(dtype) for t in random_tree_inputs(nrows=400, depth=depth, seed=4)
+    )
     gen = torch.Generator().manual_seed(5)
-    lut = torch.randint(-4, 5, (3, 16, 5), generator=gen).float()
-    weight = torch.randint(-2, 3, (values.shape[0], 5), generator=gen).float()
+    lut = torch.randint(-4, 5, (3, 2**depth, 5), generator=gen).to(dtype)
+    weight = torch.randint(-2, 3, (values.shape[0], 5), generator=gen).to(dtype)
     grads = {}
     for surrogate in ("soft", "soft-bf16"):
         v, t = values.clone().requires_grad_(), thresholds.clone().requires_grad_()
         (madd_lut(v, t, lut, temperature, surrogate=surrogate) * weight).sum().backward()
         grads[surrogate] = (v.grad, t.grad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
     for got, want in zip(grads["soft-bf16"], grads["soft"], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_soft_bf16_surrogate_is_close_to_soft_on_random_data(backend):

@@ -246,6 +246,10 @@ def packed_lut_integer_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tens
     return torch.from_numpy(sums)
 
 
+# code dtypes the packed sums take (copied to uint8 for the kernel)
+_CODE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _check_packed_codes(codes: torch.Tensor, packed: PackedLut, where: str) -> None:
     """The kernels read ``values[c, codes[n, c]]`` unchecked: refuse codes they would read
     out of bounds with (ValueError naming ``where``)."""
@@ -255,12 +259,13 @@ def _check_packed_codes(codes: torch.Tensor, packed: PackedLut, where: str) -> N
             f"{where}: codes must be an (N, {ncodebooks}) CPU tensor, "
             f"got {tuple(codes.shape)} on {codes.device}"
         )
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise ValueError(f"{where}: codes must be integers, got {codes.dtype}")
-    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= nprototypes):
-        raise ValueError(
-            f"{where}: codes must lie in [0, {nprototypes}), got [{int(codes.min())}, {int(codes.max())}]"
-        )
+    if codes.dtype not in _CODE_DTYPES:
+        accepted = ", ".join(map(str, _CODE_DTYPES))
+        raise ValueError(f"{where}: codes must have one of the dtypes {accepted}, got {codes.dtype}")
+    if codes.numel():
+        low, high = (int(v) for v in torch.aminmax(codes.to(torch.int64)))
+        if low < 0 or high >= nprototypes:
+            raise ValueError(f"{where}: codes must lie in [0, {nprototypes}), got [{low}, {high}]")
 
 
 def _packed_sum(codes: torch.Tensor, packed: PackedLut, bias_np: np.ndarray, sums: np.ndarray) -> np.ndarray:

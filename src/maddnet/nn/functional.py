@@ -143,9 +143,9 @@ def tree_surrogate_grads(
             ``grad_out`` with the node differences :func:`tree_difference_table`, rounded
             to bfloat16, then summed back into leaf scores up to a per-row constant, which
             the soft tree's gradients do not see (they read only score differences).
-            Faster where the CPU has bfloat16 instructions (AVX512-BF16, AMX) or on a GPU
-            (docs/nn.md, "bfloat16 leaf scores"); each difference then carries a relative
-            error of about 2^-8.
+            Faster where the CPU has bfloat16 instructions (AVX512-BF16, AMX; docs/nn.md,
+            "bfloat16 leaf scores"); each difference then carries a relative error of about
+            2^-8, whatever the dtype of ``values``.
 
     Returns:
         (grad_values (N, C, L) or None, grad_thresholds (C, K-1) or None), in the dtype of

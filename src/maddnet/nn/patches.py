@@ -374,7 +374,8 @@ class MaddConvFunction(torch.autograd.Function):
         else:
             score_bytes = 0
         per_image = score_bytes + 4 * 2 * nout * plan.ncols
-        chunk = min(batch, max(groups, _BACKWARD_CHUNK_BYTES // per_image // groups * groups))
+        # (at least 1: an empty batch runs no chunk and returns zero gradients)
+        chunk = max(1, min(batch, max(groups, _BACKWARD_CHUNK_BYTES // per_image // groups * groups)))
         grad_lut = np.zeros((groups, ncodebooks, nprototypes, nout), np.float32)
         grad_thresholds = np.zeros((groups, *thresholds.shape), np.float64)
         images_np = images.detach().contiguous().numpy()

@@ -23,6 +23,9 @@ SURROGATES = ("soft", "soft-bf16", "path")
 DEFAULT_TEMPERATURE = 0.5
 # fields that configure the tree encoder (its learning and its training surrogate)
 TREE_FIELDS = ("ncandidates", "hash_objective", "surrogate", "channel_budget")
+# encoders whose layer module is the tree's (maddnet.nn.encoders.TreeEncoderModule): they take
+# the `surrogate` field too (their learning options go in encoder_options)
+SURROGATE_ENCODERS = ("tree", "tree-global")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -67,7 +70,7 @@ class LayerSpec:
     surrogate: str = _help(
         "tree: threshold/input gradient, 'soft' (soft decision tree), 'soft-bf16' (the same with "
         "its leaf-score product in bfloat16: faster where the CPU has bfloat16 instructions, "
-        "e.g. AVX512-BF16, or on a GPU) or 'path' (hard path only)",
+        "e.g. AVX512-BF16) or 'path' (hard path only)",
         default="soft",
     )
     temperature: float = _help(
@@ -114,7 +117,12 @@ class LayerSpec:
         self._check_encoder_options()
         if self.encoder != "tree":
             defaults = LayerSpec()
-            changed = [name for name in TREE_FIELDS if getattr(self, name) != getattr(defaults, name)]
+            changed = [
+                name
+                for name in TREE_FIELDS
+                if getattr(self, name) != getattr(defaults, name)
+                and not (name == "surrogate" and self.encoder in SURROGATE_ENCODERS)
+            ]
             if changed:
                 raise ValueError(
                     f"LayerSpec fields {changed} configure the tree encoder; encoder {self.encoder!r} "

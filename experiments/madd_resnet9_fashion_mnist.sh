@@ -23,6 +23,18 @@ out=results/resnet9_fashion_mnist
 what=${1:-all}
 common=(--model resnet9 --model-kw width=16 --data fashion_mnist --checkpoint "$base" --threads 1 --no-progress --device cpu)
 
+# rule_long's retraining (the rule's C, stem C = 9; 400 steps per layer, 2,000 final) once per
+# seed of SEEDS (default "0") into $out/NAME/seedS with the EXTRA flags: rule_long_runs NAME EXTRA...
+rule_long_runs() {
+    local name=$1
+    shift
+    for seed in ${SEEDS:-0}; do
+        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
+            "$@" --out "$out/$name/seed${seed}"
+    done
+}
+
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     # every conv/linear layer alone, D/C = 9 (one codebook per 3x3 input channel) and 18 (half),
     # evaluated on the first 2,000 test images
@@ -107,40 +119,24 @@ fi
 if [ "$what" = encoder_output ]; then
     # issue 11: the rule's C (D/C = 9; stem C = 9) at retrain_long's budget with
     # --hash-objective output (compare: retrain_long 92.01 %, dense_control 94.83 %)
-    for seed in ${SEEDS:-0}; do
-        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
-            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
-            --hash-objective output --out "$out/encoder_output/seed${seed}"
-    done
+    rule_long_runs encoder_output --hash-objective output
 fi
 if [ "$what" = rule_long ]; then
     # issue 11's baseline beside encoder_output: retrain_long (the rule's C, stem C = 9) rerun
     # with the current code (seeded data order), SEEDS (default "0")
-    for seed in ${SEEDS:-0}; do
-        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
-            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
-            --out "$out/rule_long/seed${seed}"
-    done
+    rule_long_runs rule_long
 fi
 if [ "$what" = surrogate_bf16 ]; then
     # issue 16: rule_long with the soft surrogate's leaf-score product in bfloat16
-    # (--surrogate soft-bf16, about 2x faster backward on AVX512-BF16 CPUs), beside rule_long
+    # (--surrogate soft-bf16: that product about 2x faster on AVX512-BF16 CPUs), beside rule_long
     # of the same seed, SEEDS (default "0")
-    for seed in ${SEEDS:-0}; do
-        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
-            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
-            --surrogate soft-bf16 --out "$out/surrogate_bf16/seed${seed}"
-    done
+    rule_long_runs surrogate_bf16 --surrogate soft-bf16
 fi
 if [ "$what" = encoder_pq_l1 ]; then
     # issue 11's best multiplier-free encoder at the network level: rule_long with --encoder
     # pq-l1 (nearest of 16 centroids per block under L1: reads every input, no multiply);
     # several hours on one core (its soft-argmin backward is a fused kernel), SEEDS (default "0")
-    for seed in ${SEEDS:-0}; do
-        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
-            --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
-            --encoder pq-l1 --out "$out/encoder_pq_l1/seed${seed}"
-    done
+    rule_long_runs encoder_pq_l1 --encoder pq-l1
 fi
 if [ "$what" = dense_holdout ]; then
     # issue 11's method: a ResNet-9 baseline that never saw the 5,000 held-out validation

@@ -218,6 +218,20 @@ def test_set_threads_sets_torch_and_numba():
         numba.set_num_threads(before[1])
 
 
+def fused_step(layer, x, grad_out, surrogate):
+    """Gradients (input, thresholds, LUT) of one fused float-LUT training step (with the
+    layer's bias, if any)."""
+    xg = x.clone().requires_grad_()
+    out = MaddConvFunction.apply(
+        xg, layer.thresholds, layer.lut, layer.temperature, layer.bias, None, None, None, 0,
+        layer.geometry, layer.split_dims, surrogate,
+    )  # fmt: skip
+    (out * grad_out).sum().backward()
+    grads = [xg.grad, layer.thresholds.grad, layer.lut.grad]
+    layer.zero_grad(set_to_none=True)
+    return grads
+
+
 @pytest.mark.parametrize("surrogate", ["soft", "soft-bf16", "path"])
 def test_backward_chunks_and_thread_groups(monkeypatch, surrogate):
     """Gradients do not depend on how the backward cuts the batch into kernel calls (one
@@ -231,40 +245,16 @@ def test_backward_chunks_and_thread_groups(monkeypatch, surrogate):
     grad_out = torch.randn(5, 5, 6, 7)
     _, ref_grads = reference_step(layer, x, grad_out, quantized=False, surrogate=surrogate)
 
-    def grads():
-        xg = x.clone().requires_grad_()
-        out = MaddConvFunction.apply(
-            xg, layer.thresholds, layer.lut, layer.temperature, layer.bias, None, None, None, 0,
-            layer.geometry, layer.split_dims, surrogate,
-        )  # fmt: skip
-        (out * grad_out).sum().backward()
-        got = [xg.grad, layer.thresholds.grad, layer.lut.grad]
-        layer.zero_grad(set_to_none=True)
-        return got
-
     before = numba.get_num_threads()
     try:
         for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
             numba.set_num_threads(threads)
             for chunk_bytes in (1, 3 * 4 * 16 * 48 * 4, 16 << 20):  # chunks of 1, ~2-3, all 5
                 monkeypatch.setattr(patches, "_BACKWARD_CHUNK_BYTES", chunk_bytes)
-                for got, want in zip(grads(), ref_grads[:3], strict=True):
+                for got, want in zip(fused_step(layer, x, grad_out, surrogate), ref_grads[:3], strict=True):
                     assert ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)) < 1e-4
     finally:
         numba.set_num_threads(before)
-
-
-def fused_step(layer, x, grad_out, surrogate):
-    """Gradients (input, thresholds, LUT) of one fused float-LUT training step."""
-    xg = x.clone().requires_grad_()
-    out = MaddConvFunction.apply(
-        xg, layer.thresholds, layer.lut, layer.temperature, None, None, None, None, 0,
-        layer.geometry, layer.split_dims, surrogate,
-    )  # fmt: skip
-    (out * grad_out).sum().backward()
-    grads = [xg.grad, layer.thresholds.grad, layer.lut.grad]
-    layer.zero_grad(set_to_none=True)
-    return grads
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", GEOMETRIES[:4])

@@ -9,7 +9,7 @@ Sections (``--sections``, default all):
   scan     the LUT sum alone at C = 16 in dot products (rows x outputs) per second per
            thread (median, and the best of 20 calls), beside the original's ~6.1 G/s;
            also the same kernel writing the uint16 integer sums
-           (``packed_lut_integer_sum``, the original scan's output type).
+           (``packed_lut_integer_sum``; the original's scan also outputs integers).
   models   eval forward of a converted timm LeViT-128S (random weights, batch 8 at 224x224)
            and an nn.TransformerEncoder (4 layers, d_model 512, FF 2048, batch 8 x 256
            tokens) against the dense models; every nn.Linear / nn.Conv2d the mapping
@@ -188,7 +188,7 @@ def bench_scan_rate(rounds: int, repeats: int) -> list[dict]:
         timed = compare(lambda: lut_mod.packed_lut_sum(codes, packed), lambda: None, rounds, repeats)  # noqa: B023
         # the fastest of 20 calls: what the kernel does when no other job takes its core
         best = min(median_seconds(lambda: lut_mod.packed_lut_sum(codes, packed), 1, 0) for _ in range(20))  # noqa: B023
-        # the same kernel writing the uint16 sums (what the original's scan outputs)
+        # the same kernel writing the uint16 sums (the original's scan also outputs integers)
         integer_sum = lambda: lut_mod.packed_lut_integer_sum(codes, packed)  # noqa: B023, E731
         integer = compare(integer_sum, lambda: None, rounds, repeats)
         threads = torch.get_num_threads()

@@ -229,14 +229,14 @@ def packed_lut_integer_sum(codes: torch.Tensor, packed: PackedLut) -> torch.Tens
     ``[0, K)`` (CPU) -> (N, M) ``torch.uint16``, ``out[n, m] = sum_c values[c, codes[n, c], m]``.
 
     What the accelerator's adder tree produces from 8-bit LUT entries (an exact integer;
-    :func:`pack_lut` only packs tables whose sums fit 16 bits), and what the original
-    MADDness scan writes (Blalock & Guttag 2021, its ``uint16`` output). The float result
+    :func:`pack_lut` only packs tables whose sums fit 16 bits); the original MADDness scan
+    (Blalock & Guttag 2021) also outputs integer sums, not floats. The float result
     of :func:`packed_lut_sum` is ``out * packed.inv_scale + packed.offset_sum`` (float32,
     in that order), bit for bit. Half the bytes of the float output, written by the same
     kernel (docs/amm.md, "LUTs and 8-bit quantisation").
 
     Raises:
-        ValueError: ``codes`` is not an (N, C) CPU tensor of codes in ``[0, K)``.
+        ValueError: ``codes`` is not an (N, C) CPU integer tensor of codes in ``[0, K)``.
     """
     _check_packed_codes(codes, packed, "packed_lut_integer_sum")
     _lut_kernel.launch_threads()

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._jit import cached_njit
 from ..amm._lut_kernel import _leaf4
-from ._kernels import path_score_differences
+from ._kernels import leaves_from_bf16, path_score_differences
 
 # fastmath without nnan / ninf: inputs are finite (the forward refuses others), clamps keep exp finite.
 _FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -335,38 +335,6 @@ def _four_leaf_rows(grad_scores, row, j, start):  # pragma: no cover
 
 
 @numba.njit(inline="always")
-def _leaves_from_bf16(
-    diff_scores, row0, j, start, block, depth, bits, bits_as_float, leaves
-):  # pragma: no cover
-    """leaves[k, 0, :block]: the leaf scores of one codebook and block of positions, up to a
-    constant per position, from its K - 1 bfloat16 node differences (``surrogate="soft-bf16"``).
-
-    diff_scores[row0 + n, j, start + i] (uint16, the bfloat16 bits) is
-    ``(T[c, lm(right(n))] - T[c, lm(n)]) . dL/dY`` for heap node n, lm the leftmost leaf
-    below a node (:func:`maddnet.nn.functional.tree_difference_table`). Leaf 0 is set to 0
-    and every other leaf is its node's leftmost leaf plus the node's difference, level by
-    level. The soft tree's gradients read only differences of leaf scores, so the constant
-    left out (the true leaf-0 score) changes nothing. bits (uint32) and bits_as_float (its
-    float32 view) are scratch of at least ``block`` entries.
-    """
-    nleaves = 1 << depth
-    for i in range(block):
-        leaves[0, 0, i] = np.float32(0.0)
-    node = 0
-    for t in range(depth):
-        span = nleaves >> t  # leaves below a node of level t
-        half = span >> 1
-        for k in range(1 << t):
-            row = diff_scores[row0 + node, j, start:]
-            for i in range(block):
-                bits[i] = np.uint32(row[i]) << np.uint32(16)  # bfloat16 -> float32 is exact
-            left = k * span
-            for i in range(block):
-                leaves[left + half, 0, i] = leaves[left, 0, i] + bits_as_float[i]
-            node += 1
-
-
-@numba.njit(inline="always")
 def _soft_block4(expo, f, scale, grad_scores, row0, j, start, block, tap_grad, totals):  # pragma: no cover
     """Soft-tree forward and backward of one depth-4 codebook over one block of positions,
     every node in registers (the generic loop keeps (nodes, block) arrays).
@@ -495,7 +463,7 @@ def conv_backward(
     codes). For image image0 + j: grad_scores[:, j] (C*K, n, >= nq) float32
     = ``T[c, k] . dL/dY[q]``, or (``surrogate="soft-bf16"``: grad_scores empty) the node
     differences diff_scores[:, j] (C*(K-1), n, >= nq) uint16 bfloat16 bits, see
-    :func:`_leaves_from_bf16` (diff_scores empty otherwise); grad_rows[j] (n, >= nq, M)
+    :func:`maddnet.nn._kernels.leaves_from_bf16` (diff_scores empty otherwise); grad_rows[j] (n, >= nq, M)
     float32 = dL/dY per position (both zero at ignored positions); the first nq positions
     are read. Group g (of G, the first axis of the partial sums) takes images j = g, g + G,
     g + 2G, ... and adds into its partial sums grad_lut[g] (G, C, K, M) float32 (the exact LUT gradient) and
@@ -543,7 +511,7 @@ def conv_backward(
                     _read_taps(flat, offsets[c], q_base, start, block, x)
                     # where this block's leaf scores are: scores[row0 + k, sj, sstart + i]
                     if from_bf16:
-                        _leaves_from_bf16(
+                        leaves_from_bf16(
                             diff_scores, c * nnodes, j, start, block, depth, ubits, ubits_as_float, leaves
                         )
                         scores, row0, sj, sstart = leaves, 0, 0, 0

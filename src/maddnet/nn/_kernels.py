@@ -51,6 +51,39 @@ def level_factors(thresholds, inv_tau):  # pragma: no cover
     return centre, factor, direct
 
 
+@numba.njit(inline="always")
+def leaves_from_bf16(
+    diff_scores, row0, j, start, block, depth, bits, bits_as_float, leaves
+):  # pragma: no cover
+    """leaves[k, 0, :block]: the leaf scores of one codebook and block of rows (positions),
+    up to a constant per row, from its K - 1 bfloat16 node differences
+    (``surrogate="soft-bf16"``; used by :func:`tree_backward` and the fused conv backward).
+
+    diff_scores[row0 + n, j, start + i] (uint16, the bfloat16 bits) is
+    ``(T[c, lm(right(n))] - T[c, lm(n)]) . dL/dY`` for heap node n, lm the leftmost leaf
+    below a node (:func:`maddnet.nn.functional.tree_difference_table`). Leaf 0 is set to 0
+    and every other leaf is its node's leftmost leaf plus the node's difference, level by
+    level. The soft tree's gradients read only differences of leaf scores, so the constant
+    left out (the true leaf-0 score) changes nothing. bits (uint32) and bits_as_float (its
+    float32 view) are scratch of at least ``block`` entries.
+    """
+    nleaves = 1 << depth
+    for i in range(block):
+        leaves[0, 0, i] = np.float32(0.0)
+    node = 0
+    for t in range(depth):
+        span = nleaves >> t  # leaves below a node of level t
+        half = span >> 1
+        for k in range(1 << t):
+            row = diff_scores[row0 + node, j, start:]
+            for i in range(block):
+                bits[i] = np.uint32(row[i]) << np.uint32(16)  # bfloat16 -> float32 is exact
+            left = k * span
+            for i in range(block):
+                leaves[left + half, 0, i] = leaves[left, 0, i] + bits_as_float[i]
+            node += 1
+
+
 @cached_njit(parallel=True, fastmath=_FAST)
 def tree_backward(
     values, thresholds, inv_tau, grad_scores, diff_scores, grad_values, grad_thresholds
@@ -59,11 +92,11 @@ def tree_backward(
 
     values (n, C, L), thresholds (C, K-1) heap order, inv_tau (C, L), grad_scores (C*K, n)
     = dL/d(soft leaf score) = grad_out[n] . T[c, k]; or, with grad_scores empty
-    (``surrogate="soft-bf16"``), diff_scores (C*(K-1), n) uint16, the bfloat16 bits of the
-    node differences ``(T[c, lm(right(n))] - T[c, lm(n)]) . grad_out`` (heap order; see
-    :func:`maddnet.nn.functional.tree_difference_table`), from which the leaf scores are
-    rebuilt per block of rows up to a constant the gradients do not see (diff_scores empty
-    otherwise). Writes grad_values (n, C, L) (skipped when it is empty) and adds into
+    (``surrogate="soft-bf16"``), diff_scores (C*(K-1), 1, n) uint16, the bfloat16 bits of
+    the node differences ``(T[c, lm(right(n))] - T[c, lm(n)]) . grad_out`` (heap order; see
+    :func:`maddnet.nn.functional.tree_difference_table`), from which :func:`leaves_from_bf16`
+    rebuilds the leaf scores per block of rows up to a constant the gradients do not see
+    (diff_scores empty otherwise). Writes grad_values (n, C, L) (skipped when it is empty) and adds into
     grad_thresholds (C, K-1) float64.
 
     Threads take blocks of rows; inner loops run over a block's rows so they vectorise.
@@ -99,6 +132,7 @@ def tree_backward(
         expo = np.empty(_BLOCK, dtype)
         bits = np.empty(_BLOCK, np.uint32)
         bits_as_float = bits.view(np.float32)
+        leaves = grad_reach[nnodes:].reshape((nleaves, 1, _BLOCK))  # the leaf rows, 3-D view
         for c in range(ncodebooks):
             # forward: probability of going right at every node, reach of every node
             for b in range(block):
@@ -127,20 +161,7 @@ def tree_backward(
                         reach[2 * node + 2, b] = reach[node, b] * p
             # backward from the leaves (heap indices nnodes .. nnodes + K - 1)
             if from_bf16:
-                # leaf 0 at 0; a node's right subtree's leftmost leaf = its own + difference
-                for b in range(block):
-                    grad_reach[nnodes, b] = 0
-                node = 0
-                for t in range(depth):
-                    span = nleaves >> t
-                    for k in range(1 << t):
-                        row = diff_scores[c * nnodes + node]
-                        for b in range(block):
-                            bits[b] = np.uint32(row[start + b]) << np.uint32(16)  # bfloat16 -> float32
-                        left = nnodes + k * span
-                        for b in range(block):
-                            grad_reach[left + span // 2, b] = grad_reach[left, b] + bits_as_float[b]
-                        node += 1
+                leaves_from_bf16(diff_scores, c * nnodes, 0, start, block, depth, bits, bits_as_float, leaves)
             else:
                 for k in range(nleaves):
                     for b in range(block):

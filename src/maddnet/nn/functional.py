@@ -208,19 +208,27 @@ def right_subtree_matrix(nprototypes: int, device=None, dtype=torch.float32) -> 
     return matrix
 
 
+def bf16_node_table(table: torch.Tensor) -> torch.Tensor:
+    """(C*(K-1), M) bfloat16: :func:`tree_difference_table` of (C, K, M) ``table``, computed
+    in the table's dtype and then rounded (``surrogate="soft-bf16"``)."""
+    return tree_difference_table(table).reshape(-1, table.shape[2]).bfloat16()
+
+
 class _LeafScores:
     """``grad_out . T[c, k]`` for a chunk of rows, exactly (float32 product)."""
 
     def __init__(self, flat_table: torch.Tensor) -> None:
         self.flat_table = flat_table  # (C*K, M)
+        self.no_diffs = np.empty((0, 0, 0), np.uint16)
 
     def rows_first(self, grad_out: torch.Tensor) -> torch.Tensor:
         """(n, C*K) for (n, M) ``grad_out``."""
         return grad_out @ self.flat_table.T
 
-    def leaves_first(self, grad_out: torch.Tensor) -> torch.Tensor:
-        """(C*K, n) for (n, M) ``grad_out``."""
-        return self.flat_table @ grad_out.T
+    def kernel_arrays(self, grad_out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`maddnet.nn._kernels.tree_backward`'s (grad_scores, diff_scores) for (n, M)
+        CPU ``grad_out``: the (C*K, n) leaf scores, no differences."""
+        return (self.flat_table @ grad_out.T).contiguous().numpy(), self.no_diffs
 
 
 class _Bf16LeafScores:
@@ -228,10 +236,11 @@ class _Bf16LeafScores:
     with the node differences (``precision="bfloat16"`` of :func:`tree_surrogate_grads`)."""
 
     def __init__(self, table: torch.Tensor, dtype: torch.dtype) -> None:
-        ncodebooks, nprototypes, nout = table.shape
+        ncodebooks, nprototypes, _ = table.shape
         self.shape = (ncodebooks, nprototypes)
-        self.node_table = tree_difference_table(table.to(dtype)).reshape(-1, nout).bfloat16()
+        self.node_table = bf16_node_table(table.to(dtype))
         self.dtype = dtype
+        self.no_scores = np.empty((0, 0), torch.empty(0, dtype=dtype).numpy().dtype)
 
     def rows_first(self, grad_out: torch.Tensor) -> torch.Tensor:
         ncodebooks, nprototypes = self.shape
@@ -239,12 +248,12 @@ class _Bf16LeafScores:
         leaves = _leaves_from_nodes(nodes.view(-1, ncodebooks, nprototypes - 1), 2, self.dtype)
         return leaves.reshape(-1, ncodebooks * nprototypes)
 
-    def node_bits(self, grad_out: torch.Tensor) -> np.ndarray:
-        """(C*(K-1), n) uint16: the bfloat16 bits of the node differences for (n, M)
-        CPU ``grad_out`` (what :func:`maddnet.nn._kernels.tree_backward` rebuilds leaf
-        scores from, per block of rows)."""
+    def kernel_arrays(self, grad_out: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`maddnet.nn._kernels.tree_backward`'s (grad_scores, diff_scores) for (n, M)
+        CPU ``grad_out``: no leaf scores, the (C*(K-1), 1, n) uint16 bfloat16 bits of the node
+        differences (the kernel rebuilds leaf scores from them per block of rows)."""
         nodes = self.node_table @ grad_out.bfloat16().T
-        return nodes.view(torch.int16).numpy().view(np.uint16)
+        return self.no_scores, nodes.view(torch.int16).numpy().view(np.uint16).reshape(len(nodes), 1, -1)
 
 
 def _leaves_from_nodes(nodes: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -324,13 +333,9 @@ def _surrogate_cpu(values, thresholds, scores, inv_tau, grad_out, chunk, need_va
     no_values = values.new_empty(0, ncodebooks, depth).numpy()
     thresholds_np = thresholds.contiguous().numpy()
     inv_tau_np = inv_tau.contiguous().numpy()
-    no_scores, no_diffs = np.empty((0, 0), values.numpy().dtype), np.empty((0, 0), np.uint16)
     for start in range(0, nrows, chunk):
         stop = min(nrows, start + chunk)
-        if isinstance(scores, _Bf16LeafScores):
-            leaf_scores, diffs = no_scores, scores.node_bits(grad_out[start:stop])
-        else:  # (C*K, n): grad_out . T[c, k]
-            leaf_scores, diffs = scores.leaves_first(grad_out[start:stop]).contiguous().numpy(), no_diffs
+        leaf_scores, diffs = scores.kernel_arrays(grad_out[start:stop])
         _kernels.tree_backward(
             values[start:stop].contiguous().numpy(),
             thresholds_np,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..amm.hashing import NonFiniteInputError
 from ..amm.lut import QuantizedLut
 from . import _conv_kernels, _kernels
-from .functional import no_autocast, tree_difference_table
+from .functional import bf16_node_table, no_autocast
 
 # buffer bytes of one chunk of images in the fused conv backward (MaddConvFunction)
 _BACKWARD_CHUNK_BYTES = 16 << 20
@@ -394,7 +394,7 @@ class MaddConvFunction(torch.autograd.Function):
             # the node differences (T[c, lm(right)] - T[c, lm(node)]) . dL/dY: the soft tree
             # reads only differences of leaf scores, and rounding the difference table
             # (not the leaf table) to bfloat16 keeps its error relative to those differences
-            node_table = tree_difference_table(table.float()).reshape(-1, nout).bfloat16()
+            node_table = bf16_node_table(table.float())
             diffs_buffer = torch.empty(node_table.shape[0] * plan.ncols * chunk, dtype=torch.bfloat16)
             rows_bf16_buffer = torch.empty(nout * chunk * plan.ncols, dtype=torch.bfloat16)
         if ctx.surrogate == "path":

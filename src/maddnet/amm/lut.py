@@ -195,7 +195,9 @@ def pack_lut(qlut: QuantizedLut) -> PackedLut | None:
     return PackedLut(table, np.ascontiguousarray(inv_scale), np.ascontiguousarray(offset_sum), pairs)
 
 
-def packed_lut_sum(codes: torch.Tensor, packed: PackedLut, bias: torch.Tensor | None = None) -> torch.Tensor:
+def packed_lut_sum(
+    codes: torch.Tensor, packed: PackedLut, bias: torch.Tensor | None = None, check_codes: bool = True
+) -> torch.Tensor:
     """:func:`quantized_lut_sum` on CPU through a numba kernel: codes (N, C) in
     ``[0, K)`` -> (N, M) float32, bit for bit the same result.
 
@@ -203,13 +205,16 @@ def packed_lut_sum(codes: torch.Tensor, packed: PackedLut, bias: torch.Tensor | 
     exact) before the one rounding ``+ offsets.sum(0)``, as the float32 embedding bag does.
     ``bias`` ((M,) float32, CPU), if given, is added in the same pass, after the offsets, so
     the result equals ``quantized_lut_sum(codes, qlut) + bias`` bit for bit without a second
-    pass over the (N, M) output.
+    pass over the (N, M) output. ``check_codes=False`` skips the check of ``codes`` (a pass
+    over them) for callers whose codes come from an encoder, which are in range by
+    construction (``MaddnessMatmul``, the layers' eval path); the kernel indexes unchecked.
 
     Raises:
-        ValueError: ``bias`` is not an (M,) float32 CPU tensor; ``codes`` is not an (N, C)
-            CPU tensor of codes in ``[0, K)`` (:func:`_check_packed_codes`).
+        ValueError: ``bias`` is not an (M,) float32 CPU tensor; with ``check_codes``,
+            ``codes`` is not an (N, C) CPU integer tensor of codes in ``[0, K)``.
     """
-    _check_packed_codes(codes, packed, "packed_lut_sum")
+    if check_codes:
+        _check_packed_codes(codes, packed, "packed_lut_sum")
     _lut_kernel.launch_threads()
     nout = packed.inv_scale.shape[0]
     if bias is None:
@@ -272,12 +277,7 @@ def _packed_sum(codes: torch.Tensor, packed: PackedLut, bias_np: np.ndarray, sum
     """The packed kernel (pair table where made): the float output, or (0, M) with ``sums``
     filled when it has rows."""
     codes_np = np.ascontiguousarray(codes.numpy(), dtype=np.uint8)
+    scaling = (packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK, sums)
     if packed.pairs is not None:
-        nprototypes = packed.values.shape[1]
-        tables = (packed.pairs, nprototypes)
-        return _lut_kernel.lut_sum_pairs(
-            codes_np, *tables, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK, sums
-        )
-    return _lut_kernel.lut_sum_u8(
-        codes_np, packed.values, packed.inv_scale, packed.offset_sum, bias_np, _SUM_BLOCK, sums
-    )
+        return _lut_kernel.lut_sum_pairs(codes_np, packed.pairs, packed.values.shape[1], *scaling)
+    return _lut_kernel.lut_sum_u8(codes_np, packed.values, *scaling)

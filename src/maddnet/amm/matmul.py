@@ -277,8 +277,9 @@ class MaddnessMatmul:
         if self._packed is False:  # made on first use after every change of the LUT
             self._packed = lut.pack_lut(self.lut_q_)
         if self._packed is not None and codes.device.type == "cpu":
-            # numba uint16 LUT sum: the same result as quantized_lut_sum, bit for bit
-            return lut.packed_lut_sum(codes, self._packed)
+            # numba uint16 LUT sum: the same result as quantized_lut_sum, bit for bit (codes
+            # come from the encoder or were checked by decode)
+            return lut.packed_lut_sum(codes, self._packed, check_codes=False)
         return lut.quantized_lut_sum(codes, self.lut_q_, self._lut_q_table)
 
     def predict(self, A: ArrayLike) -> ArrayLike:

@@ -1284,7 +1284,7 @@ class TreeLinearFastPath:
         if packed is None:
             return None
         codes = hashing.encode(rows, layer.split_dims, layer.thresholds.detach())
-        out = packed_lut_sum(codes, packed, None if bias is None else bias.detach())
+        out = packed_lut_sum(codes, packed, None if bias is None else bias.detach(), check_codes=False)
         return layer._restore(out, x.shape[:-1])
 
     def train_forward(self, layer: MaddLinear, x: torch.Tensor, quantized: bool) -> None:

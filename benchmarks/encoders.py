@@ -43,6 +43,7 @@ FASHION_MEAN, FASHION_STD = 0.2860, 0.3530  # maddnet.data.fashion_mnist_dataset
 VARIANTS = {
     "tree (MADDness)": ("tree", {}, {}, None),
     "tree, output objective": ("tree", {}, {"hash_objective": "output"}, None),
+    "tree, output objective + refine": ("tree", {"refine_sweeps": 1}, {"hash_objective": "output"}, None),
     "tree, LUT ridge to 0": ("tree", {}, {}, "zero"),
     "tree-global": ("tree-global", {}, {}, None),
     "tree-global + refine": ("tree-global", {"refine_sweeps": 1}, {}, None),

@@ -36,6 +36,29 @@ def leaf_mean_prototypes(
     return prototypes
 
 
+def block_leaf_means(
+    rows: torch.Tensor, codes: torch.Tensor, bounds: list[tuple[int, int]], fallback: torch.Tensor
+) -> torch.Tensor:
+    """(C, K, D) float32 prototypes: each code's mean row over its codebook's block, zero
+    off-block (as :func:`leaf_mean_prototypes`).
+
+    Args:
+        rows: (N, D) float rows; codes: (N, C) integer codes in ``[0, K)``.
+        bounds: the codebooks' blocks ``(start, stop)``.
+        fallback: (C, K, D) prototypes kept for codes no row has (e.g. the tree's leaf means).
+    """
+    ncodebooks, nprototypes, _ = fallback.shape
+    means = fallback.float().clone()
+    for c, (start, stop) in enumerate(bounds):
+        leaf = codes[:, c].long()
+        counts = torch.bincount(leaf, minlength=nprototypes)
+        sums = torch.zeros(nprototypes, stop - start, dtype=torch.float64, device=rows.device)
+        sums.index_add_(0, leaf, rows[:, start:stop].double())
+        used = counts > 0
+        means[c, used, start:stop] = (sums[used] / counts[used, None]).float()
+    return means
+
+
 def code_indices(codes: torch.Tensor, nprototypes: int) -> torch.Tensor:
     """(N, C) codes -> (N, C) int64 row indices into a stacked (C*K, ...) table."""
     ncodebooks = codes.shape[1]

@@ -1,0 +1,192 @@
+"""Refining hash trees (maddnet.amm.tree_refine) against brute force and its invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from maddnet import MaddnessMatmul
+from maddnet.amm import hashing
+from maddnet.amm.encoders import TreeEncoder
+from maddnet.amm.prototypes import block_leaf_means, ridge_lut
+from maddnet.amm.tree_refine import best_level_thresholds, descend, refine_trees
+from maddnet.nn import LayerSpec, MaddConfig, MaddLinear, convert
+
+
+def brute_force_level(column, nodes, delta, nnodes):
+    """Every threshold per node that leaves rows on both sides (x > v splits after v); a node
+    whose rows share one value sends them all left."""
+    total, chosen = 0.0, []
+    for n in range(nnodes):
+        mask = nodes == n
+        values = column[mask].unique()
+        if not mask.any():
+            chosen.append(None)
+            continue
+        candidates = values[:-1] if len(values) > 1 else values
+        best = min((float(delta[mask][column[mask] > v].sum()), v) for v in candidates.tolist())
+        total += best[0]
+        chosen.append(best)
+    return total, chosen
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_level_thresholds_match_brute_force(seed):
+    gen = torch.Generator().manual_seed(seed)
+    nnodes = [1, 2, 4, 8, 2, 4][seed]
+    column = torch.randint(0, 7, (60,), generator=gen).float() / 2  # ties on purpose
+    nodes = torch.randint(0, nnodes, (60,), generator=gen)
+    if seed == 4:
+        nodes[nodes == 1] = 0  # an empty node
+    delta = torch.randn(60, generator=gen, dtype=torch.float64)
+    total, thresholds = best_level_thresholds(column, nodes, delta, nnodes)
+    expected, per_node = brute_force_level(column, nodes, delta, nnodes)
+    assert total == pytest.approx(expected, abs=1e-12)
+    for n in range(nnodes):
+        mask = nodes == n
+        got = float(delta[mask][column[mask] > thresholds[n]].sum())
+        if per_node[n] is not None:
+            assert got == pytest.approx(per_node[n][0], abs=1e-12)
+            # both children keep rows unless every row has the same value
+            goes_left = column[mask] <= thresholds[n]
+            assert bool(goes_left.any()) and (bool((~goes_left).any()) or len(column[mask].unique()) == 1)
+
+
+def test_best_level_thresholds_keep_the_current_split_when_nothing_is_better():
+    column = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    nodes = torch.zeros(4, dtype=torch.int64)
+    delta = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)  # best: 2, 3 go right
+    current = torch.tensor([1.25])
+    total, thresholds = best_level_thresholds(column, nodes, delta, 1, current)
+    assert total == -2.0 and thresholds.tolist() == [1.25]  # equal cost: the current one stays
+    total, thresholds = best_level_thresholds(column, nodes, delta, 1, torch.tensor([2.5]))
+    assert total == -2.0 and thresholds.tolist() == [1.5]  # the midpoint of the best cut
+    # a midpoint that rounds onto the upper float32 value falls back to the lower one
+    lower = torch.tensor(1.0)
+    upper = torch.nextafter(lower, torch.tensor(2.0))
+    _, thresholds = best_level_thresholds(
+        torch.stack([lower, upper]), torch.zeros(2, dtype=torch.int64), torch.tensor([1.0, -1.0]).double(), 1
+    )
+    assert float(thresholds[0]) == float(lower)
+
+
+def test_descend_is_the_encoders_routing():
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(200, 6, generator=gen)
+    tree = TreeEncoder(ncodebooks=2).fit(rows)
+    for c in range(2):
+        leaves = descend(
+            rows[:, tree.split_dims_[c]], tree.thresholds_[c], 0, torch.zeros(200, dtype=torch.int64)
+        )
+        assert torch.equal(leaves, tree.encode(rows)[:, c].long())
+
+
+def fixed_table_loss(rows, split_dims, thresholds, targets, tables):
+    codes = hashing.encode(rows, split_dims, thresholds).long()
+    prediction = sum(tables[c][codes[:, c]] for c in range(codes.shape[1]))
+    return float(((targets - prediction) ** 2).sum())
+
+
+def test_refine_trees_lowers_the_loss_of_the_table_it_was_given():
+    gen = torch.Generator().manual_seed(3)
+    rows, weight = torch.randn(400, 8, generator=gen), torch.randn(8, 3, generator=gen)
+    tree = TreeEncoder(ncodebooks=2).fit(rows)
+    bounds = hashing.subspace_bounds(8, 2)
+    targets = rows.double() @ weight.double()
+    initial = tree.prototypes_
+    seen = []
+
+    def solve_tables(codes):
+        table = ridge_lut(rows, codes, block_leaf_means(rows, codes, bounds, initial), 1.0, weight).double()
+        seen.append(table)
+        return table
+
+    candidates = [torch.arange(a, b) for a, b in bounds]
+    first_table = solve_tables(tree.encode(rows).long())
+    before = fixed_table_loss(rows, tree.split_dims_, tree.thresholds_, targets, first_table)
+    split_dims, thresholds, codes = refine_trees(
+        rows, tree.split_dims_, tree.thresholds_, targets, solve_tables, candidates, 1
+    )
+    after = fixed_table_loss(rows, split_dims, thresholds, targets, seen[-1])  # the sweep's table
+    assert after < before * 0.99
+    assert torch.equal(codes, hashing.encode(rows, split_dims, thresholds).long())
+    for c, (a, b) in enumerate(bounds):
+        assert bool(((split_dims[c] >= a) & (split_dims[c] < b)).all())
+
+
+def test_refine_trees_is_exact_on_one_split_that_greed_misses():
+    """One codebook, K = 2: the best threshold for the product is found exactly, even where
+    the input objective's split is elsewhere."""
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0, 10.0, 11.0]).repeat_interleave(5)[:, None]
+    y = torch.tensor([0.0, 0.0, 0.0, 5.0, 5.0, 5.0]).repeat_interleave(5).double()[:, None]
+    split_dims = torch.zeros(1, 1, dtype=torch.int64)
+    thresholds = torch.tensor([[6.5]])  # the input's best split (0..3 | 10, 11)
+
+    def tables(codes):  # the mean target of each leaf
+        means = [
+            y[codes[:, 0] == k].mean(0) if (codes[:, 0] == k).any() else y.new_zeros(1) for k in range(2)
+        ]
+        return torch.stack(means)[None]
+
+    _, refined, codes = refine_trees(x, split_dims, thresholds, y, tables, [torch.tensor([0])], 2)
+    assert float(refined[0, 0]) == 2.5
+    assert torch.equal(codes[:, 0], (x[:, 0] > 2.5).long())
+
+
+@pytest.mark.parametrize("objective", ["input", "output"])
+def test_tree_refine_sweeps_in_maddness(objective):
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.randn(600, 16, generator=gen) @ torch.randn(16, 16, generator=gen)
+    weight = torch.randn(16, 4, generator=gen)
+    plain = MaddnessMatmul(ncodebooks=4, lut_bits=None, hash_objective=objective).fit(rows, weight)
+    refined = MaddnessMatmul(
+        ncodebooks=4, lut_bits=None, hash_objective=objective, encoder_options={"refine_sweeps": 2}
+    ).fit(rows, weight)
+    exact = rows @ weight
+
+    def error(amm):  # what the refinement minimises: the product's or the rows' training error
+        if objective == "output":
+            return float(((amm(rows) - exact) ** 2).sum())
+        codes = amm.encoder_.encode(rows).long()
+        rebuilt = sum(amm.encoder_.prototypes_[c][codes[:, c]] for c in range(4))
+        return float(((rows - rebuilt) ** 2).sum())
+
+    assert error(refined) < error(plain)
+    assert refined.encoder_.get_config()["refine_sweeps"] == 2
+    twin = MaddnessMatmul(**refined.get_config()).load_state_dict(refined.state_dict())
+    assert torch.equal(twin(rows), refined(rows))
+    assert refined.encoder_.cost() == plain.encoder_.cost()
+
+
+def test_refine_keeps_a_channel_budget():
+    gen = torch.Generator().manual_seed(6)
+    rows = torch.randn(500, 12, generator=gen)
+    weight = torch.randn(12, 3, generator=gen)
+    weight[6:] *= 0.01  # channels 2 and 3 (3 columns each) hardly matter
+    options = {"channel_budget": 2, "channel_size": 3}
+    plain = TreeEncoder(ncodebooks=2, **options).fit(rows, weight)
+    refined = TreeEncoder(ncodebooks=2, refine_sweeps=1, **options).fit(rows, weight)
+    allowed = set(plain.read_columns.unique().tolist()) | {0, 1, 2, 3, 4, 5}
+    assert set(refined.read_columns.unique().tolist()) <= allowed
+
+
+def test_refine_in_a_converted_layer():
+    torch.manual_seed(0)
+    rows, linear = torch.randn(500, 12), nn.Linear(12, 3)
+    spec = LayerSpec(hash_objective="output", encoder_options={"refine_sweeps": 1}, lut_bits=None)
+    layer = MaddLinear.from_dense(linear, rows, ncodebooks=3, spec=spec)
+    amm = MaddnessMatmul(
+        ncodebooks=3, lut_bits=None, hash_objective="output", encoder_options={"refine_sweeps": 1}
+    ).fit_lut(rows, linear.weight.detach().T)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(rows[:100]), amm(rows[:100]) + linear.bias)
+    model = nn.Sequential(nn.Linear(12, 8))
+    convert(model, [(rows[:200], None)], MaddConfig(layers=["0"], ncodebooks=3, min_rows=64, spec=spec))
+    assert model[0].encoder is not None
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_refine_sweeps_refuses_bad_values(bad):
+    with pytest.raises(ValueError, match="refine_sweeps"):
+        TreeEncoder(ncodebooks=2, refine_sweeps=bad)

@@ -130,6 +130,19 @@ def test_encoders_refuse_what_they_cannot_learn_from(name):
         create_encoder(name, ncodebooks=2, nprototypes=12)
 
 
+@pytest.mark.parametrize("name", ["tree", "pq", "pq-l1", "pq-linf", "tree-global"])
+def test_every_encoder_refuses_non_finite_rows_or_weight(name):
+    rows, weight = torch.randn(100, 8), torch.randn(8, 2)
+    rows[5, 1] = float("inf")
+    options = {"hash_objective": "output"} if name == "tree" else {}
+    with pytest.raises(ValueError, match=f"{name} encoder: the training rows hold 1 NaN/inf"):
+        create_encoder(name, ncodebooks=2, **options).fit(rows, weight)
+    rows[5, 1] = 0.0
+    weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"{name} encoder: the weight holds 1 NaN/inf"):
+        create_encoder(name, ncodebooks=2, **options).fit(rows, weight)
+
+
 def test_nearest_refuses_a_block_with_fewer_distinct_rows_than_k():
     rows = torch.randn(200, 8)
     rows[:, 4:] = torch.randint(3, (200, 1)).float()  # codebook 1's block: 3 distinct rows

@@ -10,7 +10,7 @@ from maddnet import MaddnessMatmul
 from maddnet.amm import hashing
 from maddnet.amm.encoders import TreeEncoder
 from maddnet.amm.prototypes import block_leaf_means, ridge_lut
-from maddnet.amm.tree_refine import best_level_thresholds, descend, refine_trees
+from maddnet.amm.tree_refine import best_level_splits, descend, level_cut_table, refine_trees
 from maddnet.nn import LayerSpec, MaddConfig, MaddLinear, convert
 
 
@@ -31,44 +31,64 @@ def brute_force_level(column, nodes, delta, nnodes):
     return total, chosen
 
 
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 @pytest.mark.parametrize("seed", range(6))
-def test_best_level_thresholds_match_brute_force(seed):
+def test_best_level_splits_match_brute_force(seed, backend):
     gen = torch.Generator().manual_seed(seed)
     nnodes = [1, 2, 4, 8, 2, 4][seed]
-    column = torch.randint(0, 7, (60,), generator=gen).float() / 2  # ties on purpose
+    columns = torch.randint(0, 7, (60, 3), generator=gen).float() / 2  # ties on purpose
+    columns[:, 2] = 1.0  # a constant column: no interior cut anywhere
     nodes = torch.randint(0, nnodes, (60,), generator=gen)
     if seed == 4:
         nodes[nodes == 1] = 0  # an empty node
     delta = torch.randn(60, generator=gen, dtype=torch.float64)
-    total, thresholds = best_level_thresholds(column, nodes, delta, nnodes)
-    expected, per_node = brute_force_level(column, nodes, delta, nnodes)
-    assert total == pytest.approx(expected, abs=1e-12)
-    for n in range(nnodes):
-        mask = nodes == n
-        got = float(delta[mask][column[mask] > thresholds[n]].sum())
-        if per_node[n] is not None:
-            assert got == pytest.approx(per_node[n][0], abs=1e-12)
-            # both children keep rows unless every row has the same value
-            goes_left = column[mask] <= thresholds[n]
-            assert bool(goes_left.any()) and (bool((~goes_left).any()) or len(column[mask].unique()) == 1)
+    totals, thresholds = best_level_splits(columns, nodes, delta, nnodes, backend=backend)
+    for j in range(3):
+        column = columns[:, j]
+        expected, per_node = brute_force_level(column, nodes, delta, nnodes)
+        assert float(totals[j]) == pytest.approx(expected, abs=1e-12)
+        for n in range(nnodes):
+            mask = nodes == n
+            got = float(delta[mask][column[mask] > thresholds[j, n]].sum())
+            if per_node[n] is not None:
+                assert got == pytest.approx(per_node[n][0], abs=1e-12)
+                # both children keep rows unless every row has the same value
+                goes_left = column[mask] <= thresholds[j, n]
+                assert bool(goes_left.any())
+                assert bool((~goes_left).any()) or len(column[mask].unique()) == 1
 
 
-def test_best_level_thresholds_keep_the_current_split_when_nothing_is_better():
-    column = torch.tensor([0.0, 1.0, 2.0, 3.0])
+def test_level_cut_backends_agree():
+    gen = torch.Generator().manual_seed(9)
+    columns = torch.randn(500, 5, generator=gen)
+    nodes = torch.randint(0, 8, (500,), generator=gen)
+    delta = torch.randn(500, generator=gen, dtype=torch.float64)
+    orders = torch.argsort(columns, dim=0).T.contiguous()
+    kernel = level_cut_table(columns, orders, nodes, delta, 8, "numba")
+    tensors = level_cut_table(columns, orders, nodes, delta, 8, "torch")
+    torch.testing.assert_close(kernel[0], tensors[0], rtol=0, atol=1e-12)
+    for a, b in zip(kernel[1:], tensors[1:], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_best_level_splits_keep_the_current_split_when_nothing_is_better():
+    column = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
     nodes = torch.zeros(4, dtype=torch.int64)
     delta = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)  # best: 2, 3 go right
-    current = torch.tensor([1.25])
-    total, thresholds = best_level_thresholds(column, nodes, delta, 1, current)
-    assert total == -2.0 and thresholds.tolist() == [1.25]  # equal cost: the current one stays
-    total, thresholds = best_level_thresholds(column, nodes, delta, 1, torch.tensor([2.5]))
-    assert total == -2.0 and thresholds.tolist() == [1.5]  # the midpoint of the best cut
+    totals, thresholds = best_level_splits(column, nodes, delta, 1, (0, torch.tensor([1.25])))
+    assert totals.tolist() == [-2.0] and thresholds.tolist() == [[1.25]]  # equal: current stays
+    totals, thresholds = best_level_splits(column, nodes, delta, 1, (0, torch.tensor([2.5])))
+    assert totals.tolist() == [-2.0] and thresholds.tolist() == [[1.5]]  # the best cut's midpoint
     # a midpoint that rounds onto the upper float32 value falls back to the lower one
     lower = torch.tensor(1.0)
     upper = torch.nextafter(lower, torch.tensor(2.0))
-    _, thresholds = best_level_thresholds(
-        torch.stack([lower, upper]), torch.zeros(2, dtype=torch.int64), torch.tensor([1.0, -1.0]).double(), 1
+    _, thresholds = best_level_splits(
+        torch.stack([lower, upper])[:, None],
+        torch.zeros(2, dtype=torch.int64),
+        torch.tensor([1.0, -1.0]).double(),
+        1,
     )
-    assert float(thresholds[0]) == float(lower)
+    assert float(thresholds[0, 0]) == float(lower)
 
 
 def test_descend_is_the_encoders_routing():

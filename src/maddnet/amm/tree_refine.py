@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-from . import hashing
+from . import _refine_kernel, _split_kernel, hashing
 
 
 def descend(values: torch.Tensor, thresholds: torch.Tensor, level: int, nodes: torch.Tensor) -> torch.Tensor:
@@ -42,68 +43,125 @@ def descend(values: torch.Tensor, thresholds: torch.Tensor, level: int, nodes: t
     return nodes
 
 
-def best_level_thresholds(
-    column: torch.Tensor,
+def column_orders(columns: torch.Tensor) -> torch.Tensor:
+    """(m, N) int64: each column's stable argsort of (N, m) float32 ``columns`` (the
+    radix-sort kernel on CPU, :func:`maddnet.amm._split_kernel.stable_argsort`)."""
+    if columns.device.type == "cpu":
+        transposed = np.ascontiguousarray(columns.float().numpy().T)
+        return torch.from_numpy(_split_kernel.stable_argsort(transposed))
+    return torch.argsort(columns, dim=0, stable=True).T.contiguous()
+
+
+def level_cut_table(
+    columns: torch.Tensor,
+    orders: torch.Tensor,
     nodes: torch.Tensor,
     delta: torch.Tensor,
     nnodes: int,
-    current: torch.Tensor | None = None,
-) -> tuple[float, torch.Tensor]:
-    """The thresholds of one level's ``nnodes`` nodes on one column that minimise the loss.
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every node's best interior cut on every column: (best, lower, upper, largest).
+
+    A cut sends a node's rows with values >= v right and must leave rows on both sides.
 
     Args:
-        column: (N,) float32 the column's value per row.
-        nodes: (N,) int64 each row's node at this level, in ``[0, nnodes)``.
-        delta: (N,) float64 each row's loss if it goes right minus its loss if it goes left.
-        current: (nnodes,) float32 the level's current thresholds when ``column`` is its
-            current split column (kept where no cut is strictly better), else None.
-
-    Only cuts that leave rows on both sides are considered: emptying a subtree would retire
-    its leaves for good (no later step could route rows back to a code without rows).
+        columns: (N, m) float32 candidate columns; orders: (m, N) int64 each column's
+            argsort; nodes: (N,) int64 in ``[0, nnodes)``; delta: (N,) float64 each row's
+            loss right minus left.
+        backend: "numba" (CPU kernel, :func:`maddnet.amm._refine_kernel.level_cuts`),
+            "torch" (tensor ops on any device: per-node suffix sums as (N, nnodes)
+            tensors), or "auto" (numba on CPU).
 
     Returns:
-        The summed loss relative to every row going left (a float), and the (nnodes,)
-        float32 thresholds. A node whose rows all share one value (or that has none) sends
-        them all left (threshold = that value), unless ``current`` is given.
+        (m, nnodes) tensors: the summed ``delta`` of the rows the best cut sends right
+        (float64, +inf where a node has no interior cut), the node's values just below
+        and at that cut, and the node's largest value (float32).
     """
-    device = column.device
-    nrows = column.shape[0]
-    by_value = torch.argsort(column, stable=True)
-    order = by_value[torch.argsort(nodes[by_value], stable=True)]
-    values, gains, segment = column[order], delta[order], nodes[order]
-    counts = torch.bincount(nodes, minlength=nnodes)
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    # suffix[p] = sum of gains[p:]; a cut at p sends rows p .. end-1 of its node right
-    suffix = torch.cat([gains.flip(0).cumsum(0).flip(0), gains.new_zeros(1)])
-    positions = torch.arange(nrows, device=device)
-    cost = suffix[:nrows] - suffix[ends[segment]]
-    valid = positions > starts[segment]
-    valid[1:] &= values[1:] > values[:-1]
-    valid[0] = False
-    cost = torch.where(valid, cost, torch.inf)
-    best_cost = torch.full((nnodes,), torch.inf, dtype=cost.dtype, device=device)
-    best_cost.scatter_reduce_(0, segment, cost, reduce="amin")
-    at_best = valid & (cost == best_cost[segment])
-    first = torch.full((nnodes,), nrows, dtype=torch.int64, device=device)
-    first.scatter_reduce_(0, segment, torch.where(at_best, positions, nrows), reduce="amin")
-    has_cut = first < nrows
-    cut = first.clamp(1, max(nrows - 1, 1))
-    thresholds = hashing.split_thresholds(values[cut - 1], values[cut]) if nrows > 1 else None
-    # no interior cut: all left (threshold = the node's largest value), cost 0
-    largest = torch.zeros(nnodes, dtype=torch.float32, device=device)
-    if nrows:
-        largest[counts > 0] = values[ends[counts > 0] - 1].float()
-    chosen_cost = torch.where(has_cut, best_cost, torch.zeros_like(best_cost))
-    chosen = largest if thresholds is None else torch.where(has_cut, thresholds, largest)
+    nrows, ncolumns = columns.shape
+    if backend == "numba" or (backend == "auto" and columns.device.type == "cpu"):
+        best = np.empty((ncolumns, nnodes), dtype=np.float64)
+        lower, upper, largest = (np.zeros((ncolumns, nnodes), dtype=np.float32) for _ in range(3))
+        _refine_kernel.level_cuts(
+            np.ascontiguousarray(columns.float().numpy()),
+            np.ascontiguousarray(orders.numpy()),
+            np.ascontiguousarray(nodes.numpy()),
+            np.ascontiguousarray(delta.double().numpy()),
+            nnodes,
+            best,
+            lower,
+            upper,
+            largest,
+        )
+        return tuple(torch.from_numpy(a) for a in (best, lower, upper, largest))
+    device = columns.device
+    node_index = torch.arange(nnodes, device=device)
+    positions = torch.arange(nrows, device=device)[:, None]
+    results = []
+    for j in range(ncolumns):
+        order = orders[j]
+        values, gains = columns[order, j], delta[order].double()
+        member = torch.nn.functional.one_hot(nodes[order], nnodes)  # (N, nnodes)
+        suffix = (member * gains[:, None]).flip(0).cumsum(0).flip(0)  # gain of sending p.. right
+        last = torch.where(member.bool(), positions, -1).cummax(0).values  # node n's last row <= p
+        previous = torch.cat([last.new_full((1, nnodes), -1), last[:-1]])  # ... < p
+        # a cut at node n's first row of a value: a row of n below it with a smaller value
+        valid = member.bool() & (previous >= 0) & (values[previous.clamp_min(0)] < values[:, None])
+        best, cut = torch.where(valid, suffix, torch.inf).min(0)
+        below = previous[cut, node_index].clamp_min(0)
+        largest = torch.where(last[-1] >= 0, values[last[-1].clamp_min(0)], 0.0)
+        results.append((best, values[below], values[cut], largest))
+    return tuple(torch.stack(parts) for parts in zip(*results, strict=True))
+
+
+def best_level_splits(
+    columns: torch.Tensor,
+    nodes: torch.Tensor,
+    delta: torch.Tensor,
+    nnodes: int,
+    current: tuple[int, torch.Tensor] | None = None,
+    orders: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each candidate column's best thresholds for one level's ``nnodes`` nodes.
+
+    Args:
+        columns: (N, m) float32 the candidate columns' values per row.
+        nodes: (N,) int64 each row's node at this level, in ``[0, nnodes)``.
+        delta: (N,) float64 each row's loss if it goes right minus its loss if it goes left.
+        current: (index of the level's current split column in ``columns``, its (nnodes,)
+            float32 thresholds): kept for a node where no cut on that column is strictly
+            better. None: no column is current.
+        orders: (m, N) int64 each column's argsort, if already known (it does not change
+            with the level, so :func:`refine_trees` sorts each column once per codebook
+            and sweep).
+        backend: see :func:`level_cut_table`.
+
+    Only cuts that leave rows on both sides are considered: emptying a subtree would retire
+    its leaves for good (no later step could route rows back to a code without rows). The
+    threshold lies between the node's two neighbouring values
+    (:func:`maddnet.amm.hashing.split_thresholds`), as the greedy learner's does.
+
+    Returns:
+        (m,) float64 each column's summed loss relative to every row going left, and its
+        (m, nnodes) float32 thresholds. A node whose rows all share one value (or that has
+        none) sends them all left (threshold = its largest value).
+    """
+    if orders is None:
+        orders = column_orders(columns)
+    best, lower, upper, largest = level_cut_table(columns, orders, nodes, delta, nnodes, backend)
+    has_cut = torch.isfinite(best)
+    thresholds = torch.where(has_cut, hashing.split_thresholds(lower, upper), largest)
+    costs = torch.where(has_cut, best, torch.zeros_like(best))
     if current is not None:
-        goes_right = column > current[nodes]
-        current_cost = torch.zeros(nnodes, dtype=delta.dtype, device=device)
-        current_cost.index_add_(0, nodes, torch.where(goes_right, delta, torch.zeros_like(delta)))
-        keep = (current_cost <= chosen_cost) | (counts == 0)
-        chosen = torch.where(keep, current.float(), chosen)
-        chosen_cost = torch.where(keep, current_cost, chosen_cost)
-    return float(chosen_cost.sum()), chosen
+        index, current_thresholds = current
+        goes_right = columns[:, index] > current_thresholds[nodes]
+        current_cost = torch.zeros(nnodes, dtype=torch.float64, device=columns.device)
+        current_cost.index_add_(0, nodes, torch.where(goes_right, delta.double(), 0.0))
+        empty = torch.bincount(nodes, minlength=nnodes) == 0
+        keep = (current_cost <= costs[index]) | empty
+        thresholds[index] = torch.where(keep, current_thresholds.float(), thresholds[index])
+        costs[index] = torch.where(keep, current_cost, costs[index])
+    return costs.sum(1), thresholds
 
 
 def refine_trees(
@@ -151,25 +209,26 @@ def refine_trees(
             residual = targets - prediction + previous
             loss = (table * table).sum(1)[None, :] - 2 * residual @ table.T  # (N, K)
             values = rows[:, split_dims[c]]
+            # the current splits are always candidates, so no step can raise the loss
+            columns = torch.unique(torch.cat([candidates[c].to(rows.device), split_dims[c]]))
+            candidate_rows = rows[:, columns]
+            orders = column_orders(candidate_rows)
             for t in range(depth):
                 nodes = descend(values[:, :t], thresholds[c], 0, root) if t else root
                 left = descend(values, thresholds[c], t + 1, 2 * nodes)
                 right = descend(values, thresholds[c], t + 1, 2 * nodes + 1)
                 delta = loss[index, right] - loss[index, left]
                 level = slice((1 << t) - 1, (1 << (t + 1)) - 1)
-                best = None
-                for column in candidates[c].tolist():
-                    is_current = column == int(split_dims[c, t])
-                    total, level_thresholds = best_level_thresholds(
-                        rows[:, column], nodes, delta, 1 << t, thresholds[c, level] if is_current else None
-                    )
-                    # ties keep the current split (it is scanned like any other column)
-                    if best is None or total < best[0] or (total == best[0] and is_current):
-                        best = (total, column, level_thresholds)
-                _, column, level_thresholds = best
-                split_dims[c, t] = column
-                thresholds[c, level] = level_thresholds
-                values[:, t] = rows[:, column]
+                current = int((columns == split_dims[c, t]).nonzero()[0, 0])
+                totals, level_thresholds = best_level_splits(
+                    candidate_rows, nodes, delta, 1 << t, (current, thresholds[c, level]), orders
+                )
+                chosen = int(totals.argmin())
+                if totals[current] <= totals[chosen]:  # ties keep the current split
+                    chosen = current
+                split_dims[c, t] = columns[chosen]
+                thresholds[c, level] = level_thresholds[chosen]
+                values[:, t] = rows[:, columns[chosen]]
             codes[:, c] = descend(values, thresholds[c], 0, root)
             prediction += table[codes[:, c]] - previous
     return split_dims, thresholds, codes

@@ -117,7 +117,8 @@ class Encoder(ABC):
     def fit_codes(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Learn the encoding only: ``prototypes_`` become the initial prototypes (e.g. leaf
         means, no ridge step); returns the training rows' codes (N, C). What
-        :meth:`maddnet.amm.MaddnessMatmul.fit_lut` builds on. Raises as :meth:`fit`."""
+        :meth:`maddnet.amm.MaddnessMatmul.fit_lut` builds on. Raises as :meth:`fit`, and
+        ``ValueError`` for NaN/inf in the rows or the weight."""
         nrows, ndims = rows.shape
         if self.ncodebooks > ndims:
             raise ValueError(
@@ -128,6 +129,13 @@ class Encoder(ABC):
                 f"A_train has {nrows} rows; learning a {self.name or type(self).__name__} encoder with "
                 f"K={self.nprototypes} codes per codebook needs at least {self.nprototypes}"
             )
+        for label, values in (("training rows hold", rows), ("weight holds", weight)):
+            if values is not None and not bool(torch.isfinite(values).all()):
+                bad = int((~torch.isfinite(values)).sum())
+                raise ValueError(
+                    f"{self.name or type(self).__name__} encoder: the {label} {bad} NaN/inf "
+                    "values; it cannot learn from non-finite data"
+                )
         codes, self.prototypes_ = self._fit_codes(rows, weight)
         return codes
 

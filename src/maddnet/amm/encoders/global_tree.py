@@ -211,14 +211,9 @@ def _reconstruct(prototypes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def check_learnable(rows: torch.Tensor, encoder: str) -> None:
-    """Raise ``ValueError`` naming ``encoder`` when ``rows`` (N, D) hold NaN/inf or are
-    constant in every column (no split or cluster can be learned from them)."""
-    finite = torch.isfinite(rows)
-    if not bool(finite.all()):
-        raise ValueError(
-            f"{encoder} encoder: the training rows hold {int((~finite).sum())} NaN/inf values; "
-            "it cannot learn from non-finite data"
-        )
+    """Raise ``ValueError`` naming ``encoder`` when ``rows`` (N, D) are constant in every
+    column (no split or cluster can be learned from them; NaN/inf rows are refused before,
+    by :meth:`Encoder.fit_codes <maddnet.amm.encoders.base.Encoder.fit_codes>`)."""
     if not bool((rows != rows[:1]).any()):
         raise ValueError(
             f"{encoder} encoder: every training row is the same (constant data); nothing to learn"

@@ -135,6 +135,31 @@ def test_refine_trees_lowers_the_loss_of_the_table_it_was_given():
         assert bool(((split_dims[c] >= a) & (split_dims[c] < b)).all())
 
 
+def test_refine_trees_backends_agree():
+    gen = torch.Generator().manual_seed(8)
+    rows, weight = torch.randn(300, 8, generator=gen), torch.randn(8, 2, generator=gen)
+    tree = TreeEncoder(ncodebooks=2).fit(rows)
+    bounds = hashing.subspace_bounds(8, 2)
+
+    def solve_tables(codes):
+        return ridge_lut(
+            rows, codes, block_leaf_means(rows, codes, bounds, tree.prototypes_), 1.0, weight
+        ).double()
+
+    targets = rows.double() @ weight.double()
+    args = (rows, tree.split_dims_, tree.thresholds_, targets, solve_tables)
+    candidates = [torch.arange(a, b) for a, b in bounds]
+    table = solve_tables(tree.encode(rows).long())  # one sweep: both use this table
+    kernel = refine_trees(*args, candidates, 1, backend="numba")
+    tensors = refine_trees(*args, candidates, 1, backend="torch")
+    # the two sum the same losses in different orders: they may part only where two cuts
+    # tie to rounding (e.g. rows whose two candidate leaves have equal table rows)
+    kernel_loss = fixed_table_loss(rows, *kernel[:2], targets, table)
+    assert kernel_loss == pytest.approx(fixed_table_loss(rows, *tensors[:2], targets, table), rel=1e-9)
+    assert torch.equal(kernel[0], tensors[0])
+    assert float((kernel[2] == tensors[2]).float().mean()) > 0.97
+
+
 def test_refine_trees_is_exact_on_one_split_that_greed_misses():
     """One codebook, K = 2: the best threshold for the product is found exactly, even where
     the input objective's split is elsewhere."""

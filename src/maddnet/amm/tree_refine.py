@@ -172,6 +172,7 @@ def refine_trees(
     solve_tables: Callable[[torch.Tensor], torch.Tensor],
     candidates: list[torch.Tensor],
     sweeps: int,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Coordinate descent on every tree's split columns and thresholds (module docstring).
 
@@ -185,6 +186,7 @@ def refine_trees(
             the ridge LUT); called once per sweep.
         candidates: per codebook, the (d_c,) int64 global columns its tree may split on.
         sweeps: passes over all codebooks (>= 1).
+        backend: the cut search's, see :func:`level_cut_table`.
 
     Returns:
         New (split_dims, thresholds) and the training rows' codes (N, C) int64. The loss
@@ -221,7 +223,7 @@ def refine_trees(
                 level = slice((1 << t) - 1, (1 << (t + 1)) - 1)
                 current = int((columns == split_dims[c, t]).nonzero()[0, 0])
                 totals, level_thresholds = best_level_splits(
-                    candidate_rows, nodes, delta, 1 << t, (current, thresholds[c, level]), orders
+                    candidate_rows, nodes, delta, 1 << t, (current, thresholds[c, level]), orders, backend
                 )
                 chosen = int(totals.argmin())
                 if totals[current] <= totals[chosen]:  # ties keep the current split

@@ -2,12 +2,13 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|surrogate_bf16|encoder_pq_l1|dense_holdout|per_layer_c|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_output_refine|surrogate_bf16|encoder_pq_l1|dense_holdout|per_layer_c|all]
 # steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
 # surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
 #   (docs/encoders.md: the best equal-cost variant at the AMM level), SEEDS (default "0")
 # rule_long: retrain_long rerun with the current code beside encoder_output, SEEDS (default "0")
+# encoder_output_refine: encoder_output with --encoder-option refine_sweeps=1, SEEDS (default "0")
 # surrogate_bf16: rule_long with --surrogate soft-bf16, SEEDS (default "0")
 # encoder_pq_l1: rule_long with the pq-l1 encoder (multiplier-free, reads every input), SEEDS (default "0")
 # dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
@@ -120,6 +121,11 @@ if [ "$what" = encoder_output ]; then
     # issue 11: the rule's C (D/C = 9; stem C = 9) at retrain_long's budget with
     # --hash-objective output (compare: retrain_long 92.01 %, dense_control 94.83 %)
     rule_long_runs encoder_output --hash-objective output
+fi
+if [ "$what" = encoder_output_refine ]; then
+    # issue 11: encoder_output plus one sweep of tree refinement (coordinate descent on the split
+    # columns and thresholds against the solved LUT; same hardware cost), SEEDS (default "0")
+    rule_long_runs encoder_output_refine --hash-objective output --encoder-option refine_sweeps=1
 fi
 if [ "$what" = rule_long ]; then
     # issue 11's baseline beside encoder_output: retrain_long (the rule's C, stem C = 9) rerun

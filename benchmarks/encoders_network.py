@@ -7,7 +7,8 @@ Reads finished retraining runs, trains nothing:
   the speaker-disjoint validation split during the run (the split the variants are compared
   on) with the test split read once at the end (``test.json``);
 * ResNet-9 / Fashion-MNIST at the rule's C with stem C = 9 (``experiments/
-  madd_resnet9_fashion_mnist.sh rule_long`` and ``encoder_output``), test split.
+  madd_resnet9_fashion_mnist.sh rule_long``, ``encoder_output`` and
+  ``encoder_output_refine``), test split.
 
 For each run: validation and test top-1, and what one inference costs on the accelerator
 model (``maddnet.hw``: the run's own converted layers): encoder compares, adds and
@@ -57,7 +58,11 @@ NETS = {
     "resnet9": {
         "title": "ResNet-9 (width 16) / Fashion-MNIST, the rule's C with stem C = 9 "
         "(400 + 2,000 steps of 128)",
-        "runs": ["results/resnet9_fashion_mnist/rule_long", "results/resnet9_fashion_mnist/encoder_output"],
+        "runs": [
+            "results/resnet9_fashion_mnist/rule_long",
+            "results/resnet9_fashion_mnist/encoder_output",
+            "results/resnet9_fashion_mnist/encoder_output_refine",
+        ],
         "controls": ["results/resnet9_fashion_mnist/dense_control"],
         "baseline": "rule_long",
         "references": {
@@ -80,6 +85,7 @@ VARIANTS = {
     "budget_lut_octaves0": "tree, per-layer C at the rule's LUT bytes, no C beyond the analysed",
     "rule_long": "tree (MADDness)",
     "encoder_output": "tree, output objective",
+    "encoder_output_refine": "tree, output objective + 1 refine sweep",
 }
 
 

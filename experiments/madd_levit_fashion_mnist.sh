@@ -9,7 +9,8 @@
 #   validation images (the recipe's 6 epochs on the other 55,000), the test split read once
 # encoders: issue 11 with the winner, on the dense_holdout baseline: retrain's settings (the
 #   rule's C, stem.conv1 C = 9) for each encoder variant in VARIANTS (default "tree pq-l1
-#   output dense"; "dense" is the dense control of the same budget) and seed in SEEDS
+#   output output-refine dense"; output-refine: the output objective with refine_sweeps=1;
+#   "dense" is the dense control of the same budget) and seed in SEEDS
 #   (default "0 1"), evaluated on the validation split; the test split read once per run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,14 +53,16 @@ if [ "$what" = dense_holdout ]; then
         --checkpoint "$hb/checkpoint.pt"
 fi
 if [ "$what" = encoders ]; then
-    # about 40 min of one core per run (retrain took 41.5 min)
+    # 10-40 min of one core per run (retrain took 41.5 min on a loaded machine)
     hb=results/baselines/levit_tiny_fashion_mnist_holdout/checkpoint.pt
     net=(--model levit_tiny --data fashion_mnist --data-kw holdout=5000)
     for seed in ${SEEDS:-0 1}; do
-        for v in ${VARIANTS:-tree pq-l1 output dense}; do
+        for v in ${VARIANTS:-tree pq-l1 output output-refine dense}; do
             case $v in
                 tree) enc=(--ncodebooks stem.conv1.linear=9) ;;
                 output) enc=(--ncodebooks stem.conv1.linear=9 --hash-objective output) ;;
+                output-refine) enc=(--ncodebooks stem.conv1.linear=9 --hash-objective output
+                                    --encoder-option refine_sweeps=1) ;;
                 dense) enc=(--dense-control) ;;
                 *) enc=(--ncodebooks stem.conv1.linear=9 --encoder "$v") ;;
             esac

@@ -77,6 +77,7 @@ VARIANTS = {
     "tree": "tree (MADDness), stem C = 10",
     "output": "tree, output objective, stem C = 10",
     "output-refine": "tree, output objective + 1 refine sweep (split columns and thresholds), stem C = 10",
+    "refine": "tree, input objective + 1 refine sweep (split columns and thresholds), stem C = 10",
     "pq-l1": "pq-l1 (nearest centroid, L1), stem C = 10",
     "tree-global": "tree-global + 1 refine sweep, stem C = 10",
     "pq": "pq (nearest centroid, L2), stem C = 10",

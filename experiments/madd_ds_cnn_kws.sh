@@ -8,8 +8,9 @@
 # surrogate_path: retrain_wider with the hard-path surrogate, SEEDS (default "0 1"); compare with
 #   steering/budget1.0_seed* (the soft surrogate, same code and seeds)
 # encoders: issue 11 at the rule's C (retrain_long: stem C = 10, D/C = 8), one run per encoder
-#   variant in VARIANTS (default "tree output output-refine pq-l1 tree-global pq"; output-refine:
-#   the output objective with refine_sweeps=1) and seed in SEEDS (default
+#   variant in VARIANTS (default "tree output output-refine refine pq-l1 tree-global pq";
+#   output-refine: the output objective with refine_sweeps=1; refine: the input objective with
+#   refine_sweeps=1) and seed in SEEDS (default
 #   "0 1"), evaluated on the speaker-disjoint validation split; the test split is read once per
 #   run at the end (test.json)
 # budget: per-layer C from a validation-split analysis at the uniform rule's LUT bytes (with and
@@ -89,11 +90,12 @@ if [ "$what" = surrogate_path ]; then
 fi
 if [ "$what" = encoders ]; then
     for seed in ${SEEDS:-0 1}; do
-        for v in ${VARIANTS:-tree output output-refine pq-l1 tree-global pq}; do
+        for v in ${VARIANTS:-tree output output-refine refine pq-l1 tree-global pq}; do
             case $v in
                 tree) enc=() ;;
                 output) enc=(--hash-objective output) ;;
                 output-refine) enc=(--hash-objective output --encoder-option refine_sweeps=1) ;;
+                refine) enc=(--encoder-option refine_sweeps=1) ;;
                 tree-global) enc=(--encoder tree-global --encoder-option refine_sweeps=1) ;;
                 *) enc=(--encoder "$v") ;;
             esac

@@ -235,3 +235,23 @@ def test_refine_in_a_converted_layer():
 def test_refine_sweeps_refuses_bad_values(bad):
     with pytest.raises(ValueError, match="refine_sweeps"):
         TreeEncoder(ncodebooks=2, refine_sweeps=bad)
+
+
+@pytest.mark.parametrize("ridge", [None, 1.0])
+def test_refine_takes_float64_rows_and_weight(ridge):
+    gen = torch.Generator().manual_seed(10)
+    rows, weight = (
+        torch.randn(300, 8, generator=gen, dtype=torch.float64),
+        torch.randn(8, 2, dtype=torch.float64),
+    )
+    options = {"ncodebooks": 2, "hash_objective": "output", "ridge": ridge}
+    refined = TreeEncoder(refine_sweeps=1, **options).fit(rows, weight)
+    plain = TreeEncoder(**options).fit(rows, weight)
+    assert refined.thresholds_.dtype == torch.float32
+
+    def error(tree):  # the product's training error with the tree's prototypes
+        codes = tree.encode(rows).long()
+        approx = sum(tree.prototypes_[c][codes[:, c]] for c in range(2)).double() @ weight
+        return float(((approx - rows @ weight) ** 2).sum())
+
+    assert error(refined) < error(plain)

@@ -5,8 +5,9 @@ Per column the rows are visited in ascending value order while each node keeps i
 sum of ``delta``, its row count and its last value; at the first row of a new value in a
 node, sending that node's rows from there on right costs the node's total minus its running
 sum. O(N) per column with O(nnodes) state, where the tensor form needs (N, nnodes)
-temporaries; columns run in parallel (``prange``). Same cuts as the tensor form (the first,
-i.e. lowest, of equal-cost cuts), up to the rounding of the running sums.
+temporaries; columns run in parallel (``prange``). It keeps the lowest of equal-cost cuts;
+the tensor form reaches the same loss, but where two cuts tie (to rounding) it may keep
+another of them.
 """
 
 from __future__ import annotations

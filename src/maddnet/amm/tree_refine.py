@@ -136,8 +136,9 @@ def best_level_splits(
             and sweep).
         backend: see :func:`level_cut_table`.
 
-    Only cuts that leave rows on both sides are considered: emptying a subtree would retire
-    its leaves for good (no later step could route rows back to a code without rows). The
+    Only cuts that leave rows on both sides are considered, so a step never empties a
+    subtree of this node (a code with no training rows gets its LUT row from the prior alone,
+    and its rows at inference time would be few and unlike the rest). The
     threshold lies between the node's two neighbouring values
     (:func:`maddnet.amm.hashing.split_thresholds`), as the greedy learner's does.
 
@@ -187,6 +188,10 @@ def refine_trees(
         candidates: per codebook, the (d_c,) int64 global columns its tree may split on.
         sweeps: passes over all codebooks (>= 1).
         backend: the cut search's, see :func:`level_cut_table`.
+
+    Memory: ``targets`` and three (N, R) float64 arrays (the prediction, one codebook's
+    residual and table rows), plus (N, K); for the input objective R = D, so a wide layer
+    refined on many rows needs about 32 N D bytes (1.8 GB per array at N = 50,000, D = 4,608).
 
     Returns:
         New (split_dims, thresholds) and the training rows' codes (N, C) int64. The loss

@@ -107,7 +107,8 @@ class Encoder(ABC):
 
         ``weight`` (D, M) is the matrix the codes will multiply; encoders whose objective
         is the product (e.g. the tree with ``hash_objective="output"``) read it, others
-        ignore it. Raises ``ValueError`` for too few rows (fewer than K) or C > D.
+        only check it. Raises ``ValueError`` for too few rows (fewer than K), C > D, or
+        NaN/inf in the rows or the weight.
         """
         codes = self.fit_codes(rows, weight)
         if self.ridge is not None:

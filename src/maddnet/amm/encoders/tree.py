@@ -147,7 +147,7 @@ class TreeEncoder(Encoder):
         def solve_tables(codes: torch.Tensor) -> torch.Tensor:
             prior = prototype_fit.block_leaf_means(rows, codes, bounds, initial)
             if self.ridge is None:
-                return (prior @ weight if output_aware else prior).double()
+                return (prior @ weight.float() if output_aware else prior).double()
             if output_aware:
                 return prototype_fit.ridge_lut(rows, codes, prior, self.ridge, weight).double()
             return prototype_fit.ridge_prototypes(rows, codes, prior, self.ridge).double()

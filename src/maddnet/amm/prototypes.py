@@ -47,7 +47,7 @@ def block_leaf_means(
         bounds: the codebooks' blocks ``(start, stop)``.
         fallback: (C, K, D) prototypes kept for codes no row has (e.g. the tree's leaf means).
     """
-    ncodebooks, nprototypes, _ = fallback.shape
+    nprototypes = fallback.shape[1]
     means = fallback.float().clone()
     for c, (start, stop) in enumerate(bounds):
         leaf = codes[:, c].long()

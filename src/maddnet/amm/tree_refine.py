@@ -203,9 +203,7 @@ def refine_trees(
     nrows = rows.shape[0]
     rows = rows.float()
     root = torch.zeros(nrows, dtype=torch.int64, device=rows.device)
-    codes = torch.stack(
-        [descend(rows[:, split_dims[c]], thresholds[c], 0, root) for c in range(ncodebooks)], dim=1
-    )
+    codes = hashing.encode(rows, split_dims, thresholds).long()
     index = torch.arange(nrows, device=rows.device)
     for _ in range(sweeps):
         tables = solve_tables(codes)

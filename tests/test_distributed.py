@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from maddnet.train import ResumableSampler, build_optimizer, evaluate, train_steps
+from maddnet.train.distributed import cleanup, leaving_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -70,8 +71,7 @@ def _train_and_eval(rank: int, world_size: int, out_dir: str) -> None:
     state = {k: v.tolist() for k, v in getattr(model, "module", model).state_dict().items()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"result": result, "state": state}, handle)
-    if world_size > 1:
-        dist.destroy_process_group()
+    cleanup()  # a barrier, then leave: no rank closes its connections while the other reads
 
 
 def _single_process_reference(world_size: int) -> dict:
@@ -165,3 +165,38 @@ def test_torchrun_cli_two_processes(tmp_path):
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line
     ]
     assert [e["epoch"] for e in evals] == [1, 2, 3]  # written once, by rank 0
+
+
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A gloo process group of one rank in this process; the barriers it sees are counted."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: (barriers.append(1), real_barrier(*a, **k)))
+    yield barriers
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_leaving_process_group_meets_at_a_barrier_after_a_normal_end(one_rank_group):
+    with leaving_process_group():
+        pass
+    assert not dist.is_initialized()
+    assert one_rank_group == [1]
+
+
+def test_leaving_process_group_leaves_at_once_when_the_body_raised(one_rank_group):
+    # a failed peer may be gone: a barrier would wait for the group's timeout
+    with pytest.raises(ValueError, match="rank failed"), leaving_process_group():
+        raise ValueError("rank failed")
+    assert not dist.is_initialized()
+    assert one_rank_group == []
+
+
+def test_cleanup_without_a_process_group_does_nothing():
+    assert not dist.is_initialized()
+    cleanup()
+    cleanup(synchronize=False)
+    with leaving_process_group():
+        pass

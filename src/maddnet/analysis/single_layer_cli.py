@@ -104,12 +104,10 @@ def cell_settings(args: argparse.Namespace, spec, device: str) -> dict[str, Any]
 
 def run(args: argparse.Namespace) -> int:
     """Under torchrun the (layer, C) cells are split over the ranks and rank 0 writes."""
-    from ..train.distributed import cleanup
+    from ..train.distributed import leaving_process_group
 
-    try:
+    with leaving_process_group():
         return _run(args)
-    finally:
-        cleanup()  # leave the process group (under torchrun)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -33,15 +33,13 @@ from .config import RetrainConfig, migrate_flat_spec
 
 def execute(config: RetrainConfig) -> int:
     from ..nn import summary
-    from ..train.distributed import cleanup
+    from ..train.distributed import leaving_process_group
     from .pipeline import run_retrain
     from .report import markdown_report, write_report
 
     start = time.time()
-    try:
+    with leaving_process_group():
         result = run_retrain(config)
-    finally:
-        cleanup()  # leave the process group (under torchrun) also when a rank failed
     if result["rank"] != 0:
         return 0  # rank 0 writes the report and prints the summary
     saved = json.loads(Path(config.out_dir, "config.json").read_text())

@@ -94,10 +94,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from maddnet.train.distributed import leaving_process_group
     from maddnet.train.runner import run_training
 
     config = config_from_args(args)
-    results = run_training(config)
+    with leaving_process_group():  # under torchrun
+        results = run_training(config)
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0
 

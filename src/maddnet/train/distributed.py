@@ -11,7 +11,8 @@ others at once (see docs/retrain.md, "Failures").
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -236,6 +237,30 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def leaving_process_group() -> Iterator[None]:
+    """Run a command's body, then leave the process group (under torchrun; a no-op
+    without one): after a barrier when the body ends normally, at once when it raised
+    (see :func:`cleanup`)."""
+    try:
+        yield
+    except BaseException:
+        cleanup(synchronize=False)
+        raise
+    cleanup()
+
+
+def cleanup(synchronize: bool = True) -> None:
+    """Leave the process group (a no-op without one).
+
+    With ``synchronize`` (the normal end of a run) the ranks first meet at a barrier, so
+    that no rank tears down its gloo connections while a peer still reads from them: a
+    rank that left early could make the other abort in C++ (SIGABRT, "terminate called
+    without an active exception"). After a failure pass ``synchronize=False``: a peer may
+    be gone, and the barrier would wait for the process group's timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -14,7 +14,7 @@
 # dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
 #   analysis on them (what per-layer C should be chosen from)
 # per_layer_c: after dense_holdout, the uniform rule against the per-layer allocation of its LUT
-#   bytes on that baseline, SEEDS (default "0 1")
+#   bytes on that baseline, SEEDS (default "0 1") and VARIANTS (default "rule budget")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -162,13 +162,13 @@ if [ "$what" = per_layer_c ]; then
     # the uniform rule (D/C = 9; classifier D/C = 8) against the per-layer allocation of the
     # same LUT bytes chosen from the validation-split analysis (docs/encoders.md, "Per-layer
     # C"), both at rule_long's budget of steps, validated on the 5,000 held-out images, the
-    # test split read once per run; SEEDS (default "0 1")
+    # test split read once per run; SEEDS (default "0 1"), VARIANTS (default "rule budget")
     hb=results/baselines/resnet9_fashion_mnist_holdout
     net=(--model resnet9 --model-kw width=16 --data fashion_mnist --data-kw holdout=5000)
     steps=(--steps-per-layer 400 --final-steps 2000 --batch-size 128 --eval-split val --eval-samples 2000
            --distill 0.5 --threads 1 --no-progress --device cpu --checkpoint "$hb/checkpoint.pt")
     for seed in ${SEEDS:-0 1}; do
-        for v in rule budget; do
+        for v in ${VARIANTS:-rule budget}; do
             run="$out/per_layer_c/${v}_seed${seed}"
             extra=()
             if [ "$v" = budget ]; then

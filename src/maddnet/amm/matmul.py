@@ -57,7 +57,8 @@ class MaddnessMatmul:
             product, ``A_block @ B_block`` (needs B when learning the encoder).
             ``ncandidates`` and ``hash_objective`` are options of the tree encoder.
         encoder: registry name of the encoder (``maddnet.amm.encoders.ENCODERS``).
-        encoder_options: further constructor arguments of a non-tree encoder.
+        encoder_options: further constructor arguments of the encoder, those without a
+            parameter here (e.g. the tree's ``refine_sweeps``, docs/encoders.md).
 
     Fitted attributes (torch tensors on the device of the training data):
         encoder_ (the fitted :class:`~maddnet.amm.encoders.Encoder`), prototypes_

@@ -44,7 +44,9 @@ class LayerSpec:
         "encoder registry name (maddnet.amm.encoders.ENCODERS); 'tree' is MADDness", default="tree"
     )
     encoder_options: Mapping[str, Any] = _help(
-        "further constructor arguments of a non-tree encoder", default_factory=dict
+        "further constructor arguments of the encoder (those without a field here), e.g. the "
+        "tree's refine_sweeps or the pq encoders' iterations; docs/encoders.md",
+        default_factory=dict,
     )
     ridge: float | None = _help(
         "lambda of the joint prototype ridge regression; None keeps the encoder's prototypes (leaf means)",

@@ -254,10 +254,11 @@ def cleanup(synchronize: bool = True) -> None:
     """Leave the process group (a no-op without one).
 
     With ``synchronize`` (the normal end of a run) the ranks first meet at a barrier, so
-    that no rank tears down its gloo connections while a peer still reads from them: a
-    rank that left early could make the other abort in C++ (SIGABRT, "terminate called
-    without an active exception"). After a failure pass ``synchronize=False``: a peer may
-    be gone, and the barrier would wait for the process group's timeout.
+    that no rank tears down its gloo connections while a peer may still use them. Without
+    one, a 2-rank test once saw a rank abort in C++ at the end (SIGABRT, "terminate called
+    without an active exception"; not reproduced in ~100 reruns, so the teardown race is
+    the likely cause, not a proven one). After a failure pass ``synchronize=False``: a
+    peer may be gone, and the barrier would wait for the process group's timeout.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -242,7 +242,7 @@ def test_refine_takes_float64_rows_and_weight(ridge):
     gen = torch.Generator().manual_seed(10)
     rows, weight = (
         torch.randn(300, 8, generator=gen, dtype=torch.float64),
-        torch.randn(8, 2, dtype=torch.float64),
+        torch.randn(8, 2, generator=gen, dtype=torch.float64),
     )
     options = {"ncodebooks": 2, "hash_objective": "output", "ridge": ridge}
     refined = TreeEncoder(refine_sweeps=1, **options).fit(rows, weight)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import _refine_kernel, _split_kernel, hashing
 
@@ -189,9 +190,10 @@ def refine_trees(
         sweeps: passes over all codebooks (>= 1).
         backend: the cut search's, see :func:`level_cut_table`.
 
-    Memory: ``targets`` and three (N, R) float64 arrays (the prediction, one codebook's
-    residual and table rows), plus (N, K); for the input objective R = D, so a wide layer
-    refined on many rows needs about 32 N D bytes (1.8 GB per array at N = 50,000, D = 4,608).
+    Memory: ``targets`` and the running error, two (N, R) float64 arrays, plus a few (N, K);
+    for the input objective R = D, so a wide layer refined on many rows needs about 16 N D
+    bytes (1.8 GB per array at N = 50,000, D = 4,608). For the output objective the caller
+    can pass R = min(D, M) columns (``encoders.tree.product_basis``).
 
     Returns:
         New (split_dims, thresholds) and the training rows' codes (N, C) int64. The loss
@@ -205,14 +207,20 @@ def refine_trees(
     root = torch.zeros(nrows, dtype=torch.int64, device=rows.device)
     codes = hashing.encode(rows, split_dims, thresholds).long()
     index = torch.arange(nrows, device=rows.device)
+    offsets = torch.arange(ncodebooks, device=rows.device) * (1 << depth)
     for _ in range(sweeps):
         tables = solve_tables(codes)
-        prediction = sum(tables[c][codes[:, c]] for c in range(ncodebooks))
+        nprototypes = tables.shape[1]
+        # error = targets - sum_c T[c, code_c], one gather-sum over all codebooks
+        flat = tables.reshape(ncodebooks * nprototypes, -1)
+        error = targets - F.embedding_bag(codes + offsets, flat, mode="sum")
         for c in range(ncodebooks):
             table = tables[c]
-            previous = table[codes[:, c]]
-            residual = targets - prediction + previous
-            loss = (table * table).sum(1)[None, :] - 2 * residual @ table.T  # (N, K)
+            # ||r - T_k||^2 - ||r||^2 with r = error + T[code] (what the other codebooks
+            # leave): ||T_k||^2 - 2 error . T_k - 2 T[code] . T_k, the last from the K x K Gram
+            # matrix, so r itself (N x R) is never formed
+            gram = table @ table.T
+            loss = gram.diagonal()[None, :] - 2 * (error @ table.T) - 2 * gram[codes[:, c]]  # (N, K)
             values = rows[:, split_dims[c]]
             # the current splits are always candidates, so no step can raise the loss
             columns = torch.unique(torch.cat([candidates[c].to(rows.device), split_dims[c]]))
@@ -234,6 +242,8 @@ def refine_trees(
                 split_dims[c, t] = columns[chosen]
                 thresholds[c, level] = level_thresholds[chosen]
                 values[:, t] = rows[:, columns[chosen]]
-            codes[:, c] = descend(values, thresholds[c], 0, root)
-            prediction += table[codes[:, c]] - previous
+            new_codes = descend(values, thresholds[c], 0, root)
+            moved = (new_codes != codes[:, c]).nonzero()[:, 0]
+            error[moved] += table[codes[moved, c]] - table[new_codes[moved]]
+            codes[:, c] = new_codes
     return split_dims, thresholds, codes

@@ -107,7 +107,7 @@ class TreeEncoder(Encoder):
             steering = steering_columns(rows, weight, bounds, self.channel_budget, self.channel_size)
         trees, split_dims = [], []
         for index, (start, stop) in enumerate(bounds):
-            targets = rows[:, start:stop] @ weight[start:stop] if output_aware else None
+            targets = rows[:, start:stop] @ product_basis(weight[start:stop]) if output_aware else None
             columns = None if steering is None else steering[index]
             tree = hashing.learn_tree(
                 rows[:, start:stop],
@@ -142,6 +142,10 @@ class TreeEncoder(Encoder):
         state and returns the codes (N, C) and the block leaf means of those codes."""
         output_aware = self.hash_objective == "output"
         rows = rows.float()
+        if output_aware:
+            # the product's errors and tables on min(D, M) columns: the same losses, so the
+            # same refinement, up to rounding (product_basis)
+            weight = product_basis(weight)
         targets = rows.double() @ weight.double() if output_aware else rows.double()
 
         def solve_tables(codes: torch.Tensor) -> torch.Tensor:
@@ -270,3 +274,19 @@ def steering_columns(
             nearest = torch.topk(explained, min(stop - start, allowed_columns.numel())).indices
             result.append(allowed_columns[nearest.sort().values])
     return result
+
+
+def product_basis(weight: torch.Tensor) -> torch.Tensor:
+    """A (D, r) stand-in for the weight B (D, M) in the output objective's losses, r = min(D, M).
+
+    With the thin SVD ``B = U S V^T``, ``||x B|| = ||x U S||`` for every row x, because V's
+    columns are orthonormal. Every loss the output objective computes is a sum of such
+    norms (a split's SSE of ``A_block B_block``, a row's error against a table fitted to
+    ``A B``, which is ``P B`` and so has the same V), so ``U S`` gives the same losses on r
+    columns instead of M: a block of w = 8 columns of a 1,024-output layer costs 128x less.
+    Returns B itself where M <= D (no saving); float64 SVD, result in B's dtype.
+    """
+    if weight.shape[1] <= weight.shape[0]:
+        return weight
+    u, s, _ = torch.linalg.svd(weight.double(), full_matrices=False)
+    return (u * s).to(weight.dtype)

@@ -39,3 +39,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# the tree settings of a default MADD layer (LayerSpec(): 4 candidate columns per level, the
+# output objective, one refine sweep), written out rather than read from LayerSpec so that
+# the layers are checked against an independent statement of the default
+DEFAULT_LAYER_TREE = {"ncandidates": 4, "hash_objective": "output", "encoder_options": {"refine_sweeps": 1}}
+# MADDness's trees in a layer: LayerSpec(hash_objective="input", refine_sweeps=0)
+MADDNESS_LAYER_TREE = {"ncandidates": 4, "hash_objective": "input"}
+
+
+@pytest.fixture(scope="session")
+def layer_amm():
+    """``layer_amm(C, maddness=False, **kwargs)``: an unfitted ``MaddnessMatmul`` that a MADD
+    layer of C codebooks must equal when fitted on the same rows and weight: the default
+    layer's trees, or with ``maddness=True`` those of ``LayerSpec(hash_objective="input",
+    refine_sweeps=0)``; ``kwargs`` (e.g. lut_bits) go to the estimator."""
+    from maddnet import MaddnessMatmul
+
+    def make(ncodebooks: int, maddness: bool = False, **kwargs):
+        tree = MADDNESS_LAYER_TREE if maddness else DEFAULT_LAYER_TREE
+        return MaddnessMatmul(ncodebooks=ncodebooks, **tree, **kwargs)
+
+    return make

@@ -129,7 +129,8 @@ NON_DEFAULT_SPEC = {
     ),
     "ridge": (["--ridge", "none"], None),
     "ncandidates": (["--ncandidates", "6"], 6),
-    "hash_objective": (["--hash-objective", "output"], "output"),
+    "hash_objective": (["--hash-objective", "input"], "input"),
+    "refine_sweeps": (["--refine-sweeps", "0"], 0),
     "channel_budget": (["--channel-budget", "0.5"], 0.5),
     "lut_bits": (["--lut-bits", "0"], None),
     "lut_granularity": (["--lut-granularity", "column"], "column"),
@@ -328,7 +329,7 @@ def test_config_file_errors(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- old config.json files
-OLD_RUNS = sorted(ROOT.glob("results/*/*/config.json"))
+OLD_RUNS = sorted(ROOT.glob("results/**/config.json"))
 OLD_RETRAIN_RUNS = [p for p in OLD_RUNS if "steps_per_layer" in json.loads(p.read_text())]
 
 
@@ -355,20 +356,29 @@ def test_old_flat_config_is_migrated_into_the_spec_section():
     assert RetrainConfig.from_dict({**old, "temperature": 0.2}).spec.temperature == 0.2
 
 
-@pytest.mark.parametrize("path", OLD_RETRAIN_RUNS, ids=lambda p: f"{p.parent.parent.name}/{p.parent.name}")
+@pytest.mark.parametrize("path", OLD_RETRAIN_RUNS, ids=lambda p: str(p.parent.relative_to(ROOT / "results")))
 def test_committed_run_configs_load_round_trip_and_compare(path, tmp_path):
     saved = json.loads(path.read_text())
     config = RetrainConfig.load(path)
     if "spec" in saved:  # a run since the spec section
-        assert config.spec == LayerSpec(**saved["spec"])
-    else:  # the flat fields of older runs, the rest of the spec at its defaults
+        assert config.spec == LayerSpec.from_saved(saved["spec"])
+        if "refine_sweeps" not in saved["spec"] and config.spec.encoder == "tree":  # saved before it
+            options = saved["spec"].get("encoder_options") or {}
+            assert config.spec.hash_objective == saved["spec"].get("hash_objective", "input")
+            assert config.spec.refine_sweeps == options.get("refine_sweeps", 0)
+    else:  # the flat fields of older runs, the rest of the spec at its defaults then
         fields = ("nprototypes", "lut_bits", "lut_granularity", "ridge", "qat")
-        assert config.spec == LayerSpec(**{f: saved[f] for f in fields})
+        then = {"hash_objective": "input", "refine_sweeps": 0}
+        assert config.spec == LayerSpec(**{f: saved[f] for f in fields}, **then)
     config.save(tmp_path / "config.json")
     assert RetrainConfig.load(tmp_path / "config.json") == config
     assert config.differences(RetrainConfig.load(tmp_path / "config.json")) == {}
-    # the same file as a --config: the same run
-    assert retrain_config(["retrain", "--config", str(path)]).differences(config) == {}
+    # the same file as a --config, with the tree settings a field it lacks now defaults to
+    # given as flags: the same run
+    spec = config.spec
+    trees = ["--hash-objective", spec.hash_objective, "--refine-sweeps", str(spec.refine_sweeps)]
+    trees = trees if spec.encoder == "tree" else []
+    assert retrain_config(["retrain", "--config", str(path), *trees]).differences(config) == {}
 
 
 def test_the_experiment_command_still_matches_its_committed_run():
@@ -415,7 +425,14 @@ def test_the_experiment_command_still_matches_its_committed_run():
         "--out",
         "results/resnet9_fashion_mnist/retrain_wide_long",
     ]
-    assert retrain_config(argv).differences(RetrainConfig.load(path)) == {}
+    # the experiment script pins MADDness's trees, the default when the run was made
+    saved = RetrainConfig.load(path)
+    assert retrain_config(argv).differences(saved) == {
+        "spec.hash_objective": ("output", "input"),
+        "spec.refine_sweeps": (1, 0),
+    }
+    argv += ["--hash-objective", "input", "--refine-sweeps", "0"]
+    assert retrain_config(argv).differences(saved) == {}
     other = retrain_config(argv + ["--temperature", "0.3", "--seed", "1"])
     assert other.differences(RetrainConfig.load(path)) == {"seed": (1, 0), "spec.temperature": (0.3, 0.5)}
 

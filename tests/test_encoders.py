@@ -76,13 +76,16 @@ def test_tree_global_layers_take_the_surrogate():
     spec = LayerSpec(encoder="tree-global", surrogate="soft-bf16")
     layer = MaddLinear.from_dense(nn.Linear(16, 4), low_rank_rows(600, 16), ncodebooks=2, spec=spec)
     assert layer.surrogate == "soft-bf16" and layer.encoder.surrogate == "soft-bf16"
-    with pytest.raises(ValueError, match="configure the tree encoder"):
-        LayerSpec(encoder="tree-global", hash_objective="output")
+    for tree_only in ({"hash_objective": "input"}, {"refine_sweeps": 0}):
+        with pytest.raises(ValueError, match="configure the tree encoder"):
+            LayerSpec(encoder="tree-global", **tree_only)
 
 
 def test_hash_objective_reaches_the_layers():
     rows, linear = low_rank_rows(1500, 16), nn.Linear(16, 4)
-    layer = MaddLinear.from_dense(linear, rows, ncodebooks=2, hash_objective="output", lut_bits=None)
+    layer = MaddLinear.from_dense(
+        linear, rows, ncodebooks=2, hash_objective="output", refine_sweeps=0, lut_bits=None
+    )
     amm = MaddnessMatmul(ncodebooks=2, ncandidates=4, hash_objective="output", lut_bits=None)
     amm.fit(rows, linear.weight.detach().T)
     assert torch.equal(layer.split_dims, amm.split_dims_) and torch.equal(

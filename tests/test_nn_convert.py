@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maddnet import MaddnessMatmul
 from maddnet.nn import (
     LayerSpec,
     MaddConfig,
@@ -82,7 +81,7 @@ def test_prepare_records_bounded_rows_and_convert_refuses_too_few():
     assert not madd_layers(model)
 
 
-def test_convert_one_call_matches_maddness_fit_on_the_same_rows():
+def test_convert_one_call_matches_maddness_fit_on_the_same_rows(layer_amm):
     model = small_cnn().eval()
     batches = image_batches()
     config = MaddConfig(layers=["0", "3", "5"], min_rows=64, max_rows=400, spec=LayerSpec(lut_bits=8))
@@ -99,7 +98,7 @@ def test_convert_one_call_matches_maddness_fit_on_the_same_rows():
     assert layers["5"].ncodebooks == 2  # 1x1 conv: D // 8
     for name, layer in layers.items():
         conv = dense_convs[name]
-        amm = MaddnessMatmul(ncodebooks=layer.ncodebooks, lut_bits=8, ncandidates=config.spec.ncandidates)
+        amm = layer_amm(layer.ncodebooks, lut_bits=8)
         amm.fit(rows[name], conv.weight.detach().reshape(conv.out_channels, -1).T)
         assert torch.equal(layer.split_dims, amm.split_dims_)
         assert torch.equal(layer.thresholds.detach(), amm.thresholds_)

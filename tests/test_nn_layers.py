@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maddnet import MaddnessMatmul
 from maddnet.amm.hashing import encode
 from maddnet.amm.lut import lut_sum, quantized_lut_sum
 from maddnet.nn import MaddConv2d, MaddLinear
@@ -34,14 +33,18 @@ def rows_to_image(y: torch.Tensor, batch: int, out_h: int, out_w: int) -> torch.
     [(3, 1, 1, 1, True), ((3, 2), 2, (1, 0), 1, False), (3, 1, 2, 2, True), (1, 1, 0, 1, True)],
 )
 @pytest.mark.parametrize("lut_bits", [None, 8])
-def test_conv_equals_maddness_on_unfolded_rows(kernel, stride, padding, dilation, bias, lut_bits):
+@pytest.mark.parametrize("maddness", [False, True], ids=["default", "maddness"])
+def test_conv_equals_maddness_on_unfolded_rows(
+    kernel, stride, padding, dilation, bias, lut_bits, maddness, layer_amm
+):
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, kernel, stride=stride, padding=padding, dilation=dilation, bias=bias)
     x = torch.randn(3, 6, 11, 9)
     rows = unfold_rows(x, conv)
     ncodebooks = 6 if conv.kernel_size != (1, 1) else 2
-    layer = MaddConv2d.from_dense(conv, rows, ncodebooks=ncodebooks, lut_bits=lut_bits).eval()
-    amm = MaddnessMatmul(ncodebooks=ncodebooks, lut_bits=lut_bits, ncandidates=4)
+    trees = {"hash_objective": "input", "refine_sweeps": 0} if maddness else {}
+    layer = MaddConv2d.from_dense(conv, rows, ncodebooks=ncodebooks, lut_bits=lut_bits, **trees).eval()
+    amm = layer_amm(ncodebooks, maddness=maddness, lut_bits=lut_bits)
     amm.fit(rows, conv.weight.detach().reshape(10, -1).T)
     expected = amm(rows) + (conv.bias if bias else 0)
     with torch.no_grad():
@@ -55,14 +58,14 @@ def test_conv_equals_maddness_on_unfolded_rows(kernel, stride, padding, dilation
     assert out.is_contiguous()
 
 
-def test_linear_any_leading_dims_equals_maddness():
+def test_linear_any_leading_dims_equals_maddness(layer_amm):
     torch.manual_seed(1)
     linear = nn.Linear(24, 7)
     x = torch.randn(5, 13, 24)
     rows = x.reshape(-1, 24)
     for bits in (None, 8):
         layer = MaddLinear.from_dense(linear, rows, ncodebooks=3, lut_bits=bits).eval()
-        amm = MaddnessMatmul(ncodebooks=3, lut_bits=bits, ncandidates=4).fit(rows, linear.weight.detach().T)
+        amm = layer_amm(3, lut_bits=bits).fit(rows, linear.weight.detach().T)
         with torch.no_grad():
             out = layer(x)
         assert out.shape == (5, 13, 7)
@@ -89,20 +92,20 @@ def test_eval_fast_path_matches_training_path():
         torch.testing.assert_close(layer(x.clone().requires_grad_()), fast, rtol=0, atol=1e-5)
 
 
-def test_int8_eval_uses_quantized_lut_and_float_train_without_qat():
+def test_int8_eval_uses_quantized_lut_and_float_train_without_qat(layer_amm):
     torch.manual_seed(3)
     linear = nn.Linear(16, 5)
     rows = torch.randn(300, 16)
     layer = MaddLinear.from_dense(linear, rows, ncodebooks=2, lut_bits=8, qat=False)
-    amm_q = MaddnessMatmul(ncodebooks=2, lut_bits=8, ncandidates=4).fit(rows, linear.weight.detach().T)
-    amm_f = MaddnessMatmul(ncodebooks=2, lut_bits=None, ncandidates=4).fit(rows, linear.weight.detach().T)
+    amm_q = layer_amm(2, lut_bits=8).fit(rows, linear.weight.detach().T)
+    amm_f = layer_amm(2, lut_bits=None).fit(rows, linear.weight.detach().T)
     with torch.no_grad():
         torch.testing.assert_close(layer.eval()(rows), amm_q(rows) + linear.bias, rtol=0, atol=1e-5)
         torch.testing.assert_close(layer.train()(rows), amm_f(rows) + linear.bias, rtol=0, atol=1e-5)
     assert torch.equal(layer.lut_q_values, amm_q.lut_q_.values)
 
 
-def test_quantized_buffers_follow_lut_changes():
+def test_quantized_buffers_follow_lut_changes(layer_amm):
     torch.manual_seed(4)
     linear = nn.Linear(8, 3)
     rows = torch.randn(200, 8)
@@ -110,7 +113,7 @@ def test_quantized_buffers_follow_lut_changes():
     with torch.no_grad():
         layer.lut.mul_(2.0)
         out = layer(rows)
-    amm = MaddnessMatmul(ncodebooks=2, ncandidates=4).fit(rows, 2 * linear.weight.detach().T)
+    amm = layer_amm(2).fit(rows, 2 * linear.weight.detach().T)
     torch.testing.assert_close(out, amm(rows) + linear.bias, rtol=0, atol=1e-5)
 
 

@@ -12,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from maddnet import MaddnessMatmul
 from maddnet.nn import (
     MaddConfig,
     MaddConv2d,
@@ -101,7 +100,7 @@ def build(arch: dict, seed: int) -> nn.Module:
 @pytest.mark.slow
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=architectures(), seed=st.integers(0, 10_000))
-def test_random_models_convert_round_trip_and_match_the_estimator(arch, seed, tmp_path_factory):
+def test_random_models_convert_round_trip_and_match_the_estimator(arch, seed, tmp_path_factory, layer_amm):
     model = build(arch, seed)
     gen = torch.Generator().manual_seed(seed)
     size = arch["size"]
@@ -135,7 +134,7 @@ def test_random_models_convert_round_trip_and_match_the_estimator(arch, seed, tm
     for name, rows in recorded.items():
         layer, source = layers[name], dense[name]
         weight = source.weight.detach().reshape(source.weight.shape[0], -1).T
-        amm = MaddnessMatmul(ncodebooks=layer.ncodebooks, lut_bits=8, ncandidates=4).fit(rows, weight)
+        amm = layer_amm(layer.ncodebooks, lut_bits=8).fit(rows, weight)
         assert torch.equal(layer.split_dims, amm.split_dims_), name
         assert torch.equal(layer.lut_q_values, amm.lut_q_.values), name
         probe = rows[:50]

@@ -219,7 +219,7 @@ def test_refine_keeps_a_channel_budget():
 def test_refine_in_a_converted_layer():
     torch.manual_seed(0)
     rows, linear = torch.randn(500, 12), nn.Linear(12, 3)
-    spec = LayerSpec(hash_objective="output", encoder_options={"refine_sweeps": 1}, lut_bits=None)
+    spec = LayerSpec(hash_objective="output", refine_sweeps=1, lut_bits=None)
     layer = MaddLinear.from_dense(linear, rows, ncodebooks=3, spec=spec)
     amm = MaddnessMatmul(
         ncodebooks=3, lut_bits=None, hash_objective="output", encoder_options={"refine_sweeps": 1}
@@ -255,3 +255,106 @@ def test_refine_takes_float64_rows_and_weight(ridge):
         return float(((approx - rows @ weight) ** 2).sum())
 
     assert error(refined) < error(plain)
+
+
+# ---------------------------------------------------------------------- the layer default
+def test_layer_default_is_the_output_objective_with_one_refine_sweep(layer_amm):
+    spec = LayerSpec()
+    assert (spec.hash_objective, spec.refine_sweeps, spec.ncandidates) == ("output", 1, 4)
+    torch.manual_seed(2)
+    rows, linear = torch.randn(400, 12), nn.Linear(12, 3)
+    layer = MaddLinear.from_dense(linear, rows, ncodebooks=3, lut_bits=None).eval()
+    amm = layer_amm(3, lut_bits=None).fit_lut(rows, linear.weight.detach().T)
+    assert torch.equal(layer.split_dims, amm.split_dims_)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(rows[:50]), amm(rows[:50]) + linear.bias, rtol=0, atol=1e-5)
+    # MADDness's own trees are one setting away, and differ here
+    plain = MaddLinear.from_dense(
+        linear, rows, ncodebooks=3, lut_bits=None, hash_objective="input", refine_sweeps=0
+    )
+    maddness = layer_amm(3, maddness=True, lut_bits=None).fit_lut(rows, linear.weight.detach().T)
+    assert torch.equal(plain.split_dims, maddness.split_dims_)
+    assert not torch.equal(plain.thresholds, layer.thresholds)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])
+def test_layer_spec_refuses_bad_refine_sweeps(bad):
+    with pytest.raises(ValueError, match="LayerSpec.refine_sweeps"):
+        LayerSpec(refine_sweeps=bad)
+
+
+def test_the_trees_refine_sweeps_is_a_field_not_an_encoder_option():
+    with pytest.raises(ValueError, match="the LayerSpec field refine_sweeps"):
+        LayerSpec(encoder_options={"refine_sweeps": 1})
+    # tree-global's backfitting sweeps stay its own option
+    assert LayerSpec(encoder="tree-global", encoder_options={"refine_sweeps": 1}).refine_sweeps == 1
+
+
+def test_specs_saved_before_the_default_changed_read_as_maddness():
+    """A saved spec names every field it had: one lacking refine_sweeps was saved when the
+    default was MADDness's trees, and means them (a config file's missing field does not)."""
+    old_tree = {k: v for k, v in LayerSpec(hash_objective="input").to_dict().items() if k != "refine_sweeps"}
+    assert LayerSpec.from_saved(old_tree) == LayerSpec(hash_objective="input", refine_sweeps=0)
+    assert LayerSpec.from_dict(old_tree) == LayerSpec(hash_objective="input", refine_sweeps=1)
+    # runs made with the refinement as an encoder option, saved or as a config file
+    refined = {**old_tree, "hash_objective": "output", "encoder_options": {"refine_sweeps": 1}}
+    assert LayerSpec.from_saved(refined) == LayerSpec(hash_objective="output", refine_sweeps=1)
+    assert LayerSpec.from_dict(refined) == LayerSpec(hash_objective="output", refine_sweeps=1)
+    with pytest.raises(ValueError, match="both as a field and as an encoder option"):
+        LayerSpec.from_dict({**refined, "refine_sweeps": 1})
+    # other encoders held the tree fields at their defaults then: read as not given
+    old_pq = {**old_tree, "encoder": "pq-l1"}
+    assert LayerSpec.from_saved(old_pq) == LayerSpec.from_dict(old_pq) == LayerSpec(encoder="pq-l1")
+    with pytest.raises(ValueError, match="configure the tree encoder"):
+        LayerSpec.from_dict({**old_pq, "refine_sweeps": 2})  # never a default: refused
+    # today's saved specs round-trip unchanged
+    for spec in (
+        LayerSpec(),
+        LayerSpec(refine_sweeps=0),
+        LayerSpec(encoder="pq"),
+        LayerSpec(hash_objective="input"),
+    ):
+        assert LayerSpec.from_saved(spec.to_dict()) == spec
+
+
+def test_a_layer_saved_before_the_default_changed_keeps_its_trees(tmp_path):
+    torch.manual_seed(3)
+    rows, linear = torch.randn(300, 8), nn.Linear(8, 2)
+    layer = MaddLinear.from_dense(linear, rows, ncodebooks=2, hash_objective="input", refine_sweeps=0)
+    config = layer.get_config()
+    del config["spec"]["refine_sweeps"]  # as written before the field existed
+    twin = MaddLinear.from_config(config)
+    assert twin.spec == layer.spec
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin.eval()(rows), layer.eval()(rows))
+
+
+def test_an_analysis_folder_of_maddness_trees_still_resumes(tmp_path):
+    from maddnet.analysis.cells import CellLog
+
+    spec = LayerSpec(hash_objective="input", refine_sweeps=0)
+    old = {k: v for k, v in spec.to_dict().items() if k != "refine_sweeps"}
+    CellLog(tmp_path, {"model": "m", "spec": old}).append(0, {"layer": "a", "C": 2})
+    assert list(CellLog(tmp_path, {"model": "m", "spec": spec.to_dict()}).load()) == [("a", 2)]
+    with pytest.raises(ValueError, match="spec"):
+        CellLog(tmp_path, {"model": "m", "spec": LayerSpec().to_dict()}).load()
+
+
+def test_product_basis_keeps_the_output_objective_losses():
+    from maddnet.amm.encoders.tree import product_basis
+
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    basis = product_basis(weight)
+    assert basis.shape == (6, 6) and basis.dtype == torch.float64
+    x = torch.randn(100, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close((x @ basis).norm(dim=1), (x @ weight).norm(dim=1), rtol=1e-12, atol=0)
+    tall = torch.randn(40, 6, generator=gen)
+    assert product_basis(tall) is tall  # M <= D: nothing to gain
+    # the split search finds the same tree on the M = 50 products and on their 8-column basis
+    block, block_weight = torch.randn(600, 8, generator=gen), torch.randn(8, 50, generator=gen)
+    full = hashing.learn_tree(block, 4, 4, targets=block @ block_weight)
+    reduced = hashing.learn_tree(block, 4, 4, targets=block @ product_basis(block_weight))
+    assert torch.equal(full.split_dims, reduced.split_dims)
+    torch.testing.assert_close(full.thresholds, reduced.thresholds, rtol=0, atol=0)

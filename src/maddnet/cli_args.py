@@ -286,6 +286,7 @@ def _spec_flag_options() -> dict[str, dict[str, Any]]:
         "encoder_options": {"flags": ("--encoder-option",)},
         "ridge": {"type": ridge_type, "metavar": "LAMBDA|none", "note": "write None as none"},
         "hash_objective": {"choices": list(HASH_OBJECTIVES)},
+        "refine_sweeps": {"type": non_negative_int, "metavar": "SWEEPS"},
         "lut_bits": {"type": lut_bits_type, "metavar": "BITS", "note": "write None as 0 or none"},
         "lut_granularity": {"choices": list(GRANULARITIES)},
         "surrogate": {"choices": list(SURROGATES)},

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..nn.spec import LayerSpec
 from ..train.metrics import JsonlWriter
 
 SETTINGS_FILE = "cells_settings.json"
@@ -57,6 +58,10 @@ class CellLog:
         path = self.folder / SETTINGS_FILE
         if path.exists():
             stored = json.loads(path.read_text())
+            if isinstance(stored.get("spec"), dict):
+                # read as the cells were made: a field added since takes its former value
+                spec = LayerSpec.from_saved(stored["spec"]).to_dict()
+                stored["spec"] = json.loads(json.dumps(spec, sort_keys=True))
             if stored != self.settings:
                 keys = sorted(
                     k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k)

@@ -306,7 +306,7 @@ def run_network(
     elif "steps_per_layer" in values:  # a retraining run without a checkpoint yet
         from ..retrain.config import RetrainConfig
 
-        retrain = RetrainConfig.from_dict(values)
+        retrain = RetrainConfig.from_saved(values)
         shapes, other = _forward_shapes(dense, info, batch, device)
         params = {} if retrain.dense_control else madd_params_by_rule(dense, retrain.madd_config())
         source = f"run folder {folder}: conversion settings of config.json (no checkpoint.pt)"

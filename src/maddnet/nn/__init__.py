@@ -35,7 +35,7 @@ from .plan import (
 )
 from .prune import needed_inputs, prune_unread
 from .recording import RowRecorder
-from .spec import LayerSpec
+from .spec import MADDNESS_TREE, LayerSpec
 
 __all__ = [
     "DEFAULT_MAPPING",
@@ -46,6 +46,7 @@ __all__ = [
     "GlobalTreeEncoderModule",
     "NearestPrototypeModule",
     "LayerSpec",
+    "MADDNESS_TREE",
     "MaddConfig",
     "MaddConv2d",
     "MaddLayer",

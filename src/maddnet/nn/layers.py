@@ -411,9 +411,9 @@ class _MaddLayer(nn.Module):
         config = dict(config)
         float_lut = config.pop("float_lut", True)
         if "spec" in config:
-            spec = LayerSpec.from_dict(config.pop("spec"))
+            spec = LayerSpec.from_saved(config.pop("spec"))
         else:
-            spec = LayerSpec(**{key: config.pop(key) for key in _LEGACY_SPEC_KEYS if key in config})
+            spec = LayerSpec.from_saved({key: config.pop(key) for key in _LEGACY_SPEC_KEYS if key in config})
         layer = cls(**config, spec=spec, device=device)
         if not float_lut:
             layer.drop_float_lut()
@@ -890,7 +890,12 @@ def learn_amm(
         lut_granularity=spec.lut_granularity,
         hash_objective=spec.hash_objective,
         encoder=spec.encoder,
-        encoder_options={**spec.encoder_options, **spec.steering_options(channel_size)},
+        encoder_options={
+            **spec.encoder_options,
+            # MaddnessMatmul has no refine_sweeps argument (its tree reproduces MADDness)
+            **({"refine_sweeps": spec.refine_sweeps} if spec.encoder == "tree" else {}),
+            **spec.steering_options(channel_size),
+        },
     )
     # the layer keeps the LUT, not the prototypes: solve the ridge step for the weight
     # directly (M instead of D right-hand sides where M < D, e.g. 9x fewer for a 3x3 conv)

@@ -22,7 +22,12 @@ from ..amm.lut import GRANULARITIES
 SURROGATES = ("soft", "soft-bf16", "path")
 DEFAULT_TEMPERATURE = 0.5
 # fields that configure the tree encoder (its learning and its training surrogate)
-TREE_FIELDS = ("ncandidates", "hash_objective", "surrogate", "channel_budget")
+TREE_FIELDS = ("ncandidates", "hash_objective", "refine_sweeps", "surrogate", "channel_budget")
+# the original MADDness trees (Blalock & Guttag 2021): LayerSpec(**MADDNESS_TREE). They were
+# LayerSpec's defaults until 2026-12-01, when layers moved to output-aware, refined trees, so
+# these are also the former defaults: a spec saved by an older maddnet either holds these
+# fields with these values or lacks them, and meant these values (LayerSpec.from_saved)
+MADDNESS_TREE: dict[str, Any] = {"hash_objective": "input", "refine_sweeps": 0}
 # encoders whose layer module is the tree's (maddnet.nn.encoders.TreeEncoderModule): they take
 # the `surrogate` field too (their learning options go in encoder_options)
 SURROGATE_ENCODERS = ("tree", "tree-global")
@@ -54,8 +59,15 @@ class LayerSpec:
     )
     ncandidates: int = _help("tree: columns tried per tree level when learning", default=4)
     hash_objective: str = _help(
-        "tree: 'input' (thresholds fit the rows, MADDness) or 'output' (fit the block's product)",
-        default="input",
+        "tree: 'output' (thresholds fit the block's contribution to the product) or 'input' "
+        "(they fit the rows: MADDness); docs/encoders.md",
+        default="output",
+    )
+    refine_sweeps: int = _help(
+        "tree: sweeps of coordinate descent on the split columns and thresholds after the "
+        "greedy fit, against the error of the solved table (0: MADDness's greedy trees); same "
+        "hardware cost; docs/encoders.md",
+        default=1,
     )
     channel_budget: float | int | None = _help(
         "tree: input channels the trees may split on (steering, docs/passes.md): a fraction in "
@@ -98,6 +110,9 @@ class LayerSpec:
             raise ValueError(
                 f"LayerSpec.hash_objective must be one of {HASH_OBJECTIVES}, got {self.hash_objective!r}"
             )
+        sweeps = self.refine_sweeps
+        if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+            raise ValueError(f"LayerSpec.refine_sweeps must be an int >= 0, got {sweeps!r}")
         if isinstance(self.channel_budget, str):  # the command line's text: "0.5", "64", "none"
             object.__setattr__(self, "channel_budget", parse_channel_budget(self.channel_budget))
         check_channel_budget(self.channel_budget, "LayerSpec.channel_budget")
@@ -116,6 +131,11 @@ class LayerSpec:
             isinstance(self.temperature, int | float) and 0 < self.temperature < float("inf")
         ):
             raise ValueError(f"LayerSpec.temperature must be a positive number, got {self.temperature!r}")
+        if self.encoder == "tree" and "refine_sweeps" in self.encoder_options:
+            raise ValueError(
+                "LayerSpec.encoder_options: the tree's refine_sweeps is the LayerSpec field "
+                "refine_sweeps (--refine-sweeps), not an encoder option"
+            )
         self._check_encoder_options()
         if self.encoder != "tree":
             defaults = LayerSpec()
@@ -167,12 +187,47 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LayerSpec:
-        """Inverse of :meth:`to_dict`; unknown keys are an error that lists the known ones."""
+        """Inverse of :meth:`to_dict` (a missing field takes today's default); unknown keys
+        are an error that lists the known ones. For an encoder other than the tree, a tree
+        field at its former default (``MADDNESS_TREE``, which the files of older runs
+        hold) is read as not given: it never applied to that encoder; and a tree's
+        refine_sweeps among the encoder options (where those files hold it) is read as the
+        field."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown LayerSpec keys {unknown}; known keys: {sorted(known)}")
+        values = dict(values)
+        options = dict(values.get("encoder_options") or {})
+        if values.get("encoder", "tree") != "tree":
+            for name, former in MADDNESS_TREE.items():
+                if name in values and values[name] == former:
+                    del values[name]
+        elif "refine_sweeps" in options:
+            if "refine_sweeps" in values:
+                raise ValueError("LayerSpec: refine_sweeps is given both as a field and as an encoder option")
+            values["refine_sweeps"] = options.pop("refine_sweeps")
+            values["encoder_options"] = options
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> LayerSpec:
+        """A spec that a maddnet of any version saved with :meth:`to_dict` (a layer's
+        config, a run's ``config.json``, an analysis' settings), read as it was meant.
+
+        :meth:`from_dict` fills a missing field with today's default, right for a config
+        file that names only what it changes. A saved spec names every field it had, so
+        a missing field is one added later, and the spec meant the behaviour before it
+        (``MADDNESS_TREE``: the tree's input objective, no refinement).
+
+        Raises ``ValueError`` as :meth:`from_dict` does (unknown keys, bad values).
+        """
+        values = dict(values)
+        options = values.get("encoder_options") or {}
+        for name, former in MADDNESS_TREE.items():
+            if name not in values and name not in options:  # a tree's refine_sweeps was an option
+                values[name] = former
+        return cls.from_dict(values)
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
@@ -187,7 +242,11 @@ class LayerSpec:
             "ridge": self.ridge,
         }
         if self.encoder == "tree":
-            config.update(ncandidates=self.ncandidates, hash_objective=self.hash_objective)
+            config.update(
+                ncandidates=self.ncandidates,
+                hash_objective=self.hash_objective,
+                refine_sweeps=self.refine_sweeps,
+            )
         return {**config, **self.encoder_options}
 
     def steering_options(self, channel_size: int) -> dict[str, Any]:

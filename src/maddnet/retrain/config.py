@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,6 +271,22 @@ class RetrainConfig(JsonConfig):
         """Inverse of :meth:`to_dict`; also reads the flat ``config.json`` of runs made before
         the ``spec`` section (see :func:`migrate_flat_spec`)."""
         return super().from_dict(migrate_flat_spec(values))
+
+    @classmethod
+    def from_saved(cls, values: Mapping[str, Any]) -> RetrainConfig:
+        """The values of a run's saved ``config.json`` (any maddnet version): :meth:`from_dict`
+        with the spec read by :meth:`LayerSpec.from_saved`, so a field added since means what
+        the run used (the tree's input objective and no refinement for runs made before
+        2026-12-01). A ``--config`` file is read by :meth:`from_dict` instead: a field it
+        does not name takes today's default."""
+        values = migrate_flat_spec(values)
+        values["spec"] = LayerSpec.from_saved(values.get("spec") or {})
+        return cls.from_dict(values)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> RetrainConfig:
+        """A run's saved ``config.json`` (:meth:`from_saved`)."""
+        return cls.from_saved(json.loads(Path(path).read_text()))
 
     def differences(self, other: JsonConfig) -> dict[str, tuple[Any, Any]]:
         """As :meth:`JsonConfig.differences`, with the spec compared field by field

@@ -355,7 +355,7 @@ class Retrainer:
         # a config without a checkpoint belongs to a run that died before its first step
         # (e.g. an unknown model name): nothing to protect, so the new config replaces it
         if saved_path.exists() and (self.out / CHECKPOINT).exists():
-            saved = RetrainConfig.from_dict(json.loads(saved_path.read_text()))
+            saved = RetrainConfig.load(saved_path)
             diff = saved.differences(self.config)
             if diff:
                 raise ValueError(

@@ -9,6 +9,7 @@ from typing import Any
 from ..analysis.amm_sweep import markdown_table
 from ..analysis.output import pyplot_or_none
 from ..nn.spec import LayerSpec
+from .config import migrate_flat_spec
 
 
 def _pct(value: float | None) -> str:
@@ -151,10 +152,10 @@ def _run_options(config: dict[str, Any]) -> list[str]:
 
 def _layer_settings(config: dict[str, Any]) -> list[str]:
     """``key=value`` of the layer settings: encoder, K and LUT bits always, every other
-    LayerSpec field where it differs from the default (in the spec section; flat in the
-    configs of older runs)."""
-    spec = config.get("spec") or config
+    LayerSpec field where it differs from today's default, as the run used it
+    (:meth:`LayerSpec.from_saved`; flat in the configs of older runs)."""
+    spec = LayerSpec.from_saved(migrate_flat_spec(config).get("spec") or {}).to_dict()
     defaults = LayerSpec().to_dict()
     shown = ["encoder", "nprototypes", "lut_bits"]
-    shown += [key for key in defaults if key not in shown and key in spec and spec[key] != defaults[key]]
-    return [f"{key}={spec.get(key, defaults[key])}" for key in shown]
+    shown += [key for key in defaults if key not in shown and spec[key] != defaults[key]]
+    return [f"{key}={spec[key]}" for key in shown]

@@ -9,8 +9,8 @@
 #   steering/budget1.0_seed* (the soft surrogate, same code and seeds)
 # encoders: issue 11 at the rule's C (retrain_long: stem C = 10, D/C = 8), one run per encoder
 #   variant in VARIANTS (default "tree output output-refine refine pq-l1 tree-global pq";
-#   output-refine: the output objective with refine_sweeps=1; refine: the input objective with
-#   refine_sweeps=1) and seed in SEEDS (default
+#   output-refine: the output objective with 1 refine sweep, today's LayerSpec default; refine:
+#   the input objective with 1 refine sweep) and seed in SEEDS (default
 #   "0 1"), evaluated on the speaker-disjoint validation split; the test split is read once per
 #   run at the end (test.json)
 # budget: per-layer C from a validation-split analysis at the uniform rule's LUT bytes (with and
@@ -23,7 +23,11 @@ base=results/baselines/ds_cnn_s_kws_espeak/checkpoint.pt
 out=results/ds_cnn_s_kws_espeak
 what=${1:-all}
 net=(--model ds_cnn_s --data speech_commands --data-root data/kws_espeak)
-common=("${net[@]}" --checkpoint "$base" --threads 1 --no-progress --device cpu)
+# MADDness's trees (input objective, no refinement): the LayerSpec default until 2026-12-01,
+# which every run here was made with; pinned so that their saved runs resume and compare
+maddness=(--hash-objective input --refine-sweeps 0)
+setup=("${net[@]}" --checkpoint "$base" --threads 1 --no-progress --device cpu)
+common=("${setup[@]}" "${maddness[@]}")
 
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli analyze "${common[@]}" --widths 8 16 --batch-size 100 --out "$out/single_layer"
@@ -92,15 +96,15 @@ if [ "$what" = encoders ]; then
     for seed in ${SEEDS:-0 1}; do
         for v in ${VARIANTS:-tree output output-refine refine pq-l1 tree-global pq}; do
             case $v in
-                tree) enc=() ;;
-                output) enc=(--hash-objective output) ;;
-                output-refine) enc=(--hash-objective output --encoder-option refine_sweeps=1) ;;
-                refine) enc=(--encoder-option refine_sweeps=1) ;;
+                tree) enc=("${maddness[@]}") ;;
+                output) enc=(--hash-objective output --refine-sweeps 0) ;;
+                output-refine) enc=(--hash-objective output --refine-sweeps 1) ;;
+                refine) enc=(--hash-objective input --refine-sweeps 1) ;;
                 tree-global) enc=(--encoder tree-global --encoder-option refine_sweeps=1) ;;
                 *) enc=(--encoder "$v") ;;
             esac
             run="$out/encoders/${v}_seed${seed}"
-            "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 300 --final-steps 1000 \
+            "$PY" -m maddnet.cli retrain "${setup[@]}" --steps-per-layer 300 --final-steps 1000 \
                 --ncodebooks stem.0=10 --batch-size 100 --distill 0.5 --seed "$seed" \
                 --eval-split val "${enc[@]}" --out "$run"
             test_once "$run/test.json" "${net[@]}" --checkpoint "$run/checkpoint.pt"

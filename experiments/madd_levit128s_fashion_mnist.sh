@@ -19,7 +19,11 @@ out=results/$run
 what=${1:-all}
 model=(--model levit_128s --model-kw img_size=28 small_input=true)
 data=(--data fashion_mnist --data-kw holdout=5000)
-common=("${model[@]}" "${data[@]}" --checkpoint "$base" --threads 1 --no-progress --device cpu)
+# MADDness's trees (input objective, no refinement): the LayerSpec default until 2026-12-01,
+# which every run here was made with; pinned so that their saved runs resume and compare
+maddness=(--hash-objective input --refine-sweeps 0)
+common=("${model[@]}" "${data[@]}" --checkpoint "$base" --threads 1 --no-progress --device cpu
+        "${maddness[@]}")
 
 if [ "$what" = dense ] || [ "$what" = all ]; then
     # the recipe for levit* on small data (AdamW, lr 1e-3, weight decay 0.05, batch 128,

@@ -9,7 +9,7 @@
 #   validation images (the recipe's 6 epochs on the other 55,000), the test split read once
 # encoders: issue 11 with the winner, on the dense_holdout baseline: retrain's settings (the
 #   rule's C, stem.conv1 C = 9) for each encoder variant in VARIANTS (default "tree pq-l1
-#   output output-refine dense"; output-refine: the output objective with refine_sweeps=1;
+#   output output-refine dense"; output-refine: the output objective with 1 refine sweep;
 #   "dense" is the dense control of the same budget) and seed in SEEDS
 #   (default "0 1"), evaluated on the validation split; the test split read once per run
 set -euo pipefail
@@ -19,9 +19,13 @@ PY=${PYTHON:-.venv/bin/python}
 base=results/baselines/levit_tiny_fashion_mnist/checkpoint.pt
 out=results/levit_tiny_fashion_mnist
 what=${1:-all}
+# MADDness's trees (input objective, no refinement): the LayerSpec default until 2026-12-01,
+# which every run here was made with; pinned so that their saved runs resume and compare
+maddness=(--hash-objective input --refine-sweeps 0)
 if [ "$what" = analyze ] || [ "$what" = all ]; then
     "$PY" -m maddnet.cli analyze --model levit_tiny --data fashion_mnist --checkpoint "$base" \
-        --widths 8 --eval-samples 2000 --threads 2 --no-progress --device cpu --out "$out/single_layer"
+        --widths 8 --eval-samples 2000 --threads 2 --no-progress --device cpu "${maddness[@]}" \
+        --out "$out/single_layer"
 fi
 if [ "$what" = retrain ] || [ "$what" = all ]; then
     # all 34 conv/linear layers, D/C = 8 by the default rule except the first stem conv
@@ -29,20 +33,22 @@ if [ "$what" = retrain ] || [ "$what" = all ]; then
     # 40 fine-tuning steps per layer, 400 final steps; intermediate evaluations on 1,000 test images
     "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
         --ncodebooks stem.conv1.linear=9 --steps-per-layer 40 --final-steps 400 --batch-size 128 \
-        --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --device cpu --out "$out/retrain"
+        --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --device cpu "${maddness[@]}" \
+        --out "$out/retrain"
 fi
 if [ "$what" = dense_control ] || [ "$what" = all ]; then
     # control for retrain: the same loss, optimiser and total budget (34 x 40 + 400 = 1,760
     # steps) spent fine-tuning the dense model, nothing replaced
     "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
         --steps-per-layer 40 --final-steps 400 --batch-size 128 --distill 0.5 --eval-samples 1000 \
-        --threads 1 --no-progress --device cpu --dense-control --out "$out/dense_control"
+        --threads 1 --no-progress --device cpu "${maddness[@]}" --dense-control --out "$out/dense_control"
 fi
 if [ "$what" = retrain_wide ] || [ "$what" = all ]; then
     # as retrain with twice the codebooks (D/C = 4; stem.conv1 C = 9 as before)
     "$PY" -m maddnet.cli retrain --model levit_tiny --data fashion_mnist --checkpoint "$base" \
         --ncodebooks stem.conv1.linear=9 --codebook-width 4 --steps-per-layer 40 --final-steps 400 \
-        --batch-size 128 --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --device cpu --out "$out/retrain_wide"
+        --batch-size 128 --distill 0.5 --eval-samples 1000 --threads 1 --no-progress --device cpu \
+        "${maddness[@]}" --out "$out/retrain_wide"
 fi
 if [ "$what" = dense_holdout ]; then
     # about 30 min of one core (the full-data baseline took 29.9 min for its 6 epochs)
@@ -59,11 +65,11 @@ if [ "$what" = encoders ]; then
     for seed in ${SEEDS:-0 1}; do
         for v in ${VARIANTS:-tree pq-l1 output output-refine dense}; do
             case $v in
-                tree) enc=(--ncodebooks stem.conv1.linear=9) ;;
-                output) enc=(--ncodebooks stem.conv1.linear=9 --hash-objective output) ;;
+                tree) enc=(--ncodebooks stem.conv1.linear=9 "${maddness[@]}") ;;
+                output) enc=(--ncodebooks stem.conv1.linear=9 --hash-objective output --refine-sweeps 0) ;;
                 output-refine) enc=(--ncodebooks stem.conv1.linear=9 --hash-objective output
-                                    --encoder-option refine_sweeps=1) ;;
-                dense) enc=(--dense-control) ;;
+                                    --refine-sweeps 1) ;;
+                dense) enc=(--dense-control "${maddness[@]}") ;;
                 *) enc=(--ncodebooks stem.conv1.linear=9 --encoder "$v") ;;
             esac
             run="$out/encoders/${v}_seed${seed}"

@@ -29,7 +29,11 @@ out=results/$run
 what=${1:-all}
 model=(--model resnet50 --model-kw small_input=true stem_stride=2)
 data=(--data fashion_mnist --data-kw holdout=5000)
-common=("${model[@]}" "${data[@]}" --checkpoint "$base" --threads 1 --no-progress --device cpu)
+# MADDness's trees (input objective, no refinement): the LayerSpec default until 2026-12-01,
+# which every run here was made with; pinned so that their saved runs resume and compare
+maddness=(--hash-objective input --refine-sweeps 0)
+common=("${model[@]}" "${data[@]}" --checkpoint "$base" --threads 1 --no-progress --device cpu
+        "${maddness[@]}")
 
 if [ "$what" = dense ] || [ "$what" = all ]; then
     # the recipe for resnet* on small data (SGD, lr 0.1, batch 128, 1 warm-up epoch, cosine,

@@ -8,7 +8,8 @@
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
 #   (docs/encoders.md: the best equal-cost variant at the AMM level), SEEDS (default "0")
 # rule_long: retrain_long rerun with the current code beside encoder_output, SEEDS (default "0")
-# encoder_output_refine: encoder_output with --encoder-option refine_sweeps=1, SEEDS (default "0")
+# encoder_output_refine: encoder_output with --refine-sweeps 1 (today's LayerSpec default), SEEDS
+#   (default "0")
 # surrogate_bf16: rule_long with --surrogate soft-bf16, SEEDS (default "0")
 # encoder_pq_l1: rule_long with the pq-l1 encoder (multiplier-free, reads every input), SEEDS (default "0")
 # dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
@@ -22,15 +23,20 @@ PY=${PYTHON:-.venv/bin/python}
 base=results/baselines/resnet9_fashion_mnist/checkpoint.pt
 out=results/resnet9_fashion_mnist
 what=${1:-all}
-common=(--model resnet9 --model-kw width=16 --data fashion_mnist --checkpoint "$base" --threads 1 --no-progress --device cpu)
+# MADDness's trees (input objective, no refinement): the LayerSpec default until 2026-12-01,
+# which every run here was made with; pinned so that their saved runs resume and compare
+maddness=(--hash-objective input --refine-sweeps 0)
+setup=(--model resnet9 --model-kw width=16 --data fashion_mnist --checkpoint "$base" --threads 1 --no-progress --device cpu)
+common=("${setup[@]}" "${maddness[@]}")
 
 # rule_long's retraining (the rule's C, stem C = 9; 400 steps per layer, 2,000 final) once per
-# seed of SEEDS (default "0") into $out/NAME/seedS with the EXTRA flags: rule_long_runs NAME EXTRA...
+# seed of SEEDS (default "0") into $out/NAME/seedS with the EXTRA flags (the encoder's settings
+# among them): rule_long_runs NAME EXTRA...
 rule_long_runs() {
     local name=$1
     shift
     for seed in ${SEEDS:-0}; do
-        "$PY" -m maddnet.cli retrain "${common[@]}" --steps-per-layer 400 --final-steps 2000 \
+        "$PY" -m maddnet.cli retrain "${setup[@]}" --steps-per-layer 400 --final-steps 2000 \
             --batch-size 128 --eval-samples 2000 --distill 0.5 --ncodebooks prep.0=9 --seed "$seed" \
             "$@" --out "$out/$name/seed${seed}"
     done
@@ -120,23 +126,23 @@ fi
 if [ "$what" = encoder_output ]; then
     # issue 11: the rule's C (D/C = 9; stem C = 9) at retrain_long's budget with
     # --hash-objective output (compare: retrain_long 92.01 %, dense_control 94.83 %)
-    rule_long_runs encoder_output --hash-objective output
+    rule_long_runs encoder_output --hash-objective output --refine-sweeps 0
 fi
 if [ "$what" = encoder_output_refine ]; then
     # issue 11: encoder_output plus one sweep of tree refinement (coordinate descent on the split
     # columns and thresholds against the solved LUT; same hardware cost), SEEDS (default "0")
-    rule_long_runs encoder_output_refine --hash-objective output --encoder-option refine_sweeps=1
+    rule_long_runs encoder_output_refine --hash-objective output --refine-sweeps 1
 fi
 if [ "$what" = rule_long ]; then
     # issue 11's baseline beside encoder_output: retrain_long (the rule's C, stem C = 9) rerun
     # with the current code (seeded data order), SEEDS (default "0")
-    rule_long_runs rule_long
+    rule_long_runs rule_long "${maddness[@]}"
 fi
 if [ "$what" = surrogate_bf16 ]; then
     # issue 16: rule_long with the soft surrogate's leaf-score product in bfloat16
     # (--surrogate soft-bf16: that product about 2x faster on AVX512-BF16 CPUs), beside rule_long
     # of the same seed, SEEDS (default "0")
-    rule_long_runs surrogate_bf16 --surrogate soft-bf16
+    rule_long_runs surrogate_bf16 "${maddness[@]}" --surrogate soft-bf16
 fi
 if [ "$what" = encoder_pq_l1 ]; then
     # issue 11's best multiplier-free encoder at the network level: rule_long with --encoder
@@ -155,7 +161,7 @@ if [ "$what" = dense_holdout ]; then
         --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt"
     "$PY" -m maddnet.cli analyze --model resnet9 --model-kw width=16 --data fashion_mnist \
         --data-kw holdout=5000 --checkpoint "$hb/checkpoint.pt" --threads 1 --no-progress --device cpu \
-        --widths 4.5 9 18 --eval-split val --eval-samples 2000 --out "$out/single_layer_val"
+        "${maddness[@]}" --widths 4.5 9 18 --eval-split val --eval-samples 2000 --out "$out/single_layer_val"
 fi
 if [ "$what" = per_layer_c ]; then
     # issue 11, item 3 at the network level (after dense_holdout): on the hold-out baseline,
@@ -166,7 +172,8 @@ if [ "$what" = per_layer_c ]; then
     hb=results/baselines/resnet9_fashion_mnist_holdout
     net=(--model resnet9 --model-kw width=16 --data fashion_mnist --data-kw holdout=5000)
     steps=(--steps-per-layer 400 --final-steps 2000 --batch-size 128 --eval-split val --eval-samples 2000
-           --distill 0.5 --threads 1 --no-progress --device cpu --checkpoint "$hb/checkpoint.pt")
+           --distill 0.5 --threads 1 --no-progress --device cpu --checkpoint "$hb/checkpoint.pt"
+           "${maddness[@]}")
     for seed in ${SEEDS:-0 1}; do
         for v in ${VARIANTS:-rule budget}; do
             run="$out/per_layer_c/${v}_seed${seed}"

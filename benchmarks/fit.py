@@ -19,19 +19,25 @@ Parts (``--parts``; all by default):
             memory of a fresh process each.
   models    time and peak memory to convert torchvision ResNet-50 and ViT-B/16 (random
             weights, 256 calibration inputs of 3x64x64), with the functions that dominate.
+  trees     ``convert_layer`` of three layer shapes (a 3x3 conv, a 1x1 conv, a linear layer)
+            on 16,384 rows with the layer default's trees (output objective, one refine
+            sweep) against MADDness's (``MADDNESS_TREE``), one thread, ``--rounds``
+            interleaved rounds in this process: seconds, CPU seconds and the output NMSE on
+            4,096 held-out rows of each.
 
 Writes ``<out>/fit.json`` (every measurement, the machine and its load average),
 ``fit.md`` (tables) and ``fit.png`` (the curves).
 
 Usage:
   nice python benchmarks/fit.py --reference-dir /tmp/bolt/experiments/python \\
-      [--threads 1 2] [--rounds 3] [--parts compare scaling convert models] [--out benchmarks/results]
+      [--threads 1 2] [--rounds 3] [--parts compare scaling convert models trees] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import cProfile
 import importlib
 import importlib.util
@@ -217,7 +223,7 @@ def peak_rss_kb() -> int:
 
 def convert_worker(ncodebooks: int, nrows: int, channels: int) -> dict:
     """Convert one 3x3 conv from ``nrows`` random patch rows (run in a fresh process)."""
-    from maddnet.nn import MaddConfig, convert_layer
+    from maddnet.nn import MADDNESS_TREE, LayerSpec, MaddConfig, convert_layer
 
     set_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -226,7 +232,10 @@ def convert_worker(ncodebooks: int, nrows: int, channels: int) -> dict:
     rows = torch.nn.functional.unfold(images, 3).transpose(1, 2).reshape(-1, channels * 9)[:nrows]
     rows = rows.contiguous()
     before_kb = reset_peak_rss()
-    wall, cpu, _ = timed(lambda: convert_layer(model, "0", rows, MaddConfig(ncodebooks=ncodebooks)))
+    # MADDness's trees, as when the committed figures were measured (the layer default since
+    # 2026-12-01 adds the output objective and a refine sweep, docs/encoders.md)
+    config = MaddConfig(ncodebooks=ncodebooks, spec=LayerSpec(**MADDNESS_TREE))
+    wall, cpu, _ = timed(lambda: convert_layer(model, "0", rows, config))
     peak_kb = peak_rss_kb()
     return {
         "C": ncodebooks,
@@ -251,12 +260,81 @@ def convert_part(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def model_worker(name: str, threads: int = 1) -> dict:
+PARTS = ("compare", "scaling", "convert", "models", "trees")
+# (name, layer, C by the rule): D/C = 9 for the 3x3 conv, 8 for the others
+TREE_LAYERS = (
+    ("3x3 conv 128->128 (D 1152, M 128)", lambda: torch.nn.Conv2d(128, 128, 3), 128),
+    ("1x1 conv 256->1024 (D 256, M 1024)", lambda: torch.nn.Conv2d(256, 1024, 1), 32),
+    ("linear 768->768 (D 768, M 768)", lambda: torch.nn.Linear(768, 768), 96),
+)
+
+
+def tree_inputs(layer: torch.nn.Module, ninputs: int, gen: torch.Generator) -> torch.Tensor:
+    """Correlated post-ReLU inputs of ``layer``: ``ninputs`` images of 8x8 outputs for a conv
+    (64 rows each), ``ninputs`` rows for a linear layer."""
+    if isinstance(layer, torch.nn.Conv2d):
+        side = 8 + layer.kernel_size[0] - 1
+        images = torch.relu(torch.randn(ninputs, layer.in_channels, side, side, generator=gen))
+        return torch.nn.functional.avg_pool2d(images, 3, 1, 1)  # neighbouring taps correlate
+    mix = torch.randn(64, layer.in_features, generator=gen)
+    return torch.relu(torch.randn(ninputs, 64, generator=gen) @ mix)
+
+
+def layer_rows(layer: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The (N, D) rows a MADD layer multiplies: im2col rows of a conv, the rows of a linear layer."""
+    if isinstance(layer, torch.nn.Conv2d):
+        cols = torch.nn.functional.unfold(inputs, layer.kernel_size)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()
+    return inputs
+
+
+def trees_part(args: argparse.Namespace) -> list[dict]:
+    from maddnet.nn import MADDNESS_TREE, LayerSpec, MaddConfig, convert_layer
+
+    set_threads(1)
+    specs = {"maddness": LayerSpec(**MADDNESS_TREE), "default": LayerSpec()}
+    results = []
+    for name, build, ncodebooks in TREE_LAYERS:
+        gen = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        dense = build().eval()
+        per_input = 64 if isinstance(dense, torch.nn.Conv2d) else 1
+        inputs = tree_inputs(dense, (16384 + 4096) // per_input, gen)
+        train, test = inputs[: 16384 // per_input], inputs[16384 // per_input :]
+        rows = layer_rows(dense, train)
+        with torch.no_grad():
+            exact = dense(test)
+        for rnd in range(args.rounds):
+            order = list(specs) if rnd % 2 == 0 else list(reversed(specs))  # alternate who goes first
+            for label in order:
+                model = torch.nn.Sequential(copy.deepcopy(dense))
+                config = MaddConfig(ncodebooks=ncodebooks, spec=specs[label])
+                wall, cpu, _ = timed(lambda m=model, c=config, r=rows: convert_layer(m, "0", r, c))
+                with torch.no_grad():
+                    approx = model[0].eval()(test)
+                results.append(
+                    {
+                        "layer": name,
+                        "C": ncodebooks,
+                        "trees": label,
+                        "round": rnd,
+                        "convert_s": wall,
+                        "convert_cpu_s": cpu,
+                        "nmse": nmse(approx.numpy(), exact.numpy()),
+                        "load_avg_1min": os.getloadavg()[0],
+                    }
+                )
+                print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def model_worker(name: str, threads: int = 1, trees: str = "maddness") -> dict:
     """Convert a torchvision model (random weights) on 256 inputs of 3x64x64 with ``threads``
-    torch/numba/BLAS threads; fresh process."""
+    torch/numba/BLAS threads and ``trees`` ("maddness": ``MADDNESS_TREE``, as the committed
+    figures; "default": ``LayerSpec()``); fresh process."""
     import torchvision
 
-    from maddnet.nn import convert
+    from maddnet.nn import MADDNESS_TREE, LayerSpec, MaddConfig, convert
 
     set_threads(threads)
     torch.manual_seed(0)
@@ -268,7 +346,8 @@ def model_worker(name: str, threads: int = 1) -> dict:
     batches = [(torch.randn(32, 3, 64, 64),) for _ in range(8)]
     profile = cProfile.Profile()
     profile.enable()
-    wall, cpu, _ = timed(lambda: convert(model, batches, check_training=False))
+    config = MaddConfig(spec=LayerSpec(**MADDNESS_TREE) if trees == "maddness" else LayerSpec())
+    wall, cpu, _ = timed(lambda: convert(model, batches, config, check_training=False))
     profile.disable()
     peak_kb = peak_rss_kb()
     stats = pstats.Stats(profile)
@@ -276,6 +355,7 @@ def model_worker(name: str, threads: int = 1) -> dict:
     return {
         "model": name,
         "threads": threads,
+        "trees": trees,
         "inputs": 256,
         "convert_s": wall,
         "convert_cpu_s": cpu,
@@ -289,10 +369,12 @@ def models_part(args: argparse.Namespace) -> list[dict]:
     rows = []
     for name in args.models:
         for threads in args.threads:
-            command = [sys.executable, __file__, "--model-worker", name, "--threads", str(threads)]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+            for trees in args.model_trees:
+                command = [sys.executable, __file__, "--model-worker", name, "--threads", str(threads)]
+                command += ["--model-trees", trees]
+                out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -330,6 +412,28 @@ def growth(rows: list[dict], axis: str) -> float:
         return float("nan")
     x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
     return float(np.polyfit(x, y, 1)[0])
+
+
+def trees_summary(rows: list[dict]) -> list[dict]:
+    """Per layer: median seconds / CPU seconds of each tree setting, the median of the per-round
+    CPU-time ratio default / maddness, and each setting's NMSE (the same every round)."""
+    summary = []
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        mine = [r for r in rows if r["layer"] == layer]
+        by = {t: [r for r in mine if r["trees"] == t] for t in ("maddness", "default")}
+        rounds = sorted({r["round"] for r in mine})
+        cpu = {t: {r["round"]: r["convert_cpu_s"] for r in by[t]} for t in by}
+        summary.append(
+            {
+                "layer": layer,
+                "C": mine[0]["C"],
+                **{f"{t}_s": median([r["convert_s"] for r in by[t]]) for t in by},
+                **{f"{t}_cpu_s": median([r["convert_cpu_s"] for r in by[t]]) for t in by},
+                "cpu_ratio": median([cpu["default"][k] / cpu["maddness"][k] for k in rounds]),
+                **{f"{t}_nmse": by[t][0]["nmse"] for t in by},
+            }
+        )
+    return summary
 
 
 def write_markdown(path: Path, result: dict) -> None:
@@ -374,15 +478,34 @@ def write_markdown(path: Path, result: dict) -> None:
     if result["models"]:
         lines += ["\n## Converting whole models (256 inputs of 3x64x64, random weights)\n"]
         lines += [
-            "| model | threads | seconds | CPU seconds | peak RSS MB | load (1 min) | most own time (wall) |",
-            "|---|---|---|---|---|---|---|",
+            "| model | trees | threads | seconds | CPU seconds | peak RSS MB | load (1 min) "
+            "| most own time (wall) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in result["models"]:
             top = "; ".join(f"{t['function']} {t['s']:.1f} s" for t in r["top_own_time"][:4])
             lines.append(
-                f"| {r['model']} | {r.get('threads', 1)} | {r['convert_s']:.1f} | {r['convert_cpu_s']:.1f} "
+                f"| {r['model']} | {r.get('trees', 'maddness')} | {r.get('threads', 1)} "
+                f"| {r['convert_s']:.1f} | {r['convert_cpu_s']:.1f} "
                 f"| {r['peak_rss_mb']:.0f} | {r.get('load_avg_1min', float('nan')):.1f} | {top} |"
             )
+    if result.get("trees"):
+        lines += [
+            "\n## convert_layer with the default trees against MADDness's (16,384 rows, one thread)\n",
+            "| layer | C | MADDness s (CPU s) | default s (CPU s) | CPU-time ratio "
+            "| NMSE MADDness | NMSE default |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['layer']} | {r['C']} | {r['maddness_s']:.2f} ({r['maddness_cpu_s']:.2f}) "
+            f"| {r['default_s']:.2f} ({r['default_cpu_s']:.2f}) | {r['cpu_ratio']:.2f} "
+            f"| {r['maddness_nmse']:.4f} | {r['default_nmse']:.4f} |"
+            for r in trees_summary(result["trees"])
+        ]
+        lines.append(
+            "\nMedians over interleaved rounds; ratio: median over rounds of default / MADDness "
+            "CPU seconds in the same round. NMSE on 4,096 held-out rows."
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -436,8 +559,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ncodebooks", type=int, default=16)
-    parser.add_argument("--parts", nargs="+", default=["compare", "scaling", "convert", "models"])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS))
     parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b_16"])
+    parser.add_argument(
+        "--model-trees",
+        nargs="+",
+        choices=["maddness", "default"],
+        default=["maddness"],
+        help="models part: MADDness's trees (the committed figures) and/or LayerSpec()'s",
+    )
     parser.add_argument("--max-c", type=int, default=1024, help="largest C of the convert part")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="fewer points (a smoke run)")
@@ -449,11 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(convert_worker(*args.convert_worker)))
         return 0
     if args.model_worker:
-        print(json.dumps(model_worker(args.model_worker, args.threads[0])))
+        print(json.dumps(model_worker(args.model_worker, args.threads[0], args.model_trees[0])))
         return 0
-    unknown = sorted(set(args.parts) - {"compare", "scaling", "convert", "models"})
+    unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
-        parser.error(f"unknown --parts {unknown}; choose from compare scaling convert models")
+        parser.error(f"unknown --parts {unknown}; choose from {' '.join(PARTS)}")
     task = fashion_mnist_task() if {"compare", "scaling"} & set(args.parts) else None
     result: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -468,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["convert"] = convert_part(args) if "convert" in args.parts else []
     result["models"] = models_part(args) if "models" in args.parts else []
+    result["trees"] = trees_part(args) if "trees" in args.parts else []
     result["load_avg_at_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -475,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         # Keep the parts this run skipped from the previous run (each part records its load).
         previous = json.loads((out / "fit.json").read_text())
         kept = {"compare": ("compare", "summary"), "scaling": ("scaling", "growth_exponents")}
-        for part in {"compare", "scaling", "convert", "models"} - set(args.parts):
+        for part in set(PARTS) - set(args.parts):
             for key in kept.get(part, (part,)):
                 result[key] = previous.get(key, result[key])
         result["command"] = f"{previous.get('command', '')}; {result['command']}"

@@ -36,7 +36,7 @@ from maddnet.models.registry import create_model  # noqa: E402
 from maddnet.nn import MaddConfig, MaddConv2d, MaddLayer, convert, rebuild  # noqa: E402
 from maddnet.nn.graph import ACTIVATIONS, BATCHNORMS  # noqa: E402
 from maddnet.nn.passes import apply_passes  # noqa: E402
-from maddnet.nn.spec import LayerSpec  # noqa: E402
+from maddnet.nn.spec import MADDNESS_TREE, LayerSpec  # noqa: E402
 from maddnet.train.runner import model_kwargs_for  # noqa: E402
 
 NETS = {
@@ -91,7 +91,8 @@ def load_net(name: str, eval_samples: int) -> tuple[nn.Module, DataLoader, str]:
             weights = f"dense baseline {config['checkpoint']}"
         else:  # the baseline's weights are not kept in the repository
             weights = "random initial weights (torch seed 0; the dense checkpoint is not kept)"
-        spec = LayerSpec(lut_bits=config.get("lut_bits", 8))
+        # MADDness's trees, as when the committed figures were made (today's default refines them)
+        spec = LayerSpec(lut_bits=config.get("lut_bits", 8), **MADDNESS_TREE)
         calib = [b[0] for b in DataLoader(Subset(train, range(256)), batch_size=128)]
         convert(
             model.eval(),

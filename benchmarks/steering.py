@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 from maddnet.nn import MaddConfig, conversion_plan, convert  # noqa: E402
 from maddnet.nn.prune import needed_inputs, prune_unread  # noqa: E402
-from maddnet.nn.spec import LayerSpec  # noqa: E402
+from maddnet.nn.spec import MADDNESS_TREE, LayerSpec  # noqa: E402
 
 NETS = ("resnet9", "ds_cnn_s")
 # Converted all at once without fine-tuning, the stems alone cost up to 73 points
@@ -108,7 +108,8 @@ def measure(
     ncodebooks = {k: v for k, v in config["ncodebooks"].items() if k not in result["dense_layers"]}
     settings = {"codebook_width": config["codebook_width"], "max_rows": max_rows}
     for budget in budgets:
-        spec = LayerSpec(lut_bits=config.get("lut_bits", 8), channel_budget=budget)
+        # MADDness's trees, as when the committed figures were made (today's default refines them)
+        spec = LayerSpec(lut_bits=config.get("lut_bits", 8), channel_budget=budget, **MADDNESS_TREE)
         madd = MaddConfig(ncodebooks=ncodebooks, spec=spec, exclude=result["dense_layers"], **settings)
         entry = convert_and_prune(dense, calib, loader, example, madd)
         result["budgets"][str(budget)] = entry
@@ -119,7 +120,7 @@ def measure(
         for layer in layers:
             result["single_layer"][layer] = {}
             for budget in budgets:
-                spec = LayerSpec(lut_bits=config.get("lut_bits", 8), channel_budget=budget)
+                spec = LayerSpec(lut_bits=config.get("lut_bits", 8), channel_budget=budget, **MADDNESS_TREE)
                 chosen = {layer: ncodebooks[layer]} if layer in ncodebooks else {}
                 madd = MaddConfig(layers=[layer], ncodebooks=chosen, spec=spec, **settings)
                 entry = convert_and_prune(dense, calib, loader, example, madd)

@@ -38,7 +38,7 @@ import torch
 from .. import hashing
 from .. import prototypes as prototype_fit
 from .base import register_encoder
-from .tree import TreeEncoder
+from .tree import TreeEncoder, product_basis
 
 # rows of the subsample on which every column's best single split is scored
 _SCREEN_ROWS = 1024
@@ -144,7 +144,9 @@ class GlobalTreeEncoder(TreeEncoder):
 
     # ------------------------------------------------------------------ learning
     def _targets(self, residual: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        values = residual @ weight.double() if self.hash_objective == "output" else residual
+        # the product on min(D, M) columns: the same SSEs and principal directions (up to a
+        # rotation), so the same targets' losses (tree.product_basis)
+        values = residual @ product_basis(weight).double() if self.hash_objective == "output" else residual
         return principal_targets(values, self.ntargets)
 
     def _learn_one(

@@ -15,7 +15,8 @@
 # dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
 #   analysis on them (what per-layer C should be chosen from)
 # per_layer_c: after dense_holdout, the uniform rule against the per-layer allocation of its LUT
-#   bytes on that baseline, SEEDS (default "0 1") and VARIANTS (default "rule budget")
+#   bytes (budget) or of its energy per inference (energy) on that baseline, SEEDS (default "0 1")
+#   and VARIANTS (default "rule budget"; "energy" added 2026-12-01)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -180,6 +181,8 @@ if [ "$what" = per_layer_c ]; then
             extra=()
             if [ "$v" = budget ]; then
                 extra=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes)
+            elif [ "$v" = energy ]; then  # the rule's energy per inference instead of its LUT bytes
+                extra=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget energy)
             fi
             "$PY" -m maddnet.cli retrain "${net[@]}" "${steps[@]}" --seed "$seed" "${extra[@]}" --out "$run"
             test_once "$run/test.json" "${net[@]}" --checkpoint "$run/checkpoint.pt"

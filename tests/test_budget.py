@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from maddnet.cli import build_parser, main
-from maddnet.hw.costs import AcceleratorConfig
+from maddnet.hw.costs import CostModel
 from maddnet.hw.counts import LayerShape
 from maddnet.nn import LayerSpec, MaddConfig
 from maddnet.nn.budget import (
@@ -151,12 +151,79 @@ def test_candidates():
 # ---------------------------------------------------------------------------- costs
 def test_layer_costs_formulae():
     shape = LayerShape("conv", "conv2d", rows=100, in_dim=288, out_dim=64)
-    costs = layer_costs(shape, LayerSpec(), [16, 32], AcceleratorConfig())
+    costs = layer_costs(shape, LayerSpec(), [16, 32], CostModel())
     for c in (16, 32):
         # K = 16 tree: 4 compares per codebook and row; LUT C K M bytes at 8 bits;
         # C (K - 1) thresholds + C log2 K split indices at 16 bits
         assert costs[c]["compares"] == 100 * c * 4
         assert costs[c]["lut_bytes"] == c * 16 * 64 + (c * 15 + c * 4) * 2
+    # energy: the layer's energy model at either parameter source, in µJ
+    from maddnet.hw.counts import MaddParams
+    from maddnet.hw.energy import madd_layer_energy
+    from maddnet.nn.layers import MaddLinear
+
+    model = CostModel()
+    dense = torch.nn.Linear(288, 64, device="meta")
+    with_c = shape.with_madd(MaddParams.of(MaddLinear._skeleton_of(dense, 16, LayerSpec())))
+    on_chip = model.constants.sram_pj_per_byte(model.accelerator.parameter_memory_bytes)
+    expected = madd_layer_energy(with_c, model, on_chip).total_pj / 1e6
+    assert costs[16]["energy_on_chip"] == pytest.approx(expected, rel=1e-12)
+    assert costs[16]["energy_on_chip"] < costs[16]["energy_off_chip"]  # DRAM costs more per byte
+    assert costs[16]["energy_on_chip"] < costs[32]["energy_on_chip"]
+
+
+def test_energy_budget_matches_the_energy_report(tmp_path, capsys):
+    """maddnet energy with --budget energy: the allocation's cost is what the report then
+    prices the network at, and no more than the uniform rule's."""
+
+    out = tmp_path / "energy"
+    argv = ["energy", "resnet9", "--model-kw", "width=16", "--in-chans", "1", "--input-size", "28"]
+    argv += ["--ncodebooks-from", str(RESNET9_REPORT), "--budget", "energy", "--out", str(out)]
+    assert main(argv) == 0
+    allocation = json.loads((out / "budget.json").read_text())
+    report = json.loads((out / "energy.json").read_text())
+    madd_uj = sum(layer["madd_energy_nj"] for layer in report["layers"] if layer["engine"] == "madd") / 1e3
+    assert allocation["totals"]["cost"] == pytest.approx(madd_uj, rel=1e-9)
+    assert allocation["totals"]["cost"] <= allocation["total_budget"] == allocation["totals"]["rule_cost"]
+    assert allocation["totals"]["sensitivity"] <= allocation["totals"]["rule_sensitivity"]
+    assert {layer["layer"]: layer["C"] for layer in report["layers"]} == allocation["ncodebooks"]
+    assert "parameter memory" in (out / "budget.md").read_text()
+
+
+def test_energy_budget_prices_parameters_where_they_fit(tmp_path):
+    rows = [
+        {"layer": "0", "C": 8, "drop": 4.0},
+        {"layer": "0", "C": 4, "drop": 8.0},
+        {"layer": "2", "C": 4, "drop": 0.1},
+        {"layer": "2", "C": 2, "drop": 0.2},
+    ]
+    report = write_report(tmp_path / "a.json", rows)
+    budget = CodebookBudget(report, unit="energy")
+    results = {}
+    for memory in (1 << 30, 64):  # everything fits / nothing fits
+        model = CostModel().replace(parameter_memory_bytes=memory)
+        allocation = allocate_for_model(toy_model(), (64,), MaddConfig(), budget, model)
+        costs = {
+            row["layer"]: layer_costs(
+                LayerShape(row["layer"], "linear", rows=1, in_dim=row["D"], out_dim=row["M"]),
+                LayerSpec(),
+                [row["C"]],
+                model,
+            )[row["C"]]
+            for row in allocation.rows
+        }
+        key = "energy_on_chip" if memory > 64 else "energy_off_chip"
+        assert allocation.totals()["cost"] == pytest.approx(
+            sum(costs[r["layer"]][key] for r in allocation.rows)
+        )
+        assert allocation.totals()["cost"] <= allocation.total_budget * (1 + 1e-12)
+        results[memory] = allocation
+    assert "parameter memory" in results[1 << 30].notes[0] and "DRAM" in results[64].notes[0]
+    # a budget below every allocation names the energy
+    with pytest.raises(ValueError, match="energy budget"):
+        allocate_for_model(
+            toy_model(), (64,), MaddConfig(), CodebookBudget(report, unit="energy", value=1e-9)
+        )
 
 
 # ---------------------------------------------------------------------------- reports
@@ -215,6 +282,7 @@ def test_plan_errors(tmp_path):
 def test_budget_settings():
     assert parse_budget("a.json", "compares:width=16") == CodebookBudget("a.json", unit="compares", width=16)
     assert parse_budget("a.json", "lut-bytes:5000").value == 5000.0
+    assert parse_budget("a.json", "energy:20.5") == CodebookBudget("a.json", unit="energy", value=20.5)
     for bad in ("bytes", "compares:x", "lut-bytes:-3", "compares:width=0"):
         with pytest.raises(ValueError):
             parse_budget("a.json", bad)

@@ -79,9 +79,11 @@ def add_budget_arguments(group: argparse._ArgumentGroup, *, suppress: bool = Fal
         "--budget",
         metavar="UNIT[:VALUE|:width=W]",
         default=default(None),
-        help="total cost for --ncodebooks-from: UNIT lut-bytes (LUT + threshold bytes) or compares "
-        "(encoder compares per inference); VALUE an absolute total, width=W the uniform rule's cost at "
-        "codebook width W (default: lut-bytes, the uniform rule at --codebook-width)",
+        help="total cost for --ncodebooks-from: UNIT lut-bytes (LUT + threshold bytes), compares "
+        "(encoder compares per inference) or energy (the MADD layers' µJ per inference, cost model of "
+        "docs/hardware.md: `maddnet energy` prices with its --config/--set, retrain with the defaults); "
+        "VALUE an absolute total, width=W the uniform rule's cost at codebook width W (default: "
+        "lut-bytes, the uniform rule at --codebook-width)",
     )
     group.add_argument(
         "--budget-metric",

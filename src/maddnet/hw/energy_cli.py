@@ -41,9 +41,10 @@ def _conversion(args: argparse.Namespace) -> MaddConfig:
     )
 
 
-def _network_under_budget(args: argparse.Namespace, network, budget, out: str):
+def _network_under_budget(args: argparse.Namespace, network, budget, out: str, cost_model):
     """``--ncodebooks-from``: the network again with C per layer chosen under the budget (the
-    rule's network gives the shapes); budget.json/.md written to ``out``."""
+    rule's network gives the shapes), costs counted with ``cost_model`` (the one the
+    report prices with); budget.json/.md written to ``out``."""
     from ..nn.budget import plan_codebooks, write_allocation
 
     if Path(args.target).is_dir() and (Path(args.target) / "checkpoint.pt").is_file():
@@ -56,7 +57,7 @@ def _network_under_budget(args: argparse.Namespace, network, budget, out: str):
         args = argparse.Namespace(**{**vars(args), "codebook_width": budget.width})
         network = _load(args, _conversion(args))
     rule = {layer.name: layer.madd.ncodebooks for layer in network.layers if layer.madd is not None}
-    allocation = plan_codebooks(network.layers, rule, budget, _conversion(args).spec)
+    allocation = plan_codebooks(network.layers, rule, budget, _conversion(args).spec, cost_model)
     paths = write_allocation(allocation, out, f"Per-layer C under a budget: {network.name}")
     print("per-layer C:", ", ".join(f"{k}={v}" for k, v in allocation.ncodebooks.items()), "->", paths["md"])
     config = _conversion(args)
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path("runs") / "energy" / Path(args.target).name)
     budget = budget_from_args(args)
     if budget is not None:
-        network = _network_under_budget(args, network, budget, out)
+        network = _network_under_budget(args, network, budget, out, model)
     result = estimate(network, model)
     paths = write_report(result, out)
     data = json.loads(paths["json"].read_text())

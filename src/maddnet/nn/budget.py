@@ -5,8 +5,9 @@ One rule (``MaddConfig``: D/C = 9 for 3x3 convs, ``D // codebook_width`` otherwi
 every layer the same D/C. Layers differ in how much one codebook more or less costs the
 network (``maddnet analyze`` measures it: the accuracy drop or the output NMSE of each layer
 replaced alone at several C). :func:`allocate_codebooks` picks C per layer minimising the
-summed sensitivity under a total cost (LUT + threshold bytes, or encoder compares per
-inference): a multiple-choice knapsack, solved exactly (dynamic programming over Pareto
+summed sensitivity under a total cost (LUT + threshold bytes, encoder compares per
+inference, or the MADD layers' energy per inference under the cost model of
+:mod:`maddnet.hw.energy`): a multiple-choice knapsack, solved exactly (dynamic programming over Pareto
 fronts) or with the greedy marginal-gain rule of bit allocation.
 
 Modelling assumptions (stated in the reports too):
@@ -32,11 +33,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # hw imports nn: import it lazily at run time
-    from ..hw.costs import AcceleratorConfig
+    from ..hw.costs import CostModel
     from ..hw.counts import LayerShape
     from .spec import LayerSpec
 
-UNITS = ("lut_bytes", "compares")
+UNITS = ("lut_bytes", "compares", "energy")
+# what one unit of each budget is (reports)
+UNIT_NAMES = {"lut_bytes": "bytes", "compares": "compares", "energy": "µJ per inference"}
 METRICS = ("drop", "nmse")
 METHODS = ("exact", "greedy")
 
@@ -52,7 +55,10 @@ class CodebookBudget:
         unit: ``"lut_bytes"`` (LUT bytes ``ceil(C K M b / 8)`` plus encoder bytes: the
             thresholds and split indices at the accelerator's threshold bits, per layer) or
             ``"compares"`` (encoder compares of one inference: rows x the encoder's compares
-            per row, ``N C log2 K`` for the tree).
+            per row, ``N C log2 K`` for the tree) or ``"energy"`` (µJ of one inference of
+            the MADD layers, :func:`maddnet.hw.energy.madd_layer_energy` under the cost
+            model: compute, LUT and threshold reads, activations, parameter loading; see
+            :func:`plan_codebooks` for the parameter memory).
         value: the total budget in ``unit``; ``None``: the cost of the uniform rule at
             ``width``.
         width: D/C target of linear and 1x1 layers of the uniform rule whose cost is the
@@ -109,12 +115,12 @@ class CodebookBudget:
 
 def parse_budget(analysis: str, text: str, **options: Any) -> CodebookBudget:
     """``--budget`` text: ``UNIT`` (the uniform rule's cost at the run's width),
-    ``UNIT:VALUE`` or ``UNIT:width=W``, with UNIT ``lut-bytes`` or ``compares``.
-    Raises ``ValueError`` naming the bad part."""
+    ``UNIT:VALUE`` or ``UNIT:width=W``, with UNIT ``lut-bytes``, ``compares`` or ``energy``
+    (VALUE in µJ per inference). Raises ``ValueError`` naming the bad part."""
     unit, _, rest = text.strip().partition(":")
     unit = unit.strip().replace("-", "_")
     if unit not in UNITS:
-        raise ValueError(f"--budget: unit must be lut-bytes or compares, got {text!r}")
+        raise ValueError(f"--budget: unit must be lut-bytes, compares or energy, got {text!r}")
     value = width = None
     rest = rest.strip()
     try:
@@ -306,27 +312,43 @@ def layer_costs(
     shape: LayerShape,
     spec: LayerSpec,
     ncodebooks: Sequence[int],
-    accelerator: AcceleratorConfig | None = None,
-) -> dict[int, dict[str, int]]:
-    """``{C: {"lut_bytes": ..., "compares": ...}}`` of one layer at each C: the counts of
-    :func:`maddnet.hw.counts.madd_counts` (``lut_bytes`` = LUT bytes + encoder bytes). The
-    encoder's cost and parameters depend on D, C and ``spec`` only, so they are read from a
-    MADD linear skeleton D -> M on the meta device (no memory)."""
+    cost_model: CostModel | None = None,
+) -> dict[int, dict[str, float]]:
+    """``{C: {"lut_bytes": ..., "compares": ..., "parameter_bytes": ..., "energy_on_chip":
+    ..., "energy_off_chip": ...}}`` of one layer at each C: the counts of
+    :func:`maddnet.hw.counts.madd_counts` (``lut_bytes`` = LUT bytes + encoder bytes;
+    ``parameter_bytes`` adds the per-column constants) and the layer's energy of one
+    inference in µJ (:func:`maddnet.hw.energy.madd_layer_energy`) with the network's
+    parameters loaded from the parameter memory (``on_chip``) or from DRAM (``off_chip``).
+    The encoder's cost and parameters depend on D, C and ``spec`` only, so they are read
+    from a MADD linear skeleton D -> M on the meta device (no memory)."""
     import torch
 
-    from ..hw.costs import AcceleratorConfig
+    from ..hw.costs import CostModel
     from ..hw.counts import MaddParams, madd_counts
+    from ..hw.energy import madd_layer_energy
     from .layers import MaddLinear
 
-    accelerator = accelerator or AcceleratorConfig()
+    cost_model = cost_model or CostModel()
+    constants, accelerator = cost_model.constants, cost_model.accelerator
+    sources = {
+        "energy_on_chip": constants.sram_pj_per_byte(accelerator.parameter_memory_bytes),
+        "energy_off_chip": constants.dram_pj_per_byte(),
+    }
     result = {}
     for c in ncodebooks:
         dense = torch.nn.Linear(shape.in_dim, shape.out_dim, device="meta")
         params = MaddParams.of(MaddLinear._skeleton_of(dense, int(c), spec))
-        counts = madd_counts(shape.with_madd(params), accelerator)
+        with_c = shape.with_madd(params)
+        counts = madd_counts(with_c, accelerator)
         result[int(c)] = {
             "lut_bytes": counts["lut_bytes"] + counts["encoder_bytes"],
             "compares": counts["compares"],
+            "parameter_bytes": counts["lut_bytes"] + counts["encoder_bytes"] + counts["constant_bytes"],
+            **{
+                key: madd_layer_energy(with_c, cost_model, pj_per_byte).total_pj / 1e6
+                for key, pj_per_byte in sources.items()
+            },
         }
     return result
 
@@ -337,11 +359,13 @@ class Allocation:
 
     ``rows``: one dict per layer (``layer``, ``D``, ``M``, ``rows``, ``measured_C``,
     ``rule_C``, ``C``, ``rule_cost``, ``cost``, ``rule_sensitivity``, ``sensitivity``,
-    ``candidates``)."""
+    ``candidates``); ``notes``: what the report should say besides (e.g. where an energy
+    budget assumed the parameters to be)."""
 
     budget: CodebookBudget
     total_budget: float
     rows: list[dict[str, Any]]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ncodebooks(self) -> dict[str, int]:
@@ -361,6 +385,7 @@ class Allocation:
             "totals": self.totals(),
             "ncodebooks": self.ncodebooks,
             "assumptions": ASSUMPTIONS,
+            "notes": self.notes,
             "rows": self.rows,
         }
 
@@ -368,20 +393,27 @@ class Allocation:
     def from_dict(cls, values: Mapping[str, Any]) -> Allocation:
         """Inverse of :meth:`to_dict` (``budget.json``)."""
         return cls(
-            CodebookBudget.from_dict(values["budget"]), float(values["total_budget"]), list(values["rows"])
+            CodebookBudget.from_dict(values["budget"]),
+            float(values["total_budget"]),
+            list(values["rows"]),
+            list(values.get("notes", [])),
         )
 
     def markdown(self, title: str = "Per-layer C under a budget") -> str:
         b, t = self.budget, self.totals()
-        unit = b.unit.replace("_", " ")
+        unit = UNIT_NAMES[b.unit]
+
+        def amount(value: float) -> str:
+            return f"{value:.4g}" if b.unit == "energy" else f"{value:,.0f}"
+
         lines = [
             f"# {title}",
             "",
-            f"Analysis: `{b.analysis}`; sensitivity: {b.metric}; budget: {self.total_budget:,.0f} {unit}"
+            f"Analysis: `{b.analysis}`; sensitivity: {b.metric}; budget: {amount(self.total_budget)} {unit}"
             f" ({'given' if b.value is not None else 'the uniform rule'}); method: {b.method}; "
             f"C up to {b.octaves} octave(s) beyond the measured range.",
             "",
-            f"Total {unit}: rule {t['rule_cost']:,.0f}, allocation {t['cost']:,.0f}. Predicted summed "
+            f"Total {unit}: rule {amount(t['rule_cost'])}, allocation {amount(t['cost'])}. Predicted summed "
             f"{b.metric}: rule {t['rule_sensitivity']:.4g}, allocation {t['sensitivity']:.4g}.",
             "",
             _row(
@@ -392,10 +424,10 @@ class Allocation:
         ]
         for r in self.rows:
             measured = ", ".join(map(str, r["measured_C"]))
-            costs = [f"{r['rule_cost']:,}", f"{r['cost']:,}"]
+            costs = [amount(r["rule_cost"]), amount(r["cost"])]
             values = [f"{r['rule_sensitivity']:.4g}", f"{r['sensitivity']:.4g}"]
             lines.append(_row([r["layer"], r["D"], r["M"], measured, r["rule_C"], r["C"], *costs, *values]))
-        lines += ["", *(f"- {text}" for text in ASSUMPTIONS), ""]
+        lines += ["", *(f"- {text}" for text in (*ASSUMPTIONS, *self.notes)), ""]
         return "\n".join(lines)
 
 
@@ -417,13 +449,23 @@ def plan_codebooks(
     rule: Mapping[str, int],
     budget: CodebookBudget,
     spec: LayerSpec,
-    accelerator: AcceleratorConfig | None = None,
+    cost_model: CostModel | None = None,
 ) -> Allocation:
     """C per layer for the layers in ``rule`` (``{name: the uniform rule's C}``, also the
     reference the budget defaults to) under ``budget``.
 
     ``shapes``: the network's :class:`~maddnet.hw.counts.LayerShape` of one inference
-    (rows, D, M; from :func:`maddnet.hw.counts.record_shapes`).
+    (rows, D, M; from :func:`maddnet.hw.counts.record_shapes`); shapes not in ``rule``
+    are layers that stay dense. ``cost_model``: the accelerator and constants the costs
+    are counted with (default :class:`~maddnet.hw.costs.CostModel`).
+
+    An ``energy`` budget prices each layer's parameters at the parameter memory's pJ per
+    byte when the whole network's parameters fit in it, else at DRAM's
+    (:mod:`maddnet.hw.energy`), so a layer's energy depends on the allocation as a whole.
+    Both are tried: the allocation under on-chip prices is kept only if its parameters do
+    fit; the one under DRAM prices always meets the budget (if its parameters fit after
+    all, it costs less than counted); the feasible one of lower predicted sensitivity wins,
+    and the report's costs are those of its own regime.
 
     Raises:
         FileNotFoundError: the analysis report does not exist.
@@ -461,8 +503,8 @@ def plan_codebooks(
                 f"{budget.analysis}: layer {name!r} measured at C = {max(measured)} > D = {shape.in_dim}"
             )
         options = candidate_codebooks(list(measured), shape.in_dim, budget.octaves, extra=(rule_c,))
-        counts = layer_costs(shape, spec, sorted({*options, rule_c}), accelerator)
-        costs[name] = {c: counts[c][budget.unit] for c in options}
+        counts = layer_costs(shape, spec, sorted({*options, rule_c}), cost_model)
+        costs[name] = {c: counts[c] for c in options}
         sens[name] = {c: interpolate_log(measured, c) for c in options}
         rows.append(
             {
@@ -473,16 +515,78 @@ def plan_codebooks(
                 "measured_C": sorted(measured),
                 "rule_C": rule_c,
                 "candidates": options,
-                "rule_cost": counts[rule_c][budget.unit],
                 "rule_sensitivity": _rule_sensitivity(measured, rule_c),
             }
         )
-    total = budget.value if budget.value is not None else float(sum(row["rule_cost"] for row in rows))
-    chosen = allocate_codebooks(costs, sens, total, budget.method)
+    if budget.unit != "energy":
+        keys, notes = {"rule": budget.unit}, []
+    else:
+        dense_bytes = _dense_parameter_bytes([s for s in shapes if s.name not in rule], cost_model)
+        capacity = (cost_model or _default_cost_model()).accelerator.parameter_memory_bytes
+
+        def regime(picks: Mapping[str, int]) -> str:
+            total_bytes = dense_bytes + sum(costs[name][c]["parameter_bytes"] for name, c in picks.items())
+            return "energy_on_chip" if total_bytes <= capacity else "energy_off_chip"
+
+        keys = {"rule": regime(rule)}
+    total = budget.value
+    if total is None:
+        total = float(sum(costs[name][c][keys["rule"]] for name, c in rule.items()))
+    if budget.unit != "energy":
+        chosen = allocate_codebooks(_unit_table(costs, sens, budget.unit), sens, total, budget.method)
+        keys["allocation"] = budget.unit
+    else:
+        chosen, keys["allocation"], notes = _energy_allocation(costs, sens, total, budget.method, regime)
     for row in rows:
-        c = chosen[row["layer"]]
-        row.update(C=c, cost=costs[row["layer"]][c], sensitivity=sens[row["layer"]][c])
-    return Allocation(budget, float(total), rows)
+        name, c = row["layer"], chosen[row["layer"]]
+        row.update(
+            rule_cost=costs[name][row["rule_C"]][keys["rule"]],
+            C=c,
+            cost=costs[name][c][keys["allocation"]],
+            sensitivity=sens[name][c],
+        )
+    return Allocation(budget, float(total), rows, notes)
+
+
+def _unit_table(costs, sens, key: str) -> dict[str, dict[int, float]]:
+    """``{layer: {C: cost}}`` in one unit, for the candidate C of ``sens``."""
+    return {name: {c: costs[name][c][key] for c in sens[name]} for name in sens}
+
+
+def _default_cost_model() -> CostModel:
+    from ..hw.costs import CostModel
+
+    return CostModel()
+
+
+def _dense_parameter_bytes(shapes: Sequence[LayerShape], cost_model: CostModel | None) -> int:
+    """Parameter bytes of the layers that stay dense (they share the parameter memory)."""
+    from ..hw.energy import dense_parameter_bytes
+
+    model = cost_model or _default_cost_model()
+    return sum(dense_parameter_bytes(shape, model) for shape in shapes)
+
+
+def _energy_allocation(
+    costs, sens, total: float, method: str, regime
+) -> tuple[dict[str, int], str, list[str]]:
+    """The allocation under an energy budget (see :func:`plan_codebooks`): the chosen C, the
+    cost key of the regime its parameters are in, and a note for the report."""
+    feasible, errors = [], []
+    for key in ("energy_on_chip", "energy_off_chip"):
+        try:
+            picks = allocate_codebooks(_unit_table(costs, sens, key), sens, total, method)
+        except ValueError as error:
+            errors.append(str(error))
+            continue
+        if key == "energy_off_chip" or regime(picks) == key:
+            feasible.append((sum(sens[name][c] for name, c in picks.items()), key, picks))
+    if not feasible:
+        raise ValueError(f"energy budget {total:.4g} µJ: {errors[-1]}")
+    _, _, picks = min(feasible, key=lambda entry: entry[0])
+    where = regime(picks)
+    place = "the parameter memory" if where == "energy_on_chip" else "DRAM (they do not fit on chip)"
+    return picks, where, [f"Energy: the allocation's parameters load from {place}; costs are priced so."]
 
 
 def _rule_sensitivity(measured: Mapping[int, float], ncodebooks: int) -> float:
@@ -509,7 +613,7 @@ def allocate_for_model(
     input_shape: Sequence[int],
     config: Any,
     budget: CodebookBudget,
-    accelerator: AcceleratorConfig | None = None,
+    cost_model: CostModel | None = None,
 ) -> Allocation:
     """:func:`plan_codebooks` for the layers ``config`` (a :class:`~maddnet.nn.MaddConfig`)
     selects in ``model`` (an ``nn.Module``, any device; shapes are recorded on a meta-device
@@ -523,4 +627,4 @@ def allocate_for_model(
     rule_config = dataclasses.replace(config, ncodebooks=None, codebook_width=width)
     rule = {name: rule_config.codebooks_for(name, module) for name, module in config.select(model).items()}
     shapes, _ = record_shapes(copy.deepcopy(model).to("meta"), tuple(input_shape), device="meta")
-    return plan_codebooks(shapes, rule, budget, config.spec, accelerator)
+    return plan_codebooks(shapes, rule, budget, config.spec, cost_model)

@@ -123,9 +123,10 @@ def test_every_option_of_every_sub_command_has_help():
 NON_DEFAULT_SPEC = {
     "nprototypes": (["-K", "32"], 32),
     "encoder": (["--encoder", "tree"], "tree"),
+    # tree-global's own options (the tree has none beyond its fields): tested on their own below
     "encoder_options": (
-        ["--encoder-option", "ncandidates=1", "hash_objective=output", "--encoder-option", "ridge=2"],
-        {"ncandidates": 1, "hash_objective": "output", "ridge": 2},
+        ["--encoder-option", "ntargets=8", "hash_objective=input", "--encoder-option", "refine_sweeps=1"],
+        {"ntargets": 8, "hash_objective": "input", "refine_sweeps": 1},
     ),
     "ridge": (["--ridge", "none"], None),
     "ncandidates": (["--ncandidates", "6"], 6),
@@ -155,8 +156,9 @@ def test_every_layerspec_field_is_a_flag_with_its_help(command):
 
 
 def test_spec_flags_set_every_field_in_retrain_and_analyze():
-    flags = [flag for values, _ in NON_DEFAULT_SPEC.values() for flag in values]
-    expected = LayerSpec(**{name: value for name, (_, value) in NON_DEFAULT_SPEC.items()})
+    tree = {name: entry for name, entry in NON_DEFAULT_SPEC.items() if name != "encoder_options"}
+    flags = [flag for values, _ in tree.values() for flag in values]
+    expected = LayerSpec(**{name: value for name, (_, value) in tree.items()})
     assert retrain_config(RETRAIN + flags).spec == expected
     assert retrain_config(RETRAIN + flags).madd_config().spec == expected
     assert spec_from_args(parse(ANALYZE + flags)) == expected
@@ -166,6 +168,13 @@ def test_spec_flags_set_every_field_in_retrain_and_analyze():
     assert retrain_config(RETRAIN + ["--lut-bits", "none", "--ridge", "0.5"]).spec == LayerSpec(
         lut_bits=None, ridge=0.5
     )
+
+
+def test_encoder_option_flags_reach_the_spec():
+    flags, options = NON_DEFAULT_SPEC["encoder_options"]
+    expected = LayerSpec(encoder="tree-global", encoder_options=options)
+    assert retrain_config(RETRAIN + ["--encoder", "tree-global", *flags]).spec == expected
+    assert spec_from_args(parse(ANALYZE + ["--encoder", "tree-global", *flags])) == expected
 
 
 def test_spec_values_argparse_cannot_check_are_checked_by_layerspec(capsys):
@@ -254,7 +263,8 @@ spec:
   nprototypes: 8
   lut_bits: null
   temperature: 0.3
-  encoder_options: {ncandidates: 1}
+  encoder: tree-global
+  encoder_options: {ntargets: 4}
 """
 
 
@@ -271,7 +281,11 @@ def test_config_file_yaml_and_json_with_flags_that_override(tmp_path):
         assert config.steps_per_layer == 3 and config.distill == 0.25 and config.device == "cpu"
         assert config.final_steps == 500  # neither file nor flag: RetrainConfig's default
         assert config.spec == LayerSpec(
-            nprototypes=8, lut_bits=None, temperature=0.3, encoder_options={"ncandidates": 1}
+            nprototypes=8,
+            lut_bits=None,
+            temperature=0.3,
+            encoder="tree-global",
+            encoder_options={"ntargets": 4},
         )
     config = retrain_config(
         [
@@ -285,7 +299,7 @@ def test_config_file_yaml_and_json_with_flags_that_override(tmp_path):
             "--lut-bits",
             "4",
             "--encoder-option",
-            "ridge=2",
+            "refine_sweeps=1",
             "--ncodebooks",
             "layer2.0=4",
             "--out",
@@ -296,7 +310,11 @@ def test_config_file_yaml_and_json_with_flags_that_override(tmp_path):
     assert config.model_kwargs == {"width": 4, "depth": 2}  # merged key by key
     assert config.ncodebooks == {"fc": 8, "layer2.0": 4}
     assert config.spec == LayerSpec(
-        nprototypes=8, lut_bits=4, temperature=0.3, encoder_options={"ncandidates": 1, "ridge": 2}
+        nprototypes=8,
+        lut_bits=4,
+        temperature=0.3,
+        encoder="tree-global",
+        encoder_options={"ntargets": 4, "refine_sweeps": 1},
     )
     assert retrain_config(["retrain", "--config", str(yaml_path), "--all-ncodebooks", "3"]).ncodebooks == 3
     flip = retrain_config(["retrain", "--config", str(yaml_path), "--freeze-replaced", "--no-progress"])

@@ -94,9 +94,14 @@ def test_builders_turn_type_and_runtime_errors_into_value_errors():
 def test_layer_spec_checks_encoder_options():
     with pytest.raises(ValueError, match="no option 'foo'; its options: .*ncandidates"):
         LayerSpec(encoder_options={"foo": 1})
-    with pytest.raises(ValueError, match="ncandidates"):
-        LayerSpec(encoder_options={"ncandidates": 0})
-    assert LayerSpec(encoder_options={"ncandidates": 2}).encoder_config(3)["ncandidates"] == 2
+    # an argument a field sets is the field's (given twice, learning failed with a TypeError)
+    with pytest.raises(ValueError, match="ncandidates of encoder 'tree' is set by the LayerSpec field"):
+        LayerSpec(encoder_options={"ncandidates": 2})
+    with pytest.raises(ValueError, match="ntargets"):
+        LayerSpec(encoder="tree-global", encoder_options={"ntargets": 0})
+    assert (
+        LayerSpec(encoder="tree-global", encoder_options={"ntargets": 2}).encoder_config(3)["ntargets"] == 2
+    )
 
 
 # ---------------------------------------------------------------------------- 3: ncodebooks

@@ -284,8 +284,13 @@ def test_layer_spec_refuses_bad_refine_sweeps(bad):
 
 
 def test_the_trees_refine_sweeps_is_a_field_not_an_encoder_option():
-    with pytest.raises(ValueError, match="the LayerSpec field refine_sweeps"):
+    with pytest.raises(ValueError, match="refine_sweeps of encoder 'tree' is set by the LayerSpec field"):
         LayerSpec(encoder_options={"refine_sweeps": 1})
+    # so is every other argument a field sets (it used to fail later, at learning, as a TypeError)
+    with pytest.raises(ValueError, match="hash_objective, ncandidates of encoder 'tree' are set by"):
+        LayerSpec(encoder_options={"hash_objective": "input", "ncandidates": 6})
+    with pytest.raises(ValueError, match="ridge of encoder 'pq' is set by the LayerSpec field"):
+        LayerSpec(encoder="pq", encoder_options={"ridge": 2.0})
     # tree-global's backfitting sweeps stay its own option
     assert LayerSpec(encoder="tree-global", encoder_options={"refine_sweeps": 1}).refine_sweeps == 1
 
@@ -337,8 +342,53 @@ def test_an_analysis_folder_of_maddness_trees_still_resumes(tmp_path):
     old = {k: v for k, v in spec.to_dict().items() if k != "refine_sweeps"}
     CellLog(tmp_path, {"model": "m", "spec": old}).append(0, {"layer": "a", "C": 2})
     assert list(CellLog(tmp_path, {"model": "m", "spec": spec.to_dict()}).load()) == [("a", 2)]
-    with pytest.raises(ValueError, match="spec"):
+    with pytest.raises(ValueError, match="--hash-objective input --refine-sweeps 0 resumes it"):
         CellLog(tmp_path, {"model": "m", "spec": LayerSpec().to_dict()}).load()
+    with pytest.raises(ValueError, match=r"differing: spec\); use another --out") as error:
+        CellLog(tmp_path, {"model": "m", "spec": LayerSpec(lut_bits=4).to_dict()}).load()
+    assert "resumes it" not in str(error.value)  # the hint only where the trees are all that differ
+
+
+def test_a_run_saved_before_the_default_changed_resumes_with_the_pins(tmp_path):
+    """A retraining folder saved before refine_sweeps existed: refused under today's
+    defaults with the hint, resumed (config accepted) with the two pins."""
+    import json
+
+    from maddnet.retrain.config import RetrainConfig
+    from maddnet.retrain.pipeline import Retrainer
+    from maddnet.retrain.report import markdown_report
+
+    old = RetrainConfig(model="m", dataset="d", checkpoint="c.pt", out_dir=str(tmp_path))
+    values = old.to_dict()
+    values["spec"] = {
+        k: v for k, v in LayerSpec(hash_objective="input").to_dict().items() if k != "refine_sweeps"
+    }
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    saved = RetrainConfig.load(tmp_path / "config.json")
+    assert (saved.spec.hash_objective, saved.spec.refine_sweeps) == ("input", 0)
+    assert "hash_objective=input" in markdown_report([], values) and "refine_sweeps=0" in markdown_report(
+        [], values
+    )
+    now = RetrainConfig(model="m", dataset="d", checkpoint="c.pt", out_dir=str(tmp_path))
+    assert saved.differences(now) == {
+        "spec.hash_objective": ("input", "output"),
+        "spec.refine_sweeps": (0, 1),
+    }
+    checker = Retrainer.__new__(Retrainer)  # only _check_config, no model or data
+    checker.out, checker.config = tmp_path, now
+    checker.dist = type("Single", (), {"is_main": True})()
+    with pytest.raises(ValueError, match="--hash-objective input --refine-sweeps 0 resumes it"):
+        checker._check_config()
+    checker.config = RetrainConfig(
+        model="m",
+        dataset="d",
+        checkpoint="c.pt",
+        out_dir=str(tmp_path),
+        spec=LayerSpec(hash_objective="input", refine_sweeps=0),
+    )
+    checker._check_config()  # accepted; config.json rewritten whole
+    assert json.loads((tmp_path / "config.json").read_text())["spec"]["refine_sweeps"] == 0
 
 
 def test_product_basis_keeps_the_output_objective_losses():
@@ -357,4 +407,4 @@ def test_product_basis_keeps_the_output_objective_losses():
     full = hashing.learn_tree(block, 4, 4, targets=block @ block_weight)
     reduced = hashing.learn_tree(block, 4, 4, targets=block @ product_basis(block_weight))
     assert torch.equal(full.split_dims, reduced.split_dims)
-    torch.testing.assert_close(full.thresholds, reduced.thresholds, rtol=0, atol=0)
+    torch.testing.assert_close(full.thresholds, reduced.thresholds)  # midpoints of the same rows

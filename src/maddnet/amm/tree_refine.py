@@ -190,7 +190,8 @@ def refine_trees(
         sweeps: passes over all codebooks (>= 1).
         backend: the cut search's, see :func:`level_cut_table`.
 
-    Memory: ``targets`` and the running error, two (N, R) float64 arrays, plus a few (N, K);
+    Memory: ``targets`` and the running error, two (N, R) float64 arrays, plus a few (N, K)
+    and the (n, R) table rows of the n rows whose code a level moved;
     for the input objective R = D, so a wide layer refined on many rows needs about 16 N D
     bytes (1.8 GB per array at N = 50,000, D = 4,608). For the output objective the caller
     can pass R = min(D, M) columns (``encoders.tree.product_basis``).
@@ -213,7 +214,8 @@ def refine_trees(
         nprototypes = tables.shape[1]
         # error = targets - sum_c T[c, code_c], one gather-sum over all codebooks
         flat = tables.reshape(ncodebooks * nprototypes, -1)
-        error = targets - F.embedding_bag(codes + offsets, flat, mode="sum")
+        error = None  # the last sweep's, freed before the new one is made
+        error = F.embedding_bag(codes + offsets, flat, mode="sum").neg_().add_(targets)
         for c in range(ncodebooks):
             table = tables[c]
             # ||r - T_k||^2 - ||r||^2 with r = error + T[code] (what the other codebooks
@@ -244,6 +246,6 @@ def refine_trees(
                 values[:, t] = rows[:, columns[chosen]]
             new_codes = descend(values, thresholds[c], 0, root)
             moved = (new_codes != codes[:, c]).nonzero()[:, 0]
-            error[moved] += table[codes[moved, c]] - table[new_codes[moved]]
+            error.index_add_(0, moved, table[codes[moved, c]] - table[new_codes[moved]])
             codes[:, c] = new_codes
     return split_dims, thresholds, codes

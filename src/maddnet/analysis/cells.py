@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..nn.spec import LayerSpec
+from ..nn.spec import LayerSpec, former_trees_hint
 from ..train.metrics import JsonlWriter
 
 SETTINGS_FILE = "cells_settings.json"
@@ -66,10 +66,17 @@ class CellLog:
                 keys = sorted(
                     k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k)
                 )
+                spec_keys = {}
+                if keys == ["spec"] and isinstance(self.settings.get("spec"), dict):
+                    new = self.settings["spec"]
+                    spec_keys = {
+                        k: 0 for k in set(stored["spec"]) | set(new) if stored["spec"].get(k) != new.get(k)
+                    }
                 raise ValueError(
                     f"{self.folder}: its finished single-layer cells were computed with other "
                     f"settings (differing: {', '.join(keys)}); use another --out, or delete "
                     f"{path} and {self.folder}/cells.rank*.jsonl to start over"
+                    f"{former_trees_hint(spec_keys)}"
                 )
         rows: dict[tuple[str, int], dict[str, Any]] = {}
         for part in sorted(self.folder.glob("cells.rank*.jsonl")):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ..amm.checks import check_nprototypes
@@ -27,7 +28,7 @@ TREE_FIELDS = ("ncandidates", "hash_objective", "refine_sweeps", "surrogate", "c
 # LayerSpec's defaults until 2026-12-01, when layers moved to output-aware, refined trees, so
 # these are also the former defaults: a spec saved by an older maddnet either holds these
 # fields with these values or lacks them, and meant these values (LayerSpec.from_saved)
-MADDNESS_TREE: dict[str, Any] = {"hash_objective": "input", "refine_sweeps": 0}
+MADDNESS_TREE: Mapping[str, Any] = MappingProxyType({"hash_objective": "input", "refine_sweeps": 0})
 # encoders whose layer module is the tree's (maddnet.nn.encoders.TreeEncoderModule): they take
 # the `surrogate` field too (their learning options go in encoder_options)
 SURROGATE_ENCODERS = ("tree", "tree-global")
@@ -49,8 +50,8 @@ class LayerSpec:
         "encoder registry name (maddnet.amm.encoders.ENCODERS); 'tree' is MADDness", default="tree"
     )
     encoder_options: Mapping[str, Any] = _help(
-        "further constructor arguments of the encoder (those without a field here), e.g. the "
-        "tree's refine_sweeps or the pq encoders' iterations; docs/encoders.md",
+        "further constructor arguments of the encoder (those without a field here), e.g. the pq "
+        "encoders' iterations or tree-global's ntargets and refine_sweeps; docs/encoders.md",
         default_factory=dict,
     )
     ridge: float | None = _help(
@@ -131,10 +132,12 @@ class LayerSpec:
             isinstance(self.temperature, int | float) and 0 < self.temperature < float("inf")
         ):
             raise ValueError(f"LayerSpec.temperature must be a positive number, got {self.temperature!r}")
-        if self.encoder == "tree" and "refine_sweeps" in self.encoder_options:
+        taken = sorted(set(self.encoder_options) & set(self._field_arguments()))
+        if taken:
             raise ValueError(
-                "LayerSpec.encoder_options: the tree's refine_sweeps is the LayerSpec field "
-                "refine_sweeps (--refine-sweeps), not an encoder option"
+                f"LayerSpec.encoder_options: {', '.join(taken)} of encoder {self.encoder!r} "
+                f"{'is' if len(taken) == 1 else 'are'} set by the LayerSpec field of that name "
+                f"(--{taken[0].replace('_', '-')}), not as an encoder option"
             )
         self._check_encoder_options()
         if self.encoder != "tree":
@@ -234,6 +237,14 @@ class LayerSpec:
         """``{field: help text}`` (what the CLI prints for each setting)."""
         return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
+    def _field_arguments(self) -> tuple[str, ...]:
+        """The encoder's constructor arguments that this spec's fields (or the layer: C, the
+        channel size) set, which ``encoder_options`` may not set again."""
+        common = ("ncodebooks", "nprototypes", "ridge")
+        if self.encoder != "tree":
+            return common
+        return (*common, "ncandidates", "hash_objective", "refine_sweeps", "channel_budget", "channel_size")
+
     def encoder_config(self, ncodebooks: int) -> dict[str, Any]:
         """Constructor arguments of this spec's :class:`~maddnet.amm.encoders.Encoder` for C codebooks."""
         config: dict[str, Any] = {
@@ -256,6 +267,19 @@ class LayerSpec:
         if self.channel_budget is None:
             return {}
         return {"channel_budget": self.channel_budget, "channel_size": channel_size}
+
+
+def former_trees_hint(differences: Mapping[str, Any]) -> str:
+    """An addition to a "saved with other settings" error whose only ``differences`` (keys
+    ``spec.<field>`` or bare field names) are the fields of :data:`MADDNESS_TREE`: how to
+    resume a run made before the layers' default changed. "" otherwise."""
+    names = {str(key).removeprefix("spec.") for key in differences}
+    if not names or not names <= set(MADDNESS_TREE):
+        return ""
+    return (
+        " (it was made with MADDness's trees, the layers' default before 2026-12-01: "
+        "--hash-objective input --refine-sweeps 0 resumes it)"
+    )
 
 
 def parse_channel_budget(text: str) -> float | int | None:

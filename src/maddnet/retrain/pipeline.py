@@ -48,6 +48,7 @@ from ..nn.diagnostics import dead_layer_message, dead_layers
 from ..nn.mapping import LAYER_TYPES, input_dim
 from ..nn.plan import replace_module
 from ..nn.recording import capacity_for
+from ..nn.spec import former_trees_hint
 from ..threads import set_threads
 from ..train import (
     JsonlWriter,
@@ -360,7 +361,7 @@ class Retrainer:
             if diff:
                 raise ValueError(
                     f"{self.out} holds a run with another config (differences: {diff}); "
-                    "use another out_dir or delete the old run"
+                    f"use another out_dir or delete the old run{former_trees_hint(diff)}"
                 )
         # every rank has read the old config before rank 0 replaces it
         barrier()

@@ -144,9 +144,10 @@ class GlobalTreeEncoder(TreeEncoder):
 
     # ------------------------------------------------------------------ learning
     def _targets(self, residual: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        # the product on min(D, M) columns: the same SSEs and principal directions (up to a
-        # rotation), so the same targets' losses (tree.product_basis)
-        values = residual @ product_basis(weight).double() if self.hash_objective == "output" else residual
+        """``weight``: the fit's :func:`~maddnet.amm.encoders.tree.product_basis` of B (the
+        product on min(D, M) columns: the same SSEs and principal directions up to a
+        rotation, so the same targets), made once per fit by :meth:`_fit_codes`."""
+        values = residual @ weight.double() if self.hash_objective == "output" else residual
         return principal_targets(values, self.ntargets)
 
     def _learn_one(
@@ -177,6 +178,8 @@ class GlobalTreeEncoder(TreeEncoder):
         self, rows: torch.Tensor, weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         check_learnable(rows, self.name)
+        if weight is not None and self.hash_objective == "output":
+            weight = product_basis(weight)  # once per fit, not per tree
         nrows, ndims = rows.shape
         rows = rows.float()
         gen = torch.Generator().manual_seed(self.seed)

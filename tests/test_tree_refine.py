@@ -312,6 +312,14 @@ def test_specs_saved_before_the_default_changed_read_as_maddness():
     assert LayerSpec.from_saved(old_pq) == LayerSpec.from_dict(old_pq) == LayerSpec(encoder="pq-l1")
     with pytest.raises(ValueError, match="configure the tree encoder"):
         LayerSpec.from_dict({**old_pq, "refine_sweeps": 2})  # never a default: refused
+    # tree-global has options of these names: a file's top-level "input" is refused, not
+    # silently read as its default "output"; a saved spec of then is read as it was meant
+    old_global = {**old_tree, "encoder": "tree-global", "encoder_options": {"refine_sweeps": 1}}
+    with pytest.raises(ValueError, match="configure the tree encoder"):
+        LayerSpec.from_dict(old_global)
+    assert LayerSpec.from_saved(old_global) == LayerSpec(
+        encoder="tree-global", encoder_options={"refine_sweeps": 1}
+    )
     # today's saved specs round-trip unchanged
     for spec in (
         LayerSpec(),

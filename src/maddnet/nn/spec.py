@@ -191,9 +191,11 @@ class LayerSpec:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> LayerSpec:
         """Inverse of :meth:`to_dict` (a missing field takes today's default); unknown keys
-        are an error that lists the known ones. For an encoder other than the tree, a tree
-        field at its former default (``MADDNESS_TREE``, which the files of older runs
-        hold) is read as not given: it never applied to that encoder; and a tree's
+        are an error that lists the known ones. For an encoder other than the tree that
+        takes no option of that name (the pq encoders), a tree field at its former default
+        (``MADDNESS_TREE``, which the files of older runs hold) is read as not given: it
+        never applied; tree-global, whose own options share the names, is refused instead,
+        so that its objective is never silently another than the file says. A tree's
         refine_sweeps among the encoder options (where those files hold it) is read as the
         field."""
         known = {f.name for f in dataclasses.fields(cls)}
@@ -202,9 +204,11 @@ class LayerSpec:
             raise ValueError(f"unknown LayerSpec keys {unknown}; known keys: {sorted(known)}")
         values = dict(values)
         options = dict(values.get("encoder_options") or {})
-        if values.get("encoder", "tree") != "tree":
+        encoder = values.get("encoder", "tree")
+        if encoder != "tree":
+            own = encoder_settings(encoder_class(encoder)) or []  # raises for an unknown name
             for name, former in MADDNESS_TREE.items():
-                if name in values and values[name] == former:
+                if name in values and values[name] == former and name not in own:
                     del values[name]
         elif "refine_sweeps" in options:
             if "refine_sweeps" in values:
@@ -227,8 +231,11 @@ class LayerSpec:
         """
         values = dict(values)
         options = values.get("encoder_options") or {}
+        tree = values.get("encoder", "tree") == "tree"
         for name, former in MADDNESS_TREE.items():
-            if name not in values and name not in options:  # a tree's refine_sweeps was an option
+            if not tree and values.get(name, former) == former:
+                values.pop(name, None)  # the default of then, which never applied to this encoder
+            elif name not in values and name not in options:  # a tree's refine_sweeps was an option
                 values[name] = former
         return cls.from_dict(values)
 

@@ -66,11 +66,11 @@ class CellLog:
                 keys = sorted(
                     k for k in set(stored) | set(self.settings) if stored.get(k) != self.settings.get(k)
                 )
-                spec_keys = {}
+                spec_keys: set[str] = set()
                 if keys == ["spec"] and isinstance(self.settings.get("spec"), dict):
                     new = self.settings["spec"]
                     spec_keys = {
-                        k: 0 for k in set(stored["spec"]) | set(new) if stored["spec"].get(k) != new.get(k)
+                        k for k in set(stored["spec"]) | set(new) if stored["spec"].get(k) != new.get(k)
                     }
                 raise ValueError(
                     f"{self.folder}: its finished single-layer cells were computed with other "

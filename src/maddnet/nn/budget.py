@@ -326,7 +326,7 @@ def layer_costs(
 
     from ..hw.costs import CostModel
     from ..hw.counts import MaddParams, madd_counts
-    from ..hw.energy import madd_layer_energy
+    from ..hw.energy import madd_layer_energy, madd_parameter_bytes
     from .layers import MaddLinear
 
     cost_model = cost_model or CostModel()
@@ -344,7 +344,7 @@ def layer_costs(
         result[int(c)] = {
             "lut_bytes": counts["lut_bytes"] + counts["encoder_bytes"],
             "compares": counts["compares"],
-            "parameter_bytes": counts["lut_bytes"] + counts["encoder_bytes"] + counts["constant_bytes"],
+            "parameter_bytes": madd_parameter_bytes(with_c, cost_model),
             **{
                 key: madd_layer_energy(with_c, cost_model, pj_per_byte).total_pj / 1e6
                 for key, pj_per_byte in sources.items()
@@ -472,6 +472,9 @@ def plan_codebooks(
         ValueError: the report misses a layer of ``rule`` or names a layer not in it (a
             report of another model), or the budget is below the cheapest allocation.
     """
+    from ..hw.costs import CostModel
+
+    cost_model = cost_model or CostModel()
     report_rows = read_report_rows(budget.analysis)
     table = sensitivity_table(report_rows, budget.metric, budget.analysis)
     by_name = {shape.name: shape for shape in shapes}
@@ -503,8 +506,8 @@ def plan_codebooks(
                 f"{budget.analysis}: layer {name!r} measured at C = {max(measured)} > D = {shape.in_dim}"
             )
         options = candidate_codebooks(list(measured), shape.in_dim, budget.octaves, extra=(rule_c,))
-        counts = layer_costs(shape, spec, sorted({*options, rule_c}), cost_model)
-        costs[name] = {c: counts[c] for c in options}
+        # every candidate C and the rule's (outside the candidates where octaves forbid it)
+        costs[name] = layer_costs(shape, spec, sorted({*options, rule_c}), cost_model)
         sens[name] = {c: interpolate_log(measured, c) for c in options}
         rows.append(
             {
@@ -518,31 +521,22 @@ def plan_codebooks(
                 "rule_sensitivity": _rule_sensitivity(measured, rule_c),
             }
         )
-    if budget.unit != "energy":
-        keys, notes = {"rule": budget.unit}, []
-    else:
-        dense_bytes = _dense_parameter_bytes([s for s in shapes if s.name not in rule], cost_model)
-        capacity = (cost_model or _default_cost_model()).accelerator.parameter_memory_bytes
-
-        def regime(picks: Mapping[str, int]) -> str:
-            total_bytes = dense_bytes + sum(costs[name][c]["parameter_bytes"] for name, c in picks.items())
-            return "energy_on_chip" if total_bytes <= capacity else "energy_off_chip"
-
-        keys = {"rule": regime(rule)}
+    regime = _parameter_regime(shapes, rule, costs, cost_model) if budget.unit == "energy" else None
+    rule_key = budget.unit if regime is None else regime(rule)
     total = budget.value
     if total is None:
-        total = float(sum(costs[name][c][keys["rule"]] for name, c in rule.items()))
-    if budget.unit != "energy":
+        total = float(sum(costs[name][c][rule_key] for name, c in rule.items()))
+    if regime is None:
         chosen = allocate_codebooks(_unit_table(costs, sens, budget.unit), sens, total, budget.method)
-        keys["allocation"] = budget.unit
+        key, notes = budget.unit, []
     else:
-        chosen, keys["allocation"], notes = _energy_allocation(costs, sens, total, budget.method, regime)
+        chosen, key, notes = _energy_allocation(costs, sens, total, budget.method, regime)
     for row in rows:
         name, c = row["layer"], chosen[row["layer"]]
         row.update(
-            rule_cost=costs[name][row["rule_C"]][keys["rule"]],
+            rule_cost=costs[name][row["rule_C"]][rule_key],
             C=c,
-            cost=costs[name][c][keys["allocation"]],
+            cost=costs[name][c][key],
             sensitivity=sens[name][c],
         )
     return Allocation(budget, float(total), rows, notes)
@@ -553,18 +547,20 @@ def _unit_table(costs, sens, key: str) -> dict[str, dict[int, float]]:
     return {name: {c: costs[name][c][key] for c in sens[name]} for name in sens}
 
 
-def _default_cost_model() -> CostModel:
-    from ..hw.costs import CostModel
-
-    return CostModel()
-
-
-def _dense_parameter_bytes(shapes: Sequence[LayerShape], cost_model: CostModel | None) -> int:
-    """Parameter bytes of the layers that stay dense (they share the parameter memory)."""
+def _parameter_regime(shapes, rule, costs, cost_model: CostModel):
+    """``regime(picks)``: the cost key (``energy_on_chip`` / ``energy_off_chip``) of where
+    the parameters of the network with C = ``picks`` load from: the parameter memory when
+    they fit in it with those of the layers that stay dense (shapes not in ``rule``)."""
     from ..hw.energy import dense_parameter_bytes
 
-    model = cost_model or _default_cost_model()
-    return sum(dense_parameter_bytes(shape, model) for shape in shapes)
+    dense_bytes = sum(dense_parameter_bytes(shape, cost_model) for shape in shapes if shape.name not in rule)
+    capacity = cost_model.accelerator.parameter_memory_bytes
+
+    def regime(picks: Mapping[str, int]) -> str:
+        total_bytes = dense_bytes + sum(costs[name][c]["parameter_bytes"] for name, c in picks.items())
+        return "energy_on_chip" if total_bytes <= capacity else "energy_off_chip"
+
+    return regime
 
 
 def _energy_allocation(

@@ -9,7 +9,7 @@ and saves it in its config. Field metadata ``help`` is the text the CLI shows.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -276,8 +276,8 @@ class LayerSpec:
         return {"channel_budget": self.channel_budget, "channel_size": channel_size}
 
 
-def former_trees_hint(differences: Mapping[str, Any]) -> str:
-    """An addition to a "saved with other settings" error whose only ``differences`` (keys
+def former_trees_hint(differences: Iterable[str]) -> str:
+    """An addition to a "saved with other settings" error whose only ``differences`` (names
     ``spec.<field>`` or bare field names) are the fields of :data:`MADDNESS_TREE`: how to
     resume a run made before the layers' default changed. "" otherwise."""
     names = {str(key).removeprefix("spec.") for key in differences}

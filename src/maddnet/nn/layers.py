@@ -509,9 +509,6 @@ class _MaddLayer(nn.Module):
         self.refresh_quantized_lut()
         return QuantizedLut(self.lut_q_values, self.lut_q_offsets, self.lut_q_scale, self.lut_bits)
 
-    # torch.compile runs this eagerly: dynamo would trace pack_lut's numpy code through
-    # torch._numpy, which has no uint16 adds
-    @torch.compiler.disable
     def packed_lut(self) -> PackedLut | None:
         """The integer LUT in the layout of the CPU LUT-sum kernel
         (:func:`maddnet.amm.lut.pack_lut`), or None where that kernel cannot reproduce
@@ -1284,6 +1281,11 @@ class TreeLinearFastPath:
             return None
         bias = widen(layer.bias)
         if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32):
+            return None
+        # Under torch.compile the general path runs (same bits): dynamo would trace pack_lut's
+        # numpy code through torch._numpy, which has no uint16 adds. A check here rather than
+        # torch.compiler.disable on packed_lut, which imports torch._dynamo (seconds) with maddnet.
+        if _is_compiling():
             return None
         packed = layer.packed_lut()
         if packed is None:

@@ -190,8 +190,9 @@ def refine_trees(
         sweeps: passes over all codebooks (>= 1).
         backend: the cut search's, see :func:`level_cut_table`.
 
-    Memory: ``targets`` and the running error, two (N, R) float64 arrays, plus a few (N, K)
-    and the (n, R) table rows of the n rows whose code a level moved;
+    Memory: ``targets``, the running error and its projections on a chunk of R // K
+    codebooks' tables, three (N, R) float64 arrays at most, plus a few (N, K) and the (n, R)
+    table rows of the n rows whose code a level moved;
     for the input objective R = D, so a wide layer refined on many rows needs about 16 N D
     bytes (1.8 GB per array at N = 50,000, D = 4,608). For the output objective the caller
     can pass R = min(D, M) columns (``encoders.tree.product_basis``).
@@ -210,19 +211,32 @@ def refine_trees(
     index = torch.arange(nrows, device=rows.device)
     offsets = torch.arange(ncodebooks, device=rows.device) * (1 << depth)
     for _ in range(sweeps):
-        tables = solve_tables(codes)
+        # row-major: solvers may return a transposed view, and embedding_bag and the row
+        # gathers below run 10-20x slower on one (17 s against 1 s at N = 16,384, C K = 1,536)
+        tables = solve_tables(codes).contiguous()
         nprototypes = tables.shape[1]
         # error = targets - sum_c T[c, code_c], one gather-sum over all codebooks
         flat = tables.reshape(ncodebooks * nprototypes, -1)
-        error = None  # the last sweep's, freed before the new one is made
+        error = projections = None  # the last sweep's, freed before the new ones are made
         error = F.embedding_bag(codes + offsets, flat, mode="sum").neg_().add_(targets)
+        # error . T_k for a chunk of codebooks at once: one wide product instead of one
+        # (N, R) x (R, K) product per codebook, 3-5x faster on CPU; a chunk's projections
+        # take no more memory than the error (N x R)
+        chunk = max(1, flat.shape[1] // nprototypes)
         for c in range(ncodebooks):
+            if c % chunk == 0:
+                rows_of_chunk = slice(c * nprototypes, min(c + chunk, ncodebooks) * nprototypes)
+                projections = None
+                projections = error @ flat[rows_of_chunk].T  # (N, chunk K)
+                chunk_gram = flat[rows_of_chunk] @ flat[rows_of_chunk].T  # (chunk K, chunk K)
             table = tables[c]
+            first = (c % chunk) * nprototypes  # this codebook's columns in the chunk
+            gram = chunk_gram[first : first + nprototypes, first : first + nprototypes]
             # ||r - T_k||^2 - ||r||^2 with r = error + T[code] (what the other codebooks
             # leave): ||T_k||^2 - 2 error . T_k - 2 T[code] . T_k, the last from the K x K Gram
             # matrix, so r itself (N x R) is never formed
-            gram = table @ table.T
-            loss = gram.diagonal()[None, :] - 2 * (error @ table.T) - 2 * gram[codes[:, c]]  # (N, K)
+            error_dot = projections[:, first : first + nprototypes]
+            loss = gram.diagonal()[None, :] - 2 * error_dot - 2 * gram[codes[:, c]]  # (N, K)
             values = rows[:, split_dims[c]]
             # the current splits are always candidates, so no step can raise the loss
             columns = torch.unique(torch.cat([candidates[c].to(rows.device), split_dims[c]]))
@@ -246,6 +260,9 @@ def refine_trees(
                 values[:, t] = rows[:, columns[chosen]]
             new_codes = descend(values, thresholds[c], 0, root)
             moved = (new_codes != codes[:, c]).nonzero()[:, 0]
-            error.index_add_(0, moved, table[codes[moved, c]] - table[new_codes[moved]])
+            old_codes, moved_codes = codes[moved, c], new_codes[moved]
+            error.index_add_(0, moved, table[old_codes] - table[moved_codes])
+            # the same change of the error seen through the chunk's tables: Gram rows
+            projections.index_add_(0, moved, chunk_gram[first + old_codes] - chunk_gram[first + moved_codes])
             codes[:, c] = new_codes
     return split_dims, thresholds, codes

@@ -44,6 +44,12 @@ VARIANTS = {
     "tree (MADDness)": ("tree", {}, {}, None),
     "tree, output objective": ("tree", {}, {"hash_objective": "output"}, None),
     "tree, output objective + refine": ("tree", {"refine_sweeps": 1}, {"hash_objective": "output"}, None),
+    "tree, output objective + 3 refine sweeps": (
+        "tree",
+        {"refine_sweeps": 3},
+        {"hash_objective": "output"},
+        None,
+    ),
     "tree, LUT ridge to 0": ("tree", {}, {}, "zero"),
     "tree-global": ("tree-global", {}, {}, None),
     "tree-global + refine": ("tree-global", {"refine_sweeps": 1}, {}, None),

@@ -242,13 +242,16 @@ def plot(results: list[dict], path: Path) -> None:
     rows = [r for r in results if "nmse_test" in r]
     tasks = sorted({r["task"] for r in rows})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    colours = plt.get_cmap("tab20").colors  # more variants than the default cycle's 10 colours
+    markers = "os^vDP"
     for ax, task in zip(axes[0], tasks, strict=True):
-        for variant in VARIANTS:
+        for index, variant in enumerate(VARIANTS):
             points = sorted(
                 (r["C"], r["nmse_test"]) for r in rows if r["task"] == task and r["variant"] == variant
             )
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=variant)
+                style = {"color": colours[index % len(colours)], "marker": markers[index % len(markers)]}
+                ax.plot(*zip(*points, strict=True), label=variant, **style)
         ax.set(title=task, xlabel="C (codebooks)", ylabel="test NMSE", xscale="log", yscale="log")
         ticks = sorted({r["C"] for r in rows if r["task"] == task})
         ax.set_xticks(ticks, [str(c) for c in ticks], minor=False)

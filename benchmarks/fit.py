@@ -609,12 +609,20 @@ def main(argv: list[str] | None = None) -> int:
         for part in set(PARTS) - set(args.parts):
             for key in kept.get(part, (part,)):
                 result[key] = previous.get(key, result[key])
+        if "models" in args.parts:  # a run of some models keeps the others' rows
+            measured = {_model_key(r) for r in result["models"]}
+            result["models"] += [r for r in previous.get("models", []) if _model_key(r) not in measured]
         result["command"] = f"{previous.get('command', '')}; {result['command']}"
     (out / "fit.json").write_text(json.dumps(result, indent=1))
     write_markdown(out / "fit.md", result)
     plot(out / "fit.png", result)
     print((out / "fit.md").read_text())
     return 0
+
+
+def _model_key(row: dict) -> tuple:
+    """What a whole-model row measured: rows of the same key replace each other on --merge."""
+    return row["model"], row.get("trees", "maddness"), row.get("threads", 1)
 
 
 if __name__ == "__main__":

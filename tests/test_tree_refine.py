@@ -174,19 +174,21 @@ def naive_refine(rows, split_dims, thresholds, targets, solve_tables, candidates
     return split_dims, thresholds, codes
 
 
-@pytest.mark.parametrize("noutputs", [3, 40, 100])  # one codebook per chunk, chunks of 2, one chunk
+# one codebook per chunk; chunks of 2; chunks of 3 (the last one partial); one chunk
+@pytest.mark.parametrize("noutputs", [3, 40, 50, 100])
 def test_refine_trees_equals_the_plain_coordinate_descent(noutputs):
     gen = torch.Generator().manual_seed(noutputs)
     rows = torch.relu(torch.randn(500, 24, generator=gen) + torch.randn(500, 1, generator=gen))
     weight = torch.randn(24, noutputs, generator=gen)
-    tree = TreeEncoder(ncodebooks=4).fit(rows)
+    # trees of other rows: a poor start, so that many codes move and every update is used
+    start = TreeEncoder(ncodebooks=4).fit(torch.randn(500, 24, generator=gen) * 2)
     bounds = hashing.subspace_bounds(24, 4)
 
     def solve_tables(codes):
-        prior = block_leaf_means(rows, codes, bounds, tree.prototypes_)
+        prior = block_leaf_means(rows, codes, bounds, start.prototypes_)
         return ridge_lut(rows, codes, prior, 1.0, weight).double()
 
-    args = (rows, tree.split_dims_, tree.thresholds_, rows.double() @ weight.double(), solve_tables)
+    args = (rows, start.split_dims_, start.thresholds_, rows.double() @ weight.double(), solve_tables)
     candidates = [torch.arange(a, b) for a, b in bounds]
     fast = refine_trees(*args, candidates, 2)
     plain = naive_refine(*args, candidates, 2)

@@ -190,12 +190,12 @@ def refine_trees(
         sweeps: passes over all codebooks (>= 1).
         backend: the cut search's, see :func:`level_cut_table`.
 
-    Memory: ``targets``, the running error and its projections on a chunk of R // K
-    codebooks' tables, three (N, R) float64 arrays at most, plus a few (N, K) and the (n, R)
-    table rows of the n rows whose code a level moved;
-    for the input objective R = D, so a wide layer refined on many rows needs about 16 N D
-    bytes (1.8 GB per array at N = 50,000, D = 4,608). For the output objective the caller
-    can pass R = min(D, M) columns (``encoders.tree.product_basis``).
+    Memory: ``targets`` and the running error, two (N, R) float64 arrays, plus the error's
+    projections on a chunk of codebooks' tables, (N, P) float64 with P = max(K, min(R, 256))
+    (and their (P, P) Gram matrix), a few (N, K), and the (n, R) table rows of the n rows
+    whose code a level moved; for the input objective R = D, so a wide layer refined on many
+    rows needs about 16 N D bytes (1.8 GB per array at N = 50,000, D = 4,608). For the output
+    objective the caller can pass R = min(D, M) columns (``encoders.tree.product_basis``).
 
     Returns:
         New (split_dims, thresholds) and the training rows' codes (N, C) int64. The loss
@@ -212,7 +212,7 @@ def refine_trees(
     offsets = torch.arange(ncodebooks, device=rows.device) * (1 << depth)
     for _ in range(sweeps):
         # row-major: solvers may return a transposed view, and embedding_bag and the row
-        # gathers below run 10-20x slower on one (17 s against 1 s at N = 16,384, C K = 1,536)
+        # gathers below run 10-20x slower on one (17 s against 0.7 s at N = 16,384, C K = 1,536)
         tables = solve_tables(codes).contiguous()
         nprototypes = tables.shape[1]
         # error = targets - sum_c T[c, code_c], one gather-sum over all codebooks
@@ -220,9 +220,9 @@ def refine_trees(
         error = projections = None  # the last sweep's, freed before the new ones are made
         error = F.embedding_bag(codes + offsets, flat, mode="sum").neg_().add_(targets)
         # error . T_k for a chunk of codebooks at once: one wide product instead of one
-        # (N, R) x (R, K) product per codebook, 3-5x faster on CPU; a chunk's projections
-        # take no more memory than the error (N x R)
-        chunk = max(1, flat.shape[1] // nprototypes)
+        # (N, R) x (R, K) product per codebook, 3-5x faster on CPU; at most 256 columns
+        # (or one codebook's K), so the projections stay within (N, max(K, min(R, 256)))
+        chunk = max(1, min(flat.shape[1], 256) // nprototypes)
         for c in range(ncodebooks):
             if c % chunk == 0:
                 rows_of_chunk = slice(c * nprototypes, min(c + chunk, ncodebooks) * nprototypes)

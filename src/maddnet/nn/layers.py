@@ -94,9 +94,9 @@ class MaddUnsupportedError(NotImplementedError):
     higher-order gradients, computing with ``.weight``."""
 
 
-# torch >= 2.5 / 2.3 have these; on older versions those two checks are skipped
+# torch >= 2.5 has is_exporting; on older versions that check is skipped
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+_is_compiling = torch.compiler.is_compiling  # torch >= 2.3 (pyproject.toml)
 
 
 def _keep_out_of_fused_paths(module: nn.Module, args: tuple) -> None:
@@ -1282,11 +1282,17 @@ class TreeLinearFastPath:
         bias = widen(layer.bias)
         if bias is not None and (bias.device.type != "cpu" or bias.dtype != torch.float32):
             return None
-        # Under torch.compile the general path runs (same bits): dynamo would trace pack_lut's
-        # numpy code through torch._numpy, which has no uint16 adds. A check here rather than
-        # torch.compiler.disable on packed_lut, which imports torch._dynamo (seconds) with maddnet.
         if _is_compiling():
-            return None
+            # run eagerly: dynamo would trace pack_lut's numpy code through torch._numpy (no
+            # uint16 adds), and the general path, compiled by inductor, sums the offsets in
+            # another order (not eager's bits). Applied here, not as a decorator: that imports
+            # torch._dynamo (seconds) with maddnet; under compile it is loaded already.
+            return torch.compiler.disable(TreeLinearFastPath._packed_forward)(self, layer, rows, bias, x)
+        return self._packed_forward(layer, rows, bias, x)
+
+    def _packed_forward(
+        self, layer: MaddLinear, rows: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+    ) -> torch.Tensor | None:
         packed = layer.packed_lut()
         if packed is None:
             return None

@@ -523,14 +523,14 @@ def test_fashion_mnist_subset_learns(tmp_path, require_data):
         "fashion_mnist",
         out_dir=str(tmp_path),
         model_kwargs={"width": 4},
-        dataset_kwargs={"subset": 4000},
-        epochs=5,
+        dataset_kwargs={"subset": 2000},
+        epochs=4,
         batch_size=64,
         lr=0.2,
         progress=False,
         log_every=50,
     )
     result = run_training(config)
-    assert result["total_steps"] == 5 * (4000 // 64) == 310
-    assert result["samples"] == 4000  # the first 4000 test images
-    assert result["top1"] > 0.65, result  # chance is 0.10
+    assert result["total_steps"] == 4 * (2000 // 64) == 124
+    assert result["samples"] == 2000  # the first 2000 test images
+    assert result["top1"] > 0.65, result  # chance is 0.10; 0.765 when written (2026-12-01)

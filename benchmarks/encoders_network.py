@@ -7,8 +7,8 @@ Reads finished retraining runs, trains nothing:
   the speaker-disjoint validation split during the run (the split the variants are compared
   on) with the test split read once at the end (``test.json``);
 * ResNet-9 / Fashion-MNIST at the rule's C with stem C = 9 (``experiments/
-  madd_resnet9_fashion_mnist.sh rule_long``, ``encoder_output`` and
-  ``encoder_output_refine``), test split.
+  madd_resnet9_fashion_mnist.sh rule_long``, ``encoder_output``, ``encoder_output_refine``
+  and ``encoder_pq_l1``), test split.
 
 For each run: validation and test top-1, and what one inference costs on the accelerator
 model (``maddnet.hw``: the run's own converted layers): encoder compares, adds and
@@ -62,6 +62,7 @@ NETS = {
             "results/resnet9_fashion_mnist/rule_long",
             "results/resnet9_fashion_mnist/encoder_output",
             "results/resnet9_fashion_mnist/encoder_output_refine",
+            "results/resnet9_fashion_mnist/encoder_pq_l1",
         ],
         "controls": ["results/resnet9_fashion_mnist/dense_control"],
         "baseline": "rule_long",
@@ -87,6 +88,7 @@ VARIANTS = {
     "rule_long": "tree (MADDness)",
     "encoder_output": "tree, output objective",
     "encoder_output_refine": "tree, output objective + 1 refine sweep",
+    "encoder_pq_l1": "pq-l1 (nearest centroid, L1; reads every input, no multiply)",
 }
 
 

@@ -178,7 +178,7 @@ def _conv_forward_image(
     compile time on a fresh cache, per signature (three are common). It compiles as numba
     compiles a parallel loop's body, with numpy's error model (no ZeroDivisionError checks),
     and the caller passes the loop index as int64 (prange's may be unsigned in the parallel
-    loop): one signature.
+    loop), so each signature of conv_forward compiles this once, not once per index type.
     """
     _, channels, height, width = images.shape
     ncodebooks = offsets.shape[0]

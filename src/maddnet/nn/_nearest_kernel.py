@@ -29,63 +29,83 @@ def soft_argmin_backward(
     """values (N, C, W), centroids (C, K, W), mask (C, W) float32 (1 = a real column),
     inv_tau (C,), grad_scores (N, C, K) = dL/ds (all float32); metric 0 = L1, 1 = squared L2
     -> grad_values (N, C, W) (or (0, 0, 0) when not ``need_values``) and per-block centroid
-    gradients (blocks, C, K, W) (or (0, 0, 0, 0)), to be summed over the blocks.
+    gradients (blocks, C, W, K), prototype index last (or (0, 0, 0, 0)), to be summed over
+    the blocks and transposed to (C, K, W).
 
     With ``e_k = -d_k / tau`` and ``s = softmax(e)``: ``dL/dd_k = -s_k (g_k - sum_j s_j g_j)
     / tau``, then ``dd_k/dv_w = mask_w * sign(v_w - c_kw)`` (L1; 0 at a tie, as torch's abs)
-    or ``2 mask_w (v_w - c_kw)`` (L2), and ``dd_k/dc_kw = -dd_k/dv_w``.
+    or ``2 mask_w (v_w - c_kw)`` (L2), and ``dd_k/dc_kw = -dd_k/dv_w``. Masks are 0 or 1,
+    so ``mask_w (v_w - c_kw) = mask_w v_w - mask_w c_kw`` exactly.
     """
     nrows, ncodebooks, width = values.shape
     nprototypes = centroids.shape[1]
     nblocks = (nrows + block - 1) // block
+    # masked centroids with the prototype index last: every loop over the prototypes then
+    # runs over contiguous memory and vectorises (1.3-1.6x over a loop with the column last)
+    masked_t = np.empty((ncodebooks, width, nprototypes), np.float32)
+    for c in range(ncodebooks):
+        for w in range(width):
+            for k in range(nprototypes):
+                masked_t[c, w, k] = centroids[c, k, w] * mask[c, w]
     if need_values:
         grad_values = np.zeros((nrows, ncodebooks, width), np.float32)
     else:
         grad_values = np.zeros((0, 0, 0), np.float32)
     if need_centroids:
-        grad_parts = np.zeros((nblocks, ncodebooks, nprototypes, width), np.float32)
+        grad_parts = np.zeros((nblocks, ncodebooks, width, nprototypes), np.float32)
     else:
         grad_parts = np.zeros((0, 0, 0, 0), np.float32)
     for bi in numba.prange(nblocks):
         dist = np.empty(nprototypes, np.float32)
-        score = np.empty(nprototypes, np.float32)
         slope = np.empty(nprototypes, np.float32)
+        diffs = np.empty((width, nprototypes), np.float32)
         for n in range(bi * block, min(nrows, (bi + 1) * block)):
             for c in range(ncodebooks):
-                for k in range(nprototypes):
-                    total = np.float32(0)
+                # d_k summed over the columns in column order (as autograd's sum over W)
+                dist[:] = 0
+                if metric == 0:
                     for w in range(width):
-                        diff = (values[n, c, w] - centroids[c, k, w]) * mask[c, w]
-                        total += abs(diff) if metric == 0 else diff * diff
-                    dist[k] = total
+                        value = values[n, c, w] * mask[c, w]
+                        for k in range(nprototypes):
+                            diff = value - masked_t[c, w, k]
+                            diffs[w, k] = diff
+                            dist[k] += abs(diff)
+                else:
+                    for w in range(width):
+                        value = values[n, c, w] * mask[c, w]
+                        for k in range(nprototypes):
+                            diff = value - masked_t[c, w, k]
+                            diffs[w, k] = diff
+                            dist[k] += diff * diff
                 # softmax of -d / tau, shifted by the smallest distance (the largest logit)
                 smallest = dist[0]
                 for k in range(1, nprototypes):
                     smallest = min(smallest, dist[k])
                 norm = np.float32(0)
                 for k in range(nprototypes):
-                    score[k] = math.exp(-(dist[k] - smallest) * inv_tau[c])
-                    norm += score[k]
+                    slope[k] = math.exp(-(dist[k] - smallest) * inv_tau[c])
+                    norm += slope[k]
                 mean_grad = np.float32(0)
                 for k in range(nprototypes):
-                    score[k] /= norm
-                    mean_grad += score[k] * grad_scores[n, c, k]
+                    slope[k] /= norm
+                    mean_grad += slope[k] * grad_scores[n, c, k]
                 for k in range(nprototypes):
-                    slope[k] = -score[k] * (grad_scores[n, c, k] - mean_grad) * inv_tau[c]
-                for k in range(nprototypes):
-                    for w in range(width):
-                        diff = (values[n, c, w] - centroids[c, k, w]) * mask[c, w]
-                        if metric == 0:
-                            step = np.float32(0)
-                            if diff > 0:
-                                step = mask[c, w]
-                            elif diff < 0:
-                                step = -mask[c, w]
-                        else:
-                            step = 2 * diff * mask[c, w]
-                        term = slope[k] * step
-                        if need_values:
-                            grad_values[n, c, w] += term
-                        if need_centroids:
-                            grad_parts[bi, c, k, w] -= term
+                    slope[k] = -slope[k] * (grad_scores[n, c, k] - mean_grad) * inv_tau[c]
+                # diffs[w, k] becomes the term dL/dd_k * dd_k/dv_w (a masked column's diff is 0)
+                for w in range(width):
+                    if metric == 0:
+                        for k in range(nprototypes):
+                            diff = diffs[w, k]
+                            diffs[w, k] = slope[k] * (np.float32(diff > 0) - np.float32(diff < 0))
+                    else:
+                        for k in range(nprototypes):
+                            diffs[w, k] = slope[k] * (np.float32(2) * diffs[w, k])
+                    if need_values:
+                        total = np.float32(0)
+                        for k in range(nprototypes):
+                            total += diffs[w, k]
+                        grad_values[n, c, w] = total
+                    if need_centroids:
+                        for k in range(nprototypes):
+                            grad_parts[bi, c, w, k] -= diffs[w, k]
     return grad_values, grad_parts

@@ -324,7 +324,7 @@ class NearestPrototypeModule(EncoderModule):
             _nearest_kernel.BLOCK,
         )
         grad_values = torch.from_numpy(grad_values) if needs[0] else None
-        grad_centroids = torch.from_numpy(parts.sum(0)) if needs[1] else None
+        grad_centroids = torch.from_numpy(parts.sum(0)).transpose(1, 2).contiguous() if needs[1] else None
         return grad_values, (grad_centroids, None)
 
     def cost(self) -> EncoderCost:

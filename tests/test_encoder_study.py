@@ -116,7 +116,7 @@ def test_l1_centres_are_medians_and_pq_beats_the_tree_on_clusters():
             assert torch.allclose(encoder.centroids_[0, k], members.median(0).values, atol=0.5)
 
 
-@pytest.mark.parametrize("name", ["pq", "pq-l1", "pq-linf", "tree-global"])
+@pytest.mark.parametrize("name", ["tree", "pq", "pq-l1", "pq-linf", "tree-global"])
 def test_encoders_refuse_what_they_cannot_learn_from(name):
     with pytest.raises(ValueError, match="needs at least 16"):
         create_encoder(name, ncodebooks=2).fit(torch.randn(10, 8), torch.randn(8, 2))
@@ -124,10 +124,35 @@ def test_encoders_refuse_what_they_cannot_learn_from(name):
         rows = torch.randn(100, 8)
         rows[3, 2] = float("nan")
         create_encoder(name, ncodebooks=2).fit(rows, torch.randn(8, 2))
-    with pytest.raises(ValueError, match="constant"):
+    with pytest.raises(ValueError, match=f"^{name} encoder: every training row is the same"):
         create_encoder(name, ncodebooks=2).fit(torch.ones(100, 8), torch.randn(8, 2))
     with pytest.raises(ValueError, match="power of two"):
         create_encoder(name, ncodebooks=2, nprototypes=12)
+    rows = torch.randn(100, 8)
+    with pytest.raises(
+        ValueError, match=rf"^{name} encoder: the training rows must be 2-D \(N, D\), got shape \(100,\)"
+    ):
+        create_encoder(name, ncodebooks=2).fit(rows[:, 0], torch.randn(8, 2))
+    with pytest.raises(ValueError, match=r"must be 2-D \(N, D\), got shape \(100, 2, 4\)"):
+        create_encoder(name, ncodebooks=2).fit(rows.reshape(100, 2, 4), torch.randn(8, 2))
+    with pytest.raises(ValueError, match=r"the weight must be 2-D \(D, M\), got shape \(8,\)"):
+        create_encoder(name, ncodebooks=2).fit(rows, torch.randn(8))
+    with pytest.raises(ValueError, match="the weight has 7 rows but the training rows have D=8 columns"):
+        create_encoder(name, ncodebooks=2).fit(rows, torch.randn(7, 2))
+    with pytest.raises(TypeError, match="the training rows must be a torch.Tensor, got ndarray"):
+        create_encoder(name, ncodebooks=2).fit(rows.numpy(), torch.randn(8, 2))
+
+
+@pytest.mark.parametrize("name", ["tree", "pq-l1"])
+def test_a_layer_with_constant_input_is_refused_by_name_and_left_dense(name):
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():  # the first layer emits the same row for every input
+        model[0].weight.zero_()
+        model[0].bias.fill_(0.5)
+    config = MaddConfig(layers=["2"], ncodebooks=2, spec=LayerSpec(encoder=name))
+    with pytest.raises(ValueError, match=f"layer '2': {name} encoder: every training row is the same"):
+        convert(model, [torch.randn(512, 6)], config)
+    assert type(model[2]) is nn.Linear
 
 
 @pytest.mark.parametrize("name", ["tree", "pq", "pq-l1", "pq-linf", "tree-global"])

@@ -107,8 +107,10 @@ class Encoder(ABC):
 
         ``weight`` (D, M) is the matrix the codes will multiply; encoders whose objective
         is the product (e.g. the tree with ``hash_objective="output"``) read it, others
-        only check it. Raises ``ValueError`` for too few rows (fewer than K), C > D, or
-        NaN/inf in the rows or the weight.
+        only check it. Raises ``TypeError`` for rows or weight that are not tensors, and
+        ``ValueError`` naming the encoder for rows that are not 2-D, a weight that is not
+        (D, M), too few rows (fewer than K), C > D, NaN/inf in the rows or the weight, or
+        rows that are all the same (nothing to split or cluster).
         """
         codes = self.fit_codes(rows, weight)
         if self.ridge is not None:
@@ -118,25 +120,45 @@ class Encoder(ABC):
     def fit_codes(self, rows: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Learn the encoding only: ``prototypes_`` become the initial prototypes (e.g. leaf
         means, no ridge step); returns the training rows' codes (N, C). What
-        :meth:`maddnet.amm.MaddnessMatmul.fit_lut` builds on. Raises as :meth:`fit`, and
-        ``ValueError`` for NaN/inf in the rows or the weight."""
+        :meth:`maddnet.amm.MaddnessMatmul.fit_lut` builds on. Raises as :meth:`fit`."""
+        label = self.name or type(self).__name__
+        for what, values in (("training rows", rows), ("weight", weight)):
+            if values is not None and not isinstance(values, torch.Tensor):
+                raise TypeError(
+                    f"{label} encoder: the {what} must be a torch.Tensor, got {type(values).__name__} "
+                    "(maddnet.amm.MaddnessMatmul takes numpy arrays)"
+                )
+            if values is not None and values.dim() != 2:
+                raise ValueError(
+                    f"{label} encoder: the {what} must be 2-D ({'N, D' if what != 'weight' else 'D, M'}), "
+                    f"got shape {tuple(values.shape)}"
+                )
         nrows, ndims = rows.shape
+        if weight is not None and weight.shape[0] != ndims:
+            raise ValueError(
+                f"{label} encoder: the weight has {weight.shape[0]} rows but the training rows have "
+                f"D={ndims} columns; it must be (D, M)"
+            )
         if self.ncodebooks > ndims:
             raise ValueError(
                 f"ncodebooks (C={self.ncodebooks}) cannot exceed the number of input columns (D={ndims})"
             )
         if nrows < self.nprototypes:
             raise ValueError(
-                f"A_train has {nrows} rows; learning a {self.name or type(self).__name__} encoder with "
+                f"A_train has {nrows} rows; learning a {label} encoder with "
                 f"K={self.nprototypes} codes per codebook needs at least {self.nprototypes}"
             )
-        for label, values in (("training rows hold", rows), ("weight holds", weight)):
+        for what, values in (("training rows hold", rows), ("weight holds", weight)):
             if values is not None and not bool(torch.isfinite(values).all()):
                 bad = int((~torch.isfinite(values)).sum())
                 raise ValueError(
-                    f"{self.name or type(self).__name__} encoder: the {label} {bad} NaN/inf "
-                    "values; it cannot learn from non-finite data"
+                    f"{label} encoder: the {what} {bad} NaN/inf values; it cannot learn from non-finite data"
                 )
+        # every row the same: any split or cluster is arbitrary and every code but one empty
+        if not bool((rows != rows[:1]).any()):
+            raise ValueError(
+                f"{label} encoder: every training row is the same (constant data); nothing to learn"
+            )
         codes, self.prototypes_ = self._fit_codes(rows, weight)
         return codes
 

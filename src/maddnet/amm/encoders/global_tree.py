@@ -177,7 +177,6 @@ class GlobalTreeEncoder(TreeEncoder):
     def _fit_codes(
         self, rows: torch.Tensor, weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_learnable(rows, self.name)
         if weight is not None and self.hash_objective == "output":
             weight = product_basis(weight)  # once per fit, not per tree
         nrows, ndims = rows.shape
@@ -213,13 +212,3 @@ class GlobalTreeEncoder(TreeEncoder):
 def _reconstruct(prototypes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """sum_c prototypes[c, codes[:, c]]: (N, D)."""
     return sum(prototypes[c][codes[:, c].long()] for c in range(prototypes.shape[0]))
-
-
-def check_learnable(rows: torch.Tensor, encoder: str) -> None:
-    """Raise ``ValueError`` naming ``encoder`` when ``rows`` (N, D) are constant in every
-    column (no split or cluster can be learned from them; NaN/inf rows are refused before,
-    by :meth:`Encoder.fit_codes <maddnet.amm.encoders.base.Encoder.fit_codes>`)."""
-    if not bool((rows != rows[:1]).any()):
-        raise ValueError(
-            f"{encoder} encoder: every training row is the same (constant data); nothing to learn"
-        )

@@ -24,7 +24,6 @@ import torch
 
 from .. import hashing
 from .base import Encoder, EncoderCost, register_encoder
-from .global_tree import check_learnable
 
 METRICS = ("l2", "l1", "linf")
 # rows per chunk of the (rows, C, K, W) distance tensor
@@ -147,7 +146,6 @@ class NearestPrototypeEncoder(Encoder):
     def _fit_codes(
         self, rows: torch.Tensor, weight: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_learnable(rows, self.name)
         nrows, ndims = rows.shape
         columns, mask = self._columns(ndims, rows.device)
         gen = torch.Generator().manual_seed(self.seed)

@@ -2,7 +2,7 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_output_refine|surrogate_bf16|encoder_pq_l1|dense_holdout|per_layer_c|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_output_refine|surrogate_bf16|encoder_pq_l1|wide_output_refine|dense_holdout|per_layer_c|all]
 # steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
 # surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
@@ -12,6 +12,8 @@
 #   (default "0")
 # surrogate_bf16: rule_long with --surrogate soft-bf16, SEEDS (default "0")
 # encoder_pq_l1: rule_long with the pq-l1 encoder (multiplier-free, reads every input), SEEDS (default "0")
+# wide_output_refine: retrain_wide_long (2x the rule's C) with output objective + 1 refine sweep,
+#   SEEDS (default "0")
 # dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
 #   analysis on them (what per-layer C should be chosen from)
 # per_layer_c: after dense_holdout, the uniform rule against the per-layer allocation of its LUT
@@ -151,6 +153,12 @@ if [ "$what" = encoder_pq_l1 ]; then
     # pq-l1 (nearest of 16 centroids per block under L1: reads every input, no multiply);
     # several hours on one core (its soft-argmin backward is a fused kernel), SEEDS (default "0")
     rule_long_runs encoder_pq_l1 --encoder pq-l1
+fi
+if [ "$what" = wide_output_refine ]; then
+    # issue 11 at retrain_wide_long's budget and codebooks (2x the rule's C): the best equal-cost
+    # trees (output objective + 1 refine sweep, LayerSpec's default since 2026-12-01) beside
+    # retrain_wide_long / retrain_wide_long_seed1 (MADDness's trees), SEEDS (default "0")
+    rule_long_runs wide_output_refine --hash-objective output --refine-sweeps 1 "${wide[@]}"
 fi
 if [ "$what" = dense_holdout ]; then
     # issue 11's method: a ResNet-9 baseline that never saw the 5,000 held-out validation

@@ -410,3 +410,22 @@ def test_encoder_benchmark_resumes(tmp_path, monkeypatch):
     fitted.clear()
     bench.run(args(resume=True, ntrain=500))  # other training rows: nothing reusable
     assert fitted == [("tree (MADDness)", 4), ("pq-l1", 4)]
+
+
+@pytest.mark.parametrize("name", ["tree", "pq", "pq-l1", "pq-linf", "tree-global"])
+def test_every_encoder_refuses_rows_it_cannot_encode(name):
+    rows, weight = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)), torch.randn(8, 2)
+    encoder = create_encoder(name, ncodebooks=2).fit(rows, weight)
+    with pytest.raises(ValueError, match=f"^{name} encoder: rows have 9 columns, it was fit with D=8"):
+        encoder.encode(torch.randn(4, 9))
+    with pytest.raises(ValueError, match=rf"^{name} encoder: rows must be a 2-D \(N, D\) tensor"):
+        encoder.encode(rows[0])
+    test = torch.randn(4, 8)
+    test[2, encoder.read_columns[1, 0]] = float("nan")
+    with pytest.raises(hashing.NonFiniteInputError, match="row 2") as error:
+        encoder.encode(test)
+    assert error.value.row == 2 and int(encoder.read_columns[1, 0]) in error.value.columns
+    # the estimator on top says the same instead of returning a number for the NaN row
+    amm = MaddnessMatmul(ncodebooks=2, encoder=name).fit(rows, weight)
+    with pytest.raises(hashing.NonFiniteInputError, match="row 2"):
+        amm(test)

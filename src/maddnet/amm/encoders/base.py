@@ -170,9 +170,32 @@ class Encoder(ABC):
         prototypes (C, K, D) float32 (e.g. the mean row of each code)."""
 
     # ------------------------------------------------------------------ inference
-    @abstractmethod
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """Codes of ``rows`` (N, D): (N, C) uint8 (int64 where K > 256 were allowed)."""
+        """Codes of ``rows`` (N, D): (N, C) uint8 (int64 where K > 256 were allowed).
+
+        Raises ``NotFittedError`` before :meth:`fit`, ``ValueError`` naming the encoder for
+        rows that are not a 2-D tensor or whose D differs from the fitted one, and
+        :class:`maddnet.amm.hashing.NonFiniteInputError` (a ``ValueError``) for a NaN/inf
+        value the encoder reads (the row and columns in the message).
+        """
+        self.require_fitted()
+        label = self.name or type(self).__name__
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+            raise ValueError(
+                f"{label} encoder: rows must be a 2-D (N, D) tensor, got {type(rows).__name__} of shape "
+                f"{tuple(getattr(rows, 'shape', ()))}"
+            )
+        # during _fit_codes the prototypes (and so D) are not known yet: the rows are the
+        # training rows then
+        if self.input_dim is not None and rows.shape[1] != self.input_dim:
+            raise ValueError(
+                f"{label} encoder: rows have {rows.shape[1]} columns, it was fit with D={self.input_dim}"
+            )
+        return self._encode(rows)
+
+    @abstractmethod
+    def _encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`encode` on checked rows (N, D) of a fitted encoder."""
 
     @property
     @abstractmethod

@@ -179,12 +179,15 @@ class NearestPrototypeEncoder(Encoder):
         return codes.to(torch.uint8), initial
 
     # ------------------------------------------------------------------ inference
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+    def _encode(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes: the nearest centroid of each block."""
-        self.require_fitted()
-        if rows.shape[1] != self.input_dim:
-            raise ValueError(
-                f"{self.name} encoder: rows have {rows.shape[1]} columns, it was fit with D={self.input_dim}"
+        # every column is read, and a NaN distance would pick an arbitrary centroid
+        finite = torch.isfinite(rows)
+        if not bool(finite.all()):
+            row = int((~finite).any(1).nonzero()[0])
+            bad = (~finite[row]).nonzero().flatten().tolist()
+            raise hashing.NonFiniteInputError(
+                f"A contains NaN/inf in row {row}, column(s) {bad} read by the encoder", row, bad
             )
         columns, mask = self._columns(rows.shape[1], rows.device)
         return nearest_codes(self._gather(rows, columns), self.centroids_, mask, self.metric).to(torch.uint8)

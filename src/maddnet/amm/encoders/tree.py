@@ -162,9 +162,9 @@ class TreeEncoder(Encoder):
         return codes, prototype_fit.block_leaf_means(rows, codes, bounds, initial)
 
     # ------------------------------------------------------------------ inference
-    def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        """(N, C) uint8 codes (:func:`maddnet.amm.hashing.encode`: numba on CPU)."""
-        self.require_fitted()
+    def _encode(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, C) uint8 codes (:func:`maddnet.amm.hashing.encode`: numba on CPU; it refuses
+        NaN/inf in the columns the trees read)."""
         return hashing.encode(rows, self.split_dims_, self.thresholds_)
 
     @property

@@ -429,3 +429,33 @@ def test_every_encoder_refuses_rows_it_cannot_encode(name):
     amm = MaddnessMatmul(ncodebooks=2, encoder=name).fit(rows, weight)
     with pytest.raises(hashing.NonFiniteInputError, match="row 2"):
         amm(test)
+
+
+@pytest.mark.parametrize("name", ["tree", "pq-l1"])
+def test_encoders_judge_rows_in_float32_and_refit_clean(name):
+    rows = torch.randn(200, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    encoder = create_encoder(name, ncodebooks=2).fit(rows, torch.randn(8, 2))
+    # a float64 value beyond float32's range is inf where the encoder computes
+    test = rows[:3].clone()
+    test[1, encoder.read_columns[0, 0]] = 1e39
+    with pytest.raises(hashing.NonFiniteInputError, match="row 1"):
+        encoder.encode(test)
+    # rows that differ only below float32's resolution are all the same to the encoder
+    same = torch.ones(100, 8, dtype=torch.float64) + torch.rand(100, 1, dtype=torch.float64) * 1e-12
+    with pytest.raises(ValueError, match="every training row is the same"):
+        create_encoder(name, ncodebooks=2).fit(same, torch.randn(8, 2))
+    # a refit on rows of another D starts from no state; a refused one leaves the last fit
+    encoder.fit(torch.randn(200, 12), torch.randn(12, 2))
+    assert encoder.input_dim == 12 and encoder.encode(torch.randn(5, 12)).shape == (5, 2)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        encoder.fit(torch.full((200, 4), float("nan")), torch.randn(4, 2))
+    assert encoder.input_dim == 12 and encoder.encode(torch.randn(5, 12)).shape == (5, 2)
+
+
+def test_check_finite_reads_names_the_first_bad_row_and_its_read_columns():
+    rows = torch.zeros(5, 6)
+    rows[3, 4], rows[3, 1], rows[4, 0] = float("inf"), float("nan"), float("nan")
+    hashing.check_finite_reads(rows, torch.tensor([[2, 5]]))  # reads no bad value
+    with pytest.raises(hashing.NonFiniteInputError, match=r"row 3, column\(s\) \[4\]") as error:
+        hashing.check_finite_reads(rows, torch.tensor([[4, 2], [2, 5]]))
+    assert (error.value.row, error.value.columns) == (3, [4])

@@ -52,6 +52,23 @@ class NonFiniteInputError(ValueError):
         self.row, self.columns = row, columns
 
 
+def check_finite_reads(rows: torch.Tensor, columns: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteInputError` naming the first row of ``rows`` (N, D) whose value
+    in one of ``columns`` (int64 column indices, any shape) is NaN/inf once cast to float32
+    (what the encoders compute in). For the encoders whose kernels do not check as they read
+    (the nearest-prototype encoders, the tree off the CPU); costs a pass over those columns
+    and, off the CPU, a host synchronisation.
+    """
+    read = columns.reshape(-1).unique()
+    finite = torch.isfinite(rows[:, read].float())
+    if not bool(finite.all()):
+        row = int((~finite).any(1).nonzero()[0])
+        bad = read[~finite[row]].tolist()
+        raise NonFiniteInputError(
+            f"A contains NaN/inf in row {row}, column(s) {bad} read by the encoder", row, bad
+        )
+
+
 def encode(rows: torch.Tensor, split_dims: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Hash every row with every codebook's tree.
 

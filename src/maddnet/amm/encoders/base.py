@@ -155,10 +155,15 @@ class Encoder(ABC):
                     f"{label} encoder: the {what} {bad} NaN/inf values; it cannot learn from non-finite data"
                 )
         # every row the same: any split or cluster is arbitrary and every code but one empty
-        if not bool((rows != rows[:1]).any()):
+        as_float = rows.float()  # what the encoders compute in: rows equal there are equal
+        if not bool((as_float != as_float[:1]).any()):
             raise ValueError(
                 f"{label} encoder: every training row is the same (constant data); nothing to learn"
             )
+        # the input is accepted (a refused refit leaves the last fit): start clean, so that
+        # encode inside _fit_codes sees no old D and a fit that fails leaves no mixed state
+        for name in self.STATE:
+            setattr(self, name, None)
         codes, self.prototypes_ = self._fit_codes(rows, weight)
         return codes
 

@@ -181,15 +181,9 @@ class NearestPrototypeEncoder(Encoder):
     # ------------------------------------------------------------------ inference
     def _encode(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes: the nearest centroid of each block."""
-        # every column is read, and a NaN distance would pick an arbitrary centroid
-        finite = torch.isfinite(rows)
-        if not bool(finite.all()):
-            row = int((~finite).any(1).nonzero()[0])
-            bad = (~finite[row]).nonzero().flatten().tolist()
-            raise hashing.NonFiniteInputError(
-                f"A contains NaN/inf in row {row}, column(s) {bad} read by the encoder", row, bad
-            )
         columns, mask = self._columns(rows.shape[1], rows.device)
+        # every column is read, and a NaN distance would pick an arbitrary centroid
+        hashing.check_finite_reads(rows, columns)
         return nearest_codes(self._gather(rows, columns), self.centroids_, mask, self.metric).to(torch.uint8)
 
     @property

@@ -164,7 +164,9 @@ class TreeEncoder(Encoder):
     # ------------------------------------------------------------------ inference
     def _encode(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes (:func:`maddnet.amm.hashing.encode`: numba on CPU; it refuses
-        NaN/inf in the columns the trees read)."""
+        NaN/inf in the columns the trees read; off the CPU it is checked here)."""
+        if rows.device.type != "cpu":
+            hashing.check_finite_reads(rows, self.split_dims_)
         return hashing.encode(rows, self.split_dims_, self.thresholds_)
 
     @property

@@ -19,7 +19,8 @@
 # per_layer_c: after dense_holdout, the uniform rule against the per-layer allocation of its LUT
 #   bytes (budget) or of its energy per inference (energy) on that baseline, SEEDS (default "0 1")
 #   and VARIANTS (default "rule budget"; "energy" added 2026-12-01; "energy_refine": energy with
-#   the output objective + 1 refine sweep, the best equal-cost trees, added 2026-12-02)
+#   the output objective + 1 refine sweep, the best equal-cost trees, added 2026-12-02; "dense":
+#   the hold-out baseline's dense control, the same steps with nothing replaced, 2026-12-02)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -192,6 +193,8 @@ if [ "$what" = per_layer_c ]; then
                 extra=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget lut-bytes)
             elif [ "$v" = energy ]; then  # the rule's energy per inference instead of its LUT bytes
                 extra=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget energy)
+            elif [ "$v" = dense ]; then  # the dense control: the same steps, nothing replaced
+                extra=(--dense-control)
             elif [ "$v" = energy_refine ]; then  # energy, trees as LayerSpec's default (2026-12-01)
                 extra=(--ncodebooks-from "$out/single_layer_val/single_layer.json" --budget energy
                        --hash-objective output --refine-sweeps 1)

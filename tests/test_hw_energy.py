@@ -421,3 +421,23 @@ def test_demo_prints_the_energy_summary_of_its_network(tmp_path, capsys):
     madd = next(line for line in text.splitlines() if line.startswith("| MADD"))
     dense = next(line for line in text.splitlines() if line.startswith("| dense"))
     assert float(madd.split("|")[2].replace(",", "")) > 0 and float(dense.split("|")[2].replace(",", "")) > 0
+
+
+def test_the_encoder_flag_prices_the_encoder_of_every_layer(tmp_path):
+    base = ["energy", "resnet9", "--model-kw", "width=4", "--in-chans", "1", "--input-size", "8"]
+    base += ["--num-classes", "10"]
+    data = {}
+    for encoder in ("tree", "pq-l1", "pq"):
+        assert main([*base, "--encoder", encoder, "--out", str(tmp_path / encoder)]) == 0
+        data[encoder] = json.loads((tmp_path / encoder / "energy.json").read_text())
+    rows = {e: {r["layer"]: r for r in d["layers"]} for e, d in data.items()}
+    fc = rows["pq-l1"]["fc"]  # D = 32 (width 4 x 8), C = 4, K = 16, w = 8; one row
+    assert (fc["encoder"], fc["rows"], fc["D"], fc["C"]) == ("pq-l1", 1, 32, 4)
+    # C (K - 1) compares, C K (2 w - 1) adds (docs/encoders.md's table)
+    assert (fc["compares"], fc["encoder_adds"], fc["encoder_multiplies"]) == (4 * 15, 4 * 16 * 15, 0)
+    assert rows["pq"]["fc"]["encoder_multiplies"] == 4 * 16 * 8
+    tree = rows["tree"]["fc"]
+    assert (tree["encoder"], tree["compares"], tree["encoder_adds"]) == ("tree", 4 * 4, 0)
+    energy = {e: d["summary"]["madd"]["energy_uj_per_inference"] for e, d in data.items()}
+    assert energy["tree"] < energy["pq-l1"] < energy["pq"]
+    assert "| pq-l1 |" in (tmp_path / "pq-l1" / "energy.md").read_text()

@@ -8,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..amm.encoders import ENCODERS
 from ..cli_args import (
     add_budget_arguments,
     add_execution_arguments,
@@ -32,7 +33,7 @@ def _conversion(args: argparse.Namespace) -> MaddConfig:
     ncodebooks = parse_layer_codebooks(args.ncodebooks_pairs) or None
     if args.all_ncodebooks is not None:
         ncodebooks = args.all_ncodebooks
-    spec = LayerSpec(nprototypes=args.nprototypes, lut_bits=args.lut_bits)
+    spec = LayerSpec(nprototypes=args.nprototypes, lut_bits=args.lut_bits, encoder=args.encoder)
     return MaddConfig(
         exclude=tuple(args.exclude or ()),
         ncodebooks=ncodebooks,
@@ -191,6 +192,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=16,
         metavar="K",
         help="codes per codebook (default: 16)",
+    )
+    conv.add_argument(
+        "--encoder",
+        choices=sorted(ENCODERS),
+        default="tree",
+        help="encoder of the MADD layers, priced per row by its cost (the tree: 4 compares and 4 "
+        "reads per codebook; the nearest-prototype encoders read every input and add or multiply, "
+        "docs/encoders.md) (default: tree)",
     )
     conv.add_argument(
         "--lut-bits",

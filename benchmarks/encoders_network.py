@@ -140,14 +140,13 @@ def collect(net: dict, cost_model) -> dict:
     rows = []
     for parent in net["runs"]:
         parent = ROOT / parent
+        # run folders are VARIANT_seedS or seedS; others (e.g. an energy/ report) are not runs
         folders = sorted(p for p in parent.glob("*") if p.is_dir()) if parent.exists() else []
         for folder in folders:
-            match = re.fullmatch(r"(.+)_seed(\d+)", folder.name)
-            variant, seed = (
-                (match.group(1), int(match.group(2)))
-                if match
-                else (parent.name, int(folder.name.removeprefix("seed")))
-            )
+            match = re.fullmatch(r"(?:(.+)_)?seed(\d+)", folder.name)
+            if match is None:
+                continue
+            variant, seed = match.group(1) or parent.name, int(match.group(2))
             row = final_row(folder) if (folder / "metrics.jsonl").exists() else None
             if row is None:
                 rows.append(

@@ -158,7 +158,9 @@ class Encoder(ABC):
         as_float = rows.float()  # what the encoders compute in: rows equal there are equal
         if not bool((as_float != as_float[:1]).any()):
             raise ValueError(
-                f"{label} encoder: every training row is the same (constant data); nothing to learn"
+                f"{label} encoder: every training row is the same (constant data); nothing to learn "
+                "(a layer whose input is constant on the calibration data, e.g. behind ReLUs that "
+                "are all off, is exact only dense: exclude it, or calibrate on other data)"
             )
         # the input is accepted (a refused refit leaves the last fit): start clean, so that
         # encode inside _fit_codes sees no old D and a fit that fails leaves no mixed state

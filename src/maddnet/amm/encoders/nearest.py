@@ -182,9 +182,10 @@ class NearestPrototypeEncoder(Encoder):
     def _encode(self, rows: torch.Tensor) -> torch.Tensor:
         """(N, C) uint8 codes: the nearest centroid of each block."""
         columns, mask = self._columns(rows.shape[1], rows.device)
-        # every column is read, and a NaN distance would pick an arbitrary centroid
-        hashing.check_finite_reads(rows, columns)
-        return nearest_codes(self._gather(rows, columns), self.centroids_, mask, self.metric).to(torch.uint8)
+        values = self._gather(rows, columns)  # float32: what the distances are computed in
+        if not bool(torch.isfinite(values).all()):  # a NaN distance would pick an arbitrary centroid
+            hashing.check_finite_reads(rows, columns)  # raises, naming the row and its columns
+        return nearest_codes(values, self.centroids_, mask, self.metric).to(torch.uint8)
 
     @property
     def read_columns(self) -> torch.Tensor:

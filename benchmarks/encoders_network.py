@@ -8,7 +8,12 @@ Reads finished retraining runs, trains nothing:
   on) with the test split read once at the end (``test.json``);
 * ResNet-9 / Fashion-MNIST at the rule's C with stem C = 9 (``experiments/
   madd_resnet9_fashion_mnist.sh rule_long``, ``encoder_output``, ``encoder_output_refine``
-  and ``encoder_pq_l1``), test split.
+  and ``encoder_pq_l1``), test split; the tree at 2x the rule's C beside them
+  (``retrain_wide_long``, and ``wide_output_refine`` with the output objective + 1 refine sweep);
+* ResNet-9 on the hold-out baseline (``per_layer_c``: the uniform rule and the per-layer
+  allocations of its LUT bytes or energy), validated on the 5,000 held-out training images,
+  the test split read once at the end (``test.json``), beside the dense control of the same
+  steps (``per_layer_c/dense_seed0``).
 
 For each run: validation and test top-1, and what one inference costs on the accelerator
 model (``maddnet.hw``: the run's own converted layers): encoder compares, adds and
@@ -16,6 +21,10 @@ multiplies, LUT bytes and energy at 45 nm. Beside them the dense controls (the s
 optimiser and number of steps, nothing replaced).
 
     python benchmarks/encoders_network.py     # -> results/encoders/network.{json,md}
+    python benchmarks/encoders_network.py --nets resnet9 resnet9_holdout   # refresh those parts
+
+``--nets`` re-reads only the named parts and keeps the others from the existing JSON (the
+DS-CNN part needs the espeak-ng keyword set, ``scripts/make_kws_espeak.py``, on disk).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ NETS = {
             "results/ds_cnn_s_kws_espeak/steering/dense_control_seed1",
         ],
         "baseline": "tree",
+        "control_val": True,  # the controls have a validation split (speaker-disjoint)
         # the tree with more codebooks, same steps (test split; earlier code, sequential data order)
         "references": {
             "results/ds_cnn_s_kws_espeak/retrain_long": "tree, the rule (D/C = 8, stem C = 10), earlier code",
@@ -70,6 +80,24 @@ NETS = {
             "results/resnet9_fashion_mnist/retrain_long": "tree, the rule, earlier code (data in order)",
             "results/resnet9_fashion_mnist/retrain_wide_long": "tree, 2x the rule's C (D/C = 4.5)",
             "results/resnet9_fashion_mnist/retrain_wide_long_seed1": "tree, 2x the rule's C, seed 1",
+            "results/resnet9_fashion_mnist/wide_output_refine/seed0": "tree, output objective + 1 refine "
+            "sweep, 2x the rule's C",
+            "results/resnet9_fashion_mnist/wide_output_refine/seed1": "tree, output objective + 1 refine "
+            "sweep, 2x the rule's C, seed 1",
+        },
+    },
+    "resnet9_holdout": {
+        "title": "ResNet-9 (width 16) / Fashion-MNIST on the hold-out baseline, the rule's C and "
+        "per-layer C (400 + 2,000 steps of 128; validation = 5,000 held-out training images)",
+        "runs": ["results/resnet9_fashion_mnist/per_layer_c"],
+        "controls": ["results/resnet9_fashion_mnist/per_layer_c/dense_seed0"],
+        "baseline": "rule",
+        "control_val": True,  # the 5,000 held-out training images
+        "variants": {
+            "rule": "tree (MADDness), the uniform rule (stem C = 1)",
+            "budget": "tree (MADDness), per-layer C at the rule's LUT bytes",
+            "energy": "tree (MADDness), per-layer C at the rule's energy",
+            "energy_refine": "tree, output objective + 1 refine sweep, per-layer C at the rule's energy",
         },
     },
 }
@@ -117,11 +145,14 @@ def costs(folder: Path, cost_model) -> dict:
 
 
 def control_top1(folder: Path, split: str) -> float | None:
-    """Top-1 of a dense control's final weights on ``split`` (a dense model: quick)."""
+    """Top-1 of a dense control's final weights on ``split`` (a dense model: quick); the
+    run's own final row or ``test.json`` where it holds that split."""
     config = json.loads((folder / "config.json").read_text())
     if config.get("eval_split", "test") == split:
         row = final_row(folder)
         return None if row is None else row["top1"]
+    if split == "test" and (folder / "test.json").exists():
+        return test_top1(folder, config.get("eval_split", "test"))
     data = create_dataset(
         config["dataset"], split, config.get("data_root"), **(config.get("dataset_kwargs") or {})
     )
@@ -136,7 +167,19 @@ def control_top1(folder: Path, split: str) -> float | None:
         return evaluate(model, DataLoader(data, batch_size=512))["top1"]
 
 
+def test_top1(folder: Path, split: str) -> float | None:
+    """The test top-1 of a run validated on ``split``: its final row, else its ``test.json``."""
+    if split == "test":
+        row = final_row(folder)
+        return None if row is None else row["top1"]
+    test_file = folder / "test.json"
+    if test_file.exists() and test_file.stat().st_size:
+        return json.loads(test_file.read_text())["top1"]
+    return None
+
+
 def collect(net: dict, cost_model) -> dict:
+    meanings = {**VARIANTS, **net.get("variants", {})}
     rows = []
     for parent in net["runs"]:
         parent = ROOT / parent
@@ -147,6 +190,10 @@ def collect(net: dict, cost_model) -> dict:
             if match is None:
                 continue
             variant, seed = match.group(1) or parent.name, int(match.group(2))
+            config_file = folder / "config.json"  # written when a run starts
+            config = json.loads(config_file.read_text()) if config_file.exists() else {}
+            if config.get("dense_control"):  # a control beside the runs, listed under controls
+                continue
             row = final_row(folder) if (folder / "metrics.jsonl").exists() else None
             if row is None:
                 rows.append(
@@ -158,22 +205,15 @@ def collect(net: dict, cost_model) -> dict:
                     }
                 )
                 continue
-            config = json.loads((folder / "config.json").read_text())
             split = config.get("eval_split", "test")
-            test_file = folder / "test.json"
-            test = (
-                json.loads(test_file.read_text())["top1"]
-                if test_file.exists() and test_file.stat().st_size
-                else None
-            )
             rows.append(
                 {
                     "variant": variant,
-                    "meaning": VARIANTS.get(variant, variant),
+                    "meaning": meanings.get(variant, variant),
                     "seed": seed,
                     "run": str(folder.relative_to(ROOT)),
                     "val_top1": row["top1"] if split == "val" else None,
-                    "test_top1": row["top1"] if split == "test" else test,
+                    "test_top1": test_top1(folder, split),
                     **costs(folder, cost_model),
                 }
             )
@@ -181,25 +221,27 @@ def collect(net: dict, cost_model) -> dict:
     for folder, meaning in net.get("references", {}).items():
         folder = ROOT / folder
         row = final_row(folder) if (folder / "metrics.jsonl").exists() else None
-        if row is None or not (folder / "checkpoint.pt").exists():
+        if row is None:
             continue
+        # a run whose checkpoint was not committed (size) keeps its accuracy, without costs
+        has_network = (folder / "checkpoint.pt").exists()
         references.append(
             {
                 "run": str(folder.relative_to(ROOT)),
                 "meaning": meaning,
                 "test_top1": row["top1"],
-                **costs(folder, cost_model),
+                **(costs(folder, cost_model) if has_network else {}),
             }
         )
     controls = []
     for folder in net["controls"]:
         folder = ROOT / folder
-        if not (folder / "checkpoint.pt").exists():
+        if not (folder / "checkpoint.pt").exists() or final_row(folder) is None:
             continue
         controls.append(
             {
                 "run": str(folder.relative_to(ROOT)),
-                "val_top1": control_top1(folder, "val") if net is NETS["ds_cnn_s"] else None,
+                "val_top1": control_top1(folder, "val") if net.get("control_val") else None,
                 "test_top1": control_top1(folder, "test"),
                 "dense_energy_uj": estimate(run_network(folder), cost_model).dense.energy_pj / 1e6,
             }
@@ -246,13 +288,13 @@ def markdown(results: dict) -> str:
         for r in part["runs"]:
             if r.get("status") != "unfinished":
                 by_variant.setdefault(r["variant"], []).append(r)
-        for variant, runs in sorted(by_variant.items()):
+        for _, runs in sorted(by_variant.items()):
             for key in ("val_top1", "test_top1"):
                 values = [r[key] for r in runs if r[key] is not None]
                 if values:
                     split = key.split("_")[0]
                     lines.append(
-                        f"- {VARIANTS.get(variant, variant)}, {split}: mean {pct(statistics.mean(values))} "
+                        f"- {runs[0]['meaning']}, {split}: mean {pct(statistics.mean(values))} "
                         f"over {len(values)} seed(s) ({', '.join(pct(v) for v in values)})"
                     )
         if part["references"]:
@@ -265,8 +307,12 @@ def markdown(results: dict) -> str:
             ]
             for r in part["references"]:
                 lines.append(
-                    f"| {r['meaning']} (`{r['run']}`) | {pct(r['test_top1'])} | {r['compares']:,} | "
-                    f"{r['lut_bytes']:,} | {r['energy_uj']:.2f} |"
+                    f"| {r['meaning']} (`{r['run']}`) | {pct(r['test_top1'])} | "
+                    + (
+                        f"{r['compares']:,} | {r['lut_bytes']:,} | {r['energy_uj']:.2f} |"
+                        if "compares" in r
+                        else "checkpoint not committed | | |"
+                    )
                 )
             lines.append("")
         for c in part["controls"]:
@@ -282,9 +328,26 @@ def main() -> int:
     parser.add_argument(
         "--out", default=str(ROOT / "results/encoders/network"), help="output path without suffix"
     )
+    parser.add_argument(
+        "--nets",
+        nargs="+",
+        choices=sorted(NETS),
+        help="re-read only these parts; the others are kept from the existing OUT.json (default: all)",
+    )
     args = parser.parse_args()
     cost_model = load_cost_model()
-    results = {name: collect(net, cost_model) for name, net in NETS.items()}
+    previous = Path(args.out + ".json")
+    results = {}
+    if args.nets:
+        if not previous.exists():
+            parser.error(
+                f"--nets keeps the other parts of {previous}, which does not exist; run without --nets"
+            )
+        results = json.loads(previous.read_text())
+    for name, net in NETS.items():
+        if not args.nets or name in args.nets:
+            results[name] = collect(net, cost_model)
+    results = {name: results[name] for name in NETS if name in results}  # NETS's order
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
     Path(args.out + ".md").write_text(markdown(results))

@@ -2,7 +2,7 @@
 # Issue 5 studies on ResNet-9 (width 16) / Fashion-MNIST, starting from the dense baseline
 # in results/baselines/resnet9_fashion_mnist/ (experiments/run_baseline.sh resnet9_fashion_mnist ...).
 # Both commands resume after an interruption: run this script again.
-# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_output_refine|surrogate_bf16|encoder_pq_l1|wide_output_refine|dense_holdout|per_layer_c|all]
+# usage: experiments/madd_resnet9_fashion_mnist.sh [analyze|retrain|retrain_stem9|retrain_long|retrain_inner|retrain_wide|retrain_wide_long|retrain_wide_long_aug|retrain_wide_long_seed1|dense_control|steering|surrogate_path|encoder_output|rule_long|encoder_output_refine|surrogate_bf16|encoder_pq_l1|wide_output_refine|wide_tree|dense_holdout|per_layer_c|all]
 # steering: BUDGETS (default "0.5 0.75") and SEEDS (default "0") choose the runs
 # surrogate_path: retrain_wide_long with the hard-path surrogate, SEEDS (default "0")
 # encoder_output: retrain_long (the rule's C, stem C = 9) with the output-aware split objective
@@ -14,6 +14,8 @@
 # encoder_pq_l1: rule_long with the pq-l1 encoder (multiplier-free, reads every input), SEEDS (default "0")
 # wide_output_refine: retrain_wide_long (2x the rule's C) with output objective + 1 refine sweep,
 #   SEEDS (default "0")
+# wide_tree: retrain_wide_long rerun with the current code (seeded data order) beside
+#   wide_output_refine, SEEDS (default "0")
 # dense_holdout: a baseline trained without the 5,000 validation images, and its single-layer
 #   analysis on them (what per-layer C should be chosen from)
 # per_layer_c: after dense_holdout, the uniform rule against the per-layer allocation of its LUT
@@ -160,6 +162,12 @@ if [ "$what" = wide_output_refine ]; then
     # trees (output objective + 1 refine sweep, LayerSpec's default since 2026-12-01) beside
     # retrain_wide_long / retrain_wide_long_seed1 (MADDness's trees), SEEDS (default "0")
     rule_long_runs wide_output_refine --hash-objective output --refine-sweeps 1 "${wide[@]}"
+fi
+if [ "$what" = wide_tree ]; then
+    # MADDness's trees at 2x the rule's C with the current code: retrain_wide_long and its seed-1
+    # repeat were made on 2026-11-28 with the data in sequential order, wide_output_refine with
+    # the seeded sampler, so this is the comparison of the encoders alone
+    rule_long_runs wide_tree "${maddness[@]}" "${wide[@]}"
 fi
 if [ "$what" = dense_holdout ]; then
     # issue 11's method: a ResNet-9 baseline that never saw the 5,000 held-out validation

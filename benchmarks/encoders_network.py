@@ -9,7 +9,8 @@ Reads finished retraining runs, trains nothing:
 * ResNet-9 / Fashion-MNIST at the rule's C with stem C = 9 (``experiments/
   madd_resnet9_fashion_mnist.sh rule_long``, ``encoder_output``, ``encoder_output_refine``
   and ``encoder_pq_l1``), test split; the tree at 2x the rule's C beside them
-  (``retrain_wide_long``, and ``wide_output_refine`` with the output objective + 1 refine sweep);
+  (``wide_tree``, ``wide_output_refine`` with the output objective + 1 refine sweep, and the
+  earlier ``retrain_wide_long``);
 * ResNet-9 on the hold-out baseline (``per_layer_c``: the uniform rule and the per-layer
   allocations of its LUT bytes or energy), validated on the 5,000 held-out training images,
   the test split read once at the end (``test.json``), beside the dense control of the same
@@ -78,8 +79,12 @@ NETS = {
         "baseline": "rule_long",
         "references": {
             "results/resnet9_fashion_mnist/retrain_long": "tree, the rule, earlier code (data in order)",
-            "results/resnet9_fashion_mnist/retrain_wide_long": "tree, 2x the rule's C (D/C = 4.5)",
-            "results/resnet9_fashion_mnist/retrain_wide_long_seed1": "tree, 2x the rule's C, seed 1",
+            "results/resnet9_fashion_mnist/retrain_wide_long": "tree, 2x the rule's C (D/C = 4.5), "
+            "earlier code (data in order)",
+            "results/resnet9_fashion_mnist/retrain_wide_long_seed1": "tree, 2x the rule's C, seed 1, "
+            "earlier code (data in order)",
+            "results/resnet9_fashion_mnist/wide_tree/seed0": "tree (MADDness), 2x the rule's C",
+            "results/resnet9_fashion_mnist/wide_tree/seed1": "tree (MADDness), 2x the rule's C, seed 1",
             "results/resnet9_fashion_mnist/wide_output_refine/seed0": "tree, output objective + 1 refine "
             "sweep, 2x the rule's C",
             "results/resnet9_fashion_mnist/wide_output_refine/seed1": "tree, output objective + 1 refine "

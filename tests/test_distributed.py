@@ -71,6 +71,7 @@ def _train_and_eval(rank: int, world_size: int, out_dir: str) -> None:
     state = {k: v.tolist() for k, v in getattr(model, "module", model).state_dict().items()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump({"result": result, "state": state}, handle)
+    del model, optimizer  # the DDP reducer goes before the group (see cleanup)
     cleanup()  # a barrier, then leave: no rank closes its connections while the other reads
 
 
@@ -200,3 +201,24 @@ def test_cleanup_without_a_process_group_does_nothing():
     cleanup(synchronize=False)
     with leaving_process_group():
         pass
+
+
+def test_leaving_frees_a_ddp_model_in_a_reference_cycle_before_the_group(one_rank_group, monkeypatch):
+    # a DDP reducer freed only at interpreter shutdown destroys its gloo work without a live
+    # interpreter (a SIGABRT at exit); cleanup collects it while the group still exists
+    import weakref
+
+    model = nn.parallel.DistributedDataParallel(_model())
+    model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()  # the reducer holds gloo work
+    model.__dict__["cycle"] = model  # kept alive by a cycle only, as a run's locals may be
+    alive = weakref.ref(model)
+    del model
+    seen = []
+    real_destroy = dist.destroy_process_group
+    monkeypatch.setattr(
+        dist, "destroy_process_group", lambda *a, **k: (seen.append(alive()), real_destroy(*a, **k))
+    )
+    with leaving_process_group():
+        pass
+    assert seen == [None]  # gone before the group was destroyed
+    assert not dist.is_initialized()

@@ -10,6 +10,7 @@ others at once (see docs/retrain.md, "Failures").
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -259,9 +260,17 @@ def cleanup(synchronize: bool = True) -> None:
     without an active exception"; not reproduced in ~100 reruns, so the teardown race is
     the likely cause, not a proven one). After a failure pass ``synchronize=False``: a
     peer may be gone, and the barrier would wait for the process group's timeout.
+
+    First it collects garbage: a DistributedDataParallel wrapper the run no longer
+    references can still sit in a reference cycle, and its reducer keeps the group's last
+    gloo work (and its tensors) alive; left to the interpreter's shutdown, that work is
+    destroyed without a live interpreter, which aborts the process (the same message;
+    pytorch/pytorch PR 179291 describes this failure for groups never destroyed). Callers
+    should drop their own references to a DDP model before leaving.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
+    gc.collect()  # DDP reducers in unreachable cycles go while the group is still alive
     if synchronize:
         dist.barrier()
     dist.destroy_process_group()

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from datetime import timedelta
 
 import pytest
@@ -206,8 +207,6 @@ def test_cleanup_without_a_process_group_does_nothing():
 def test_leaving_frees_a_ddp_model_in_a_reference_cycle_before_the_group(one_rank_group, monkeypatch):
     # a DDP reducer freed only at interpreter shutdown destroys its gloo work without a live
     # interpreter (a SIGABRT at exit); cleanup collects it while the group still exists
-    import weakref
-
     model = nn.parallel.DistributedDataParallel(_model())
     model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()  # the reducer holds gloo work
     model.__dict__["cycle"] = model  # kept alive by a cycle only, as a run's locals may be
